@@ -1,0 +1,5 @@
+"""Embedding layers backed by TT cores."""
+from .tt_embedding import TTEmbedding, TTEmbeddingBag, TTIndexError
+from .tt_lookup import row_digits, tt_rows
+
+__all__ = ["TTEmbedding", "TTEmbeddingBag", "TTIndexError", "row_digits", "tt_rows"]

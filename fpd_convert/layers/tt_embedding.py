@@ -1,0 +1,246 @@
+"""Drop-in TT replacements for ``nn.EmbeddingBag`` and ``nn.Embedding``.
+
+The table ``W`` (``num_embeddings x embedding_dim``) is held as TT cores
+``G_j`` of shape ``(r_{j-1}, n_j, d_j, r_j)``; row ``i`` with digits
+``(i_1..i_k)`` is ``G_1[i_1] G_2[i_2] ... G_k[i_k]``.  A forward pass deduplicates
+the batch's indices, builds only those rows (:func:`tt_rows`) and hands pooling to
+``torch.nn.functional.embedding_bag`` / ``embedding``, so modes, offsets, padding
+and their errors behave exactly as in PyTorch.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, factor_dims, factor_rows
+from .tt_lookup import tt_rows
+
+
+class TTIndexError(IndexError, RuntimeError):
+    """An index outside ``[0, num_embeddings)``.
+
+    Also a ``RuntimeError``, which is what ``nn.EmbeddingBag`` raises, so code that
+    catches either keeps working.
+    """
+
+
+_UNSUPPORTED = ("max_norm", "scale_grad_by_freq", "sparse")
+
+
+class _TTTable(nn.Module):
+    """What both layers share: the cores, index checks, row lookup, (de)serialization."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: Union[int, Sequence[int]] = 16,
+                 order: int = 3, row_factors: Optional[Sequence[int]] = None,
+                 dim_factors: Optional[Sequence[int]] = None, padding_idx: Optional[int] = None,
+                 init_std: Optional[float] = None, device=None, dtype=None,
+                 _cores: Optional[Sequence[torch.Tensor]] = None):
+        super().__init__()
+        if num_embeddings < 1 or embedding_dim < 1:
+            raise ValueError(f"num_embeddings and embedding_dim should be >= 1 but got "
+                             f"{num_embeddings} and {embedding_dim}")
+        row_factors = list(row_factors) if row_factors is not None else factor_rows(num_embeddings, order)
+        dim_factors = list(dim_factors) if dim_factors is not None else factor_dims(embedding_dim, order)
+        ranks = clamp_ranks(rank, row_factors, dim_factors)
+        self.tt_shape = TTShape(num_embeddings, embedding_dim, row_factors, dim_factors, ranks)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        if padding_idx is not None:
+            if padding_idx < 0:
+                padding_idx += num_embeddings
+            if not 0 <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx must be within num_embeddings ({num_embeddings}) "
+                                 f"but got {padding_idx}")
+        self.padding_idx = padding_idx
+        if _cores is None:
+            # Each row entry sums prod(r) products of k core entries: pick the core std
+            # so that entries have std init_std (default 1/sqrt(n), like DLRM's init).
+            std = init_std if init_std is not None else 1.0 / math.sqrt(num_embeddings)
+            core_std = (std ** 2 / math.prod(ranks)) ** (1.0 / (2 * len(ranks) - 2))
+            _cores = [torch.randn(s, device=device, dtype=dtype or torch.float32) * core_std
+                      for s in self.tt_shape.core_shapes]
+        else:
+            for j, (c, s) in enumerate(zip(_cores, self.tt_shape.core_shapes)):
+                if tuple(c.shape) != tuple(s):
+                    raise ValueError(f"core {j} should have shape {s} but got {tuple(c.shape)}")
+            _cores = [c.to(device=device, dtype=dtype) if (device or dtype) else c for c in _cores]
+        self.cores = nn.ParameterList([nn.Parameter(c) for c in _cores])
+        self.reconstruction_error: Optional[float] = None
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def _from_decomposition(cls, dec: TTDecomposition, **layer_kwargs):
+        s = dec.shape
+        module = cls(s.num_rows, s.dim, rank=s.ranks, row_factors=s.row_factors, dim_factors=s.dim_factors,
+                     _cores=[torch.from_numpy(np.ascontiguousarray(c)) for c in dec.cores], **layer_kwargs)
+        module.reconstruction_error = dec.relative_error
+        return module
+
+    @classmethod
+    def _decompose(cls, weight: torch.Tensor, layer_kwargs: dict, tt_kwargs: dict):
+        weight = weight.detach()
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        dec = decompose_table(weight.to("cpu", dtype).numpy(), **tt_kwargs)
+        module = cls._from_decomposition(dec, **layer_kwargs)
+        return module.to(weight.device)
+
+    # -- lookup -----------------------------------------------------------------------
+    def _check_indices(self, input: torch.Tensor) -> None:
+        if input.dtype not in (torch.int32, torch.int64):
+            raise RuntimeError("Expected tensor for argument #1 'indices' to have one of the following "
+                               f"scalar types: Long, Int; but got {input.dtype} instead")
+        if input.numel():
+            lo, hi = torch.aminmax(input)
+            if lo < 0 or hi >= self.num_embeddings:
+                bad = int(lo) if lo < 0 else int(hi)
+                raise TTIndexError(f"index {bad} is out of range for a table of {self.num_embeddings} rows "
+                                   f"(valid: 0..{self.num_embeddings - 1})")
+
+    def _unique_rows(self, input: torch.Tensor):
+        """(rows of the unique indices (U, d), inverse map shaped like input, padding position)."""
+        uniq, inverse = torch.unique(input.reshape(-1), return_inverse=True)
+        if uniq.numel() == 0:  # empty batch: one dummy row keeps the pooling ops happy
+            rows = self.cores[0].new_zeros(1, self.embedding_dim)
+        else:
+            rows = tt_rows(list(self.cores), uniq.long())
+        pad = None
+        if self.padding_idx is not None:
+            hit = (uniq == self.padding_idx).nonzero()
+            pad = int(hit[0, 0]) if hit.numel() else None
+        return rows, inverse.reshape(input.shape), pad
+
+    @torch.no_grad()
+    def to_dense(self, chunk_rows: int = 1 << 16) -> torch.Tensor:
+        """The full ``(num_embeddings, embedding_dim)`` table, built in row chunks."""
+        device = self.cores[0].device
+        parts = [tt_rows(list(self.cores), torch.arange(s, min(s + chunk_rows, self.num_embeddings), device=device))
+                 for s in range(0, self.num_embeddings, chunk_rows)]
+        return torch.cat(parts)
+
+    def param_count(self) -> int:
+        """``sum_j r_{j-1} n_j d_j r_j`` (equals ``sum(p.numel() for p in parameters())``)."""
+        return self.tt_shape.param_count
+
+    def extra_repr(self) -> str:
+        s = self.tt_shape
+        out = (f"{self.num_embeddings}, {self.embedding_dim}, row_factors={s.row_factors}, "
+               f"dim_factors={s.dim_factors}, ranks={s.ranks}, params={s.param_count}")
+        if self.padding_idx is not None:
+            out += f", padding_idx={self.padding_idx}"
+        return out
+
+
+def _refuse_unsupported(module: nn.Module) -> None:
+    if getattr(module, "max_norm", None) is not None:
+        raise ValueError("max_norm renormalizes stored rows in place, which a TT table cannot do; "
+                         "build the TT layer from a module with max_norm=None")
+
+
+class TTEmbeddingBag(_TTTable):
+    """TT-factorized ``nn.EmbeddingBag`` with the same forward contract.
+
+    Args:
+        num_embeddings, embedding_dim: table shape ``(n, d)``.
+        rank: TT ranks (int or list), clamped to what the shape allows.
+        order: number of cores k (2 to 4) when factors are not given.
+        mode: ``"sum"``, ``"mean"`` or ``"max"`` (default ``"mean"``, as PyTorch).
+        padding_idx, include_last_offset: as in ``nn.EmbeddingBag``.
+
+    Shape: ``input`` (B, L) or (N,) with ``offsets`` (B,) -> output (B, d).
+
+    Example::
+
+        >>> bag = TTEmbeddingBag(1_000_000, 64, rank=16, mode="sum")
+        >>> bag(torch.tensor([1, 2, 999_999, 5]), torch.tensor([0, 3])).shape
+        torch.Size([2, 64])
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: Union[int, Sequence[int]] = 16,
+                 order: int = 3, row_factors=None, dim_factors=None, mode: str = "mean",
+                 padding_idx: Optional[int] = None, include_last_offset: bool = False,
+                 init_std: Optional[float] = None, device=None, dtype=None, _cores=None):
+        if mode not in ("sum", "mean", "max"):
+            raise ValueError(f"mode should be 'sum', 'mean' or 'max' but got {mode!r}")
+        super().__init__(num_embeddings, embedding_dim, rank, order, row_factors, dim_factors, padding_idx,
+                         init_std, device, dtype, _cores)
+        self.mode = mode
+        self.include_last_offset = include_last_offset
+
+    def forward(self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None,
+                per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_indices(input)
+        rows, inverse, pad = self._unique_rows(input)
+        if per_sample_weights is not None and per_sample_weights.dtype != rows.dtype:
+            per_sample_weights = per_sample_weights.to(rows.dtype)  # rows may be bf16 under autocast
+        return F.embedding_bag(inverse, rows, offsets.long() if offsets is not None else None,
+                               mode=self.mode, per_sample_weights=per_sample_weights,
+                               include_last_offset=self.include_last_offset, padding_idx=pad)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mode: str = "mean", padding_idx: Optional[int] = None,
+                   include_last_offset: bool = False, freeze: bool = False, **tt_kwargs) -> "TTEmbeddingBag":
+        """TT-SVD of a trained table; ``tt_kwargs`` go to :func:`decompose_table`
+        (one of ``rank``, ``ratio``, ``budget_bytes``, ``tol``; ``order``, factors, ``svd``).
+        The relative error is kept in ``reconstruction_error``."""
+        module = cls._decompose(weight, dict(mode=mode, padding_idx=padding_idx,
+                                             include_last_offset=include_last_offset), tt_kwargs)
+        module.requires_grad_(not freeze)
+        return module
+
+    @classmethod
+    def from_pretrained(cls, embeddings: torch.Tensor, freeze: bool = True, mode: str = "mean",
+                        include_last_offset: bool = False, padding_idx: Optional[int] = None,
+                        **tt_kwargs) -> "TTEmbeddingBag":
+        """``nn.EmbeddingBag.from_pretrained``'s signature (frozen by default); see :meth:`from_dense`."""
+        return cls.from_dense(embeddings, mode=mode, padding_idx=padding_idx,
+                              include_last_offset=include_last_offset, freeze=freeze, **tt_kwargs)
+
+    @classmethod
+    def from_embedding(cls, module: nn.EmbeddingBag, **tt_kwargs) -> "TTEmbeddingBag":
+        """TT replacement of an ``nn.EmbeddingBag``, keeping its mode and options."""
+        _refuse_unsupported(module)
+        return cls.from_dense(module.weight, mode=module.mode, padding_idx=module.padding_idx,
+                              include_last_offset=module.include_last_offset, **tt_kwargs)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", mode={self.mode!r}" + (
+            ", include_last_offset=True" if self.include_last_offset else "")
+
+
+class TTEmbedding(_TTTable):
+    """TT-factorized ``nn.Embedding``: ``input`` of any shape (*) -> output (*, d).
+
+    Example::
+
+        >>> emb = TTEmbedding(10_000, 32, rank=8)
+        >>> emb(torch.tensor([[1, 2], [3, 9_999]])).shape
+        torch.Size([2, 2, 32])
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_indices(input)
+        rows, inverse, pad = self._unique_rows(input)
+        return F.embedding(inverse, rows, padding_idx=pad)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, padding_idx: Optional[int] = None, freeze: bool = False,
+                   **tt_kwargs) -> "TTEmbedding":
+        """TT-SVD of a trained table; see :meth:`TTEmbeddingBag.from_dense`."""
+        module = cls._decompose(weight, dict(padding_idx=padding_idx), tt_kwargs)
+        module.requires_grad_(not freeze)
+        return module
+
+    @classmethod
+    def from_pretrained(cls, embeddings: torch.Tensor, freeze: bool = True, padding_idx: Optional[int] = None,
+                        **tt_kwargs) -> "TTEmbedding":
+        return cls.from_dense(embeddings, padding_idx=padding_idx, freeze=freeze, **tt_kwargs)
+
+    @classmethod
+    def from_embedding(cls, module: nn.Embedding, **tt_kwargs) -> "TTEmbedding":
+        _refuse_unsupported(module)
+        return cls.from_dense(module.weight, padding_idx=module.padding_idx, **tt_kwargs)

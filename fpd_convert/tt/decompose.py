@@ -1,0 +1,184 @@
+"""TT-SVD of an embedding table viewed as a TT-matrix.
+
+The table ``W`` (``n x d``) is padded to ``N = n_1...n_k`` rows, reshaped to
+``(n_1..n_k, d_1..d_k)`` and its row and dim modes interleaved to
+``(n_1 d_1, ..., n_k d_k)``.  TT-SVD of that tensor (Oseledets 2011) gives cores
+``(r_{j-1}, n_j d_j, r_j)`` which are reshaped to ``(r_{j-1}, n_j, d_j, r_j)``.
+
+Fixed ranks go through TensorLy's ``tensor_train``; the tolerance mode runs the
+delta-truncated sweep of Oseledets (2011, Alg. 1) with TensorLy's SVD.
+
+References
+----------
+.. [1] I. V. Oseledets, "Tensor-train decomposition", SIAM J. Sci. Comput. 33(5), 2011.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import tensorly as tl
+from tensorly.decomposition import tensor_train
+from tensorly.tenalg.svd import svd_interface
+
+from .ranks import clamp_ranks, ranks_for_budget, ranks_for_ratio
+from .shapes import TTShape, factor_dims, factor_rows
+
+
+@dataclass
+class TTDecomposition:
+    """Result of :func:`decompose_table`: the layout, the cores and the error.
+
+    ``cores[j]`` has shape ``shape.core_shapes[j]``; ``relative_error`` is
+    ``||W - W_tt||_F / ||W||_F`` over the table's real rows (0 for a zero table).
+    """
+
+    shape: TTShape
+    cores: List[np.ndarray]
+    relative_error: float
+
+
+def check_table(weight: np.ndarray) -> np.ndarray:
+    """Validate a 2D finite table; returns it as a floating numpy array."""
+    weight = np.asarray(weight)
+    if weight.ndim != 2:
+        raise ValueError(f"an embedding table should be 2D (rows x dim) but got shape {weight.shape}")
+    n, d = weight.shape
+    if n == 0 or d == 0:
+        raise ValueError(f"an embedding table needs at least one row and one column but got shape {weight.shape}")
+    if not np.issubdtype(weight.dtype, np.floating):
+        raise ValueError(f"an embedding table should be floating point but got dtype {weight.dtype}")
+    if weight.dtype not in (np.float32, np.float64):
+        weight = weight.astype(np.float32)
+    if not np.isfinite(weight).all():
+        bad = int((~np.isfinite(weight)).any(axis=1).sum())
+        raise ValueError(f"the table has NaN or Inf values in {bad} of its {n} rows; fix the checkpoint first")
+    return weight
+
+
+def table_to_tt_tensor(weight: np.ndarray, row_factors: Sequence[int], dim_factors: Sequence[int]) -> np.ndarray:
+    """``(n, d)`` -> interleaved ``(n_1 d_1, ..., n_k d_k)`` tensor (zero-padded rows)."""
+    n, d = weight.shape
+    k = len(row_factors)
+    padded = int(np.prod(row_factors))
+    if padded != n:
+        weight = np.concatenate([weight, np.zeros((padded - n, d), dtype=weight.dtype)], axis=0)
+    t = weight.reshape(*row_factors, *dim_factors)
+    perm = [a for j in range(k) for a in (j, k + j)]
+    return np.ascontiguousarray(t.transpose(perm)).reshape([n_ * d_ for n_, d_ in zip(row_factors, dim_factors)])
+
+
+def tt_to_table(cores: Sequence[np.ndarray], num_rows: Optional[int] = None) -> np.ndarray:
+    """Dense ``(num_rows, d)`` table from cores ``(r_{j-1}, n_j, d_j, r_j)``."""
+    k = len(cores)
+    row_factors = [c.shape[1] for c in cores]
+    dim_factors = [c.shape[2] for c in cores]
+    flat = [c.reshape(c.shape[0], c.shape[1] * c.shape[2], c.shape[3]) for c in cores]
+    full = tl.tt_to_tensor(flat).reshape([a for n, d in zip(row_factors, dim_factors) for a in (n, d)])
+    perm = [2 * j for j in range(k)] + [2 * j + 1 for j in range(k)]
+    table = full.transpose(perm).reshape(int(np.prod(row_factors)), int(np.prod(dim_factors)))
+    return table if num_rows is None else table[:num_rows]
+
+
+def relative_error(weight: np.ndarray, cores: Sequence[np.ndarray]) -> float:
+    """``||W - W_tt||_F / ||W||_F`` on the real rows of ``W``."""
+    approx = tt_to_table(cores, weight.shape[0])
+    norm = float(np.linalg.norm(weight.astype(np.float64)))
+    diff = float(np.linalg.norm((weight - approx).astype(np.float64)))
+    return diff / norm if norm > 0 else diff
+
+
+def tt_svd(weight: np.ndarray, row_factors: Sequence[int], dim_factors: Sequence[int],
+           rank: Union[int, Sequence[int]], svd: str = "truncated_svd",
+           random_state: Optional[int] = 0) -> List[np.ndarray]:
+    """TT-SVD at fixed ranks through ``tensorly.decomposition.tensor_train``.
+
+    Parameters
+    ----------
+    weight : (n, d) array
+    row_factors, dim_factors : the TT-matrix shape
+    rank : int or list; clamped (with a warning) to what the shape allows
+    svd : 'truncated_svd' (exact) or 'randomized_svd'
+
+    Returns
+    -------
+    cores : list of arrays ``(r_{j-1}, n_j, d_j, r_j)``
+    """
+    ranks = clamp_ranks(rank, row_factors, dim_factors)
+    tensor = table_to_tt_tensor(weight, row_factors, dim_factors)
+    factors = tensor_train(tensor, rank=list(ranks), svd=svd, random_state=random_state)
+    return [np.asarray(f).reshape(f.shape[0], n, d, f.shape[2])
+            for f, n, d in zip(factors, row_factors, dim_factors)]
+
+
+def tt_svd_tolerance(weight: np.ndarray, row_factors: Sequence[int], dim_factors: Sequence[int],
+                     eps: float, max_rank: Optional[int] = None) -> List[np.ndarray]:
+    """Delta-truncated TT-SVD: relative Frobenius error ``<= eps`` (Oseledets 2011, Alg. 1).
+
+    Each of the ``k-1`` unfoldings keeps the fewest singular values whose discarded
+    tail has norm ``<= delta = eps / sqrt(k-1) * ||W||_F``; the errors of the sweeps
+    add in squares, so the total is ``<= eps``.  ``max_rank`` caps every rank (the
+    error bound then no longer holds).
+    """
+    if not eps >= 0:
+        raise ValueError(f"tolerance eps should be >= 0 but got {eps}")
+    tensor = table_to_tt_tensor(weight, row_factors, dim_factors)
+    modes = tensor.shape
+    k = len(modes)
+    delta = eps / np.sqrt(max(k - 1, 1)) * np.linalg.norm(tensor.astype(np.float64))
+    cores, r_prev = [], 1
+    unfolding = tensor
+    for j in range(k - 1):
+        unfolding = unfolding.reshape(r_prev * modes[j], -1)
+        u, s, v = svd_interface(unfolding, n_eigenvecs=min(unfolding.shape), method="truncated_svd")
+        s64 = np.asarray(s, dtype=np.float64)
+        tail = np.sqrt(np.cumsum((s64 ** 2)[::-1]))[::-1]  # tail[i] = ||s[i:]||
+        r = int(np.searchsorted(-np.append(tail, 0.0), -delta))  # first i with tail[i] <= delta
+        r = max(1, min(r, len(s64)))
+        if max_rank is not None:
+            r = min(r, max_rank)
+        cores.append(u[:, :r].reshape(r_prev, row_factors[j], dim_factors[j], r))
+        unfolding = s[:r, None] * v[:r]
+        r_prev = r
+    cores.append(unfolding.reshape(r_prev, row_factors[-1], dim_factors[-1], 1))
+    return cores
+
+
+def decompose_table(weight, order: int = 3, rank: Union[int, Sequence[int], None] = None,
+                    ratio: Optional[float] = None, budget_bytes: Optional[int] = None,
+                    tol: Optional[float] = None, row_factors: Optional[Sequence[int]] = None,
+                    dim_factors: Optional[Sequence[int]] = None, svd: str = "truncated_svd",
+                    random_state: Optional[int] = 0, bytes_per_param: int = 4) -> TTDecomposition:
+    """Factorize a trained table into TT cores, choosing shapes and ranks.
+
+    Exactly one of ``rank`` (int or list), ``ratio`` (dense params / TT params),
+    ``budget_bytes`` (bytes of the cores at ``bytes_per_param``) or ``tol`` (relative
+    Frobenius error) selects the ranks.
+
+    Example::
+
+        >>> w = np.random.rand(1000, 16).astype(np.float32)
+        >>> dec = decompose_table(w, rank=8)
+        >>> dec.shape.row_factors, dec.shape.dim_factors, dec.shape.ranks
+        ([10, 10, 10], [4, 2, 2], [1, 8, 8, 1])
+    """
+    weight = check_table(weight)
+    n, d = weight.shape
+    modes = [m for m in (rank, ratio, budget_bytes, tol) if m is not None]
+    if len(modes) != 1:
+        raise ValueError("give exactly one of rank, ratio, budget_bytes or tol "
+                         f"(got rank={rank}, ratio={ratio}, budget_bytes={budget_bytes}, tol={tol})")
+    row_factors = list(row_factors) if row_factors is not None else factor_rows(n, order)
+    dim_factors = list(dim_factors) if dim_factors is not None else factor_dims(d, order)
+    if tol is not None:
+        cores = tt_svd_tolerance(weight, row_factors, dim_factors, tol)
+    else:
+        if ratio is not None:
+            rank = ranks_for_ratio(ratio, n, d, row_factors, dim_factors)
+        elif budget_bytes is not None:
+            rank = ranks_for_budget(budget_bytes, row_factors, dim_factors, bytes_per_param)
+        cores = tt_svd(weight, row_factors, dim_factors, rank, svd=svd, random_state=random_state)
+    ranks = [1] + [c.shape[3] for c in cores]
+    shape = TTShape(n, d, row_factors, dim_factors, ranks)
+    return TTDecomposition(shape, cores, relative_error(weight, cores))

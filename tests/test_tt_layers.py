@@ -1,0 +1,218 @@
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import fpd_convert.layers.tt_embedding as tt_embedding_module
+from fpd_convert.layers import TTEmbedding, TTEmbeddingBag, TTIndexError, tt_rows
+from conftest import cuda
+
+N, D = 1000, 16
+
+
+def make_bag(mode="sum", **kw):
+    torch.manual_seed(0)
+    bag = TTEmbeddingBag.from_dense(torch.randn(N, D), mode=mode, rank=6, **kw)
+    ref = nn.EmbeddingBag.from_pretrained(bag.to_dense(), mode=mode, freeze=False, **kw)
+    return bag, ref
+
+
+def batch(int_dtype=torch.int64, empty_bags=True):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, N, (40,), generator=g).to(int_dtype)
+    x[:5] = x[5]  # repeated ids: deduplication must not change results
+    offsets = torch.tensor([0, 3, 3, 10, 25, 25, 39] if empty_bags else [0, 3, 10, 25, 39], dtype=int_dtype)
+    return x, offsets
+
+
+@pytest.mark.parametrize("mode,int_dtype,include_last_offset,padding_idx",
+                         itertools.product(["sum", "mean", "max"], [torch.int32, torch.int64], [False, True],
+                                           [None, 7]))
+def test_bag_parity_1d_offsets(mode, int_dtype, include_last_offset, padding_idx):
+    bag, ref = make_bag(mode, include_last_offset=include_last_offset, padding_idx=padding_idx)
+    x, offsets = batch(int_dtype)
+    x[10] = 7
+    if include_last_offset:
+        offsets = torch.cat([offsets, torch.tensor([len(x)], dtype=int_dtype)])
+    torch.testing.assert_close(bag(x, offsets), ref(x, offsets), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_bag_parity_2d(mode):
+    bag, ref = make_bag(mode)
+    x = torch.randint(0, N, (8, 5))
+    torch.testing.assert_close(bag(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bag_parity_per_sample_weights():
+    bag, ref = make_bag("sum")
+    x, offsets = batch()
+    w = torch.rand(len(x))
+    torch.testing.assert_close(bag(x, offsets, w), ref(x, offsets, w), atol=1e-5, rtol=1e-5)
+    x2 = torch.randint(0, N, (4, 3))
+    w2 = torch.rand(4, 3)
+    torch.testing.assert_close(bag(x2, None, w2), ref(x2, None, w2), atol=1e-5, rtol=1e-5)
+
+
+def test_empty_input_and_empty_bags():
+    bag, ref = make_bag("mean")
+    x = torch.zeros(0, dtype=torch.long)
+    offsets = torch.tensor([0, 0, 0])
+    out = bag(x, offsets)
+    assert out.shape == (3, D) and torch.equal(out, ref(x, offsets))
+
+
+@pytest.mark.parametrize("bad", [N, N + 5, -1])
+def test_out_of_range_names_index_and_size(bad):
+    bag, _ = make_bag()
+    with pytest.raises(IndexError, match=f"index {bad} is out of range for a table of {N} rows"):
+        bag(torch.tensor([1, bad, 2]), torch.tensor([0]))
+    assert issubclass(TTIndexError, RuntimeError)  # what nn.EmbeddingBag raises
+
+
+def test_same_errors_as_torch_for_bad_calls():
+    bag, ref = make_bag("mean")
+    x, offsets = batch()
+    cases = [
+        lambda m: m(x.float(), offsets),                        # float indices
+        lambda m: m(x.reshape(2, 20), offsets),                 # 2D input with offsets
+        lambda m: m(x, None),                                   # 1D input without offsets
+        lambda m: m(x, offsets, torch.rand(len(x))),            # per_sample_weights with mode mean
+        lambda m: m(x, offsets + 1),                            # offsets[0] != 0
+    ]
+    for case in cases:
+        with pytest.raises(Exception) as ours:
+            case(bag)
+        with pytest.raises(Exception) as theirs:
+            case(ref)
+        assert isinstance(ours.value, type(theirs.value)), (ours.value, theirs.value)
+
+
+def test_embedding_parity_and_padding():
+    torch.manual_seed(0)
+    emb = TTEmbedding.from_dense(torch.randn(N, D), rank=6, padding_idx=3)
+    ref = nn.Embedding.from_pretrained(emb.to_dense(), freeze=False, padding_idx=3)
+    x = torch.tensor([[1, 3, 999], [3, 3, 0]])
+    torch.testing.assert_close(emb(x), ref(x))
+    assert emb(torch.tensor(5)).shape == (D,)
+    emb(x).sum().backward()
+    # gradient reaches the cores, but not through the padding row: rows 0,1,999 only.
+    grad_rows = torch.autograd.functional.jacobian(lambda *c: tt_rows(list(c), torch.tensor([3])),
+                                                   tuple(emb.cores))
+    assert all(g.abs().sum() > 0 for g in grad_rows)
+    emb2 = TTEmbedding.from_dense(emb.to_dense(), rank=6, padding_idx=3)
+    emb2(torch.tensor([3, 3])).sum().backward()
+    assert all(torch.count_nonzero(c.grad) == 0 for c in emb2.cores)
+    with pytest.raises(IndexError, match="out of range"):
+        emb(torch.tensor([N]))
+
+
+def test_padding_idx_gets_no_gradient_in_bag():
+    bag, _ = make_bag("sum", padding_idx=2)
+    bag(torch.tensor([2, 2, 2]), torch.tensor([0])).sum().backward()
+    assert all(torch.count_nonzero(c.grad) == 0 for c in bag.cores)
+
+
+def test_core_gradients_match_dense_path():
+    bag, _ = make_bag("sum")
+    x, offsets = batch()
+    bag(x, offsets).pow(2).sum().backward()
+    ours = [c.grad.clone() for c in bag.cores]
+    for c in bag.cores:
+        c.grad = None
+    dense = tt_rows(list(bag.cores), torch.arange(N))  # differentiable full table
+    nn.functional.embedding_bag(x, dense, offsets, mode="sum").pow(2).sum().backward()
+    for a, b in zip(ours, bag.cores):
+        torch.testing.assert_close(a, b.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    bag = TTEmbeddingBag(60, 6, rank=3, mode="mean", dtype=torch.float64)
+    emb = TTEmbedding(60, 6, rank=[2, 3], dtype=torch.float64)
+    x = torch.tensor([0, 5, 5, 59, 17, 33])
+    offsets = torch.tensor([0, 2, 2, 4])
+
+    def f_bag(*cores):
+        return nn.functional.embedding_bag(x, tt_rows(list(cores), torch.arange(60)), offsets, mode="mean")
+
+    assert torch.autograd.gradcheck(lambda *c: _with_cores(bag, c)(x, offsets), tuple(bag.cores))
+    assert torch.autograd.gradcheck(lambda *c: _with_cores(emb, c)(x), tuple(emb.cores))
+    assert torch.autograd.gradcheck(f_bag, tuple(bag.cores))
+
+
+def _with_cores(module, cores):
+    """The module with its parameters swapped for gradcheck's inputs."""
+    return lambda *a: torch.func.functional_call(module, {f"cores.{j}": c for j, c in enumerate(cores)}, a)
+
+
+def test_dedup_and_no_full_table():
+    # 10^9 rows x 64: a dense table would need 256 GB; the TT lookup must not build it.
+    bag = TTEmbeddingBag(10 ** 9, 64, rank=8, mode="sum")
+    seen = []
+    original = tt_embedding_module.tt_rows
+    tt_embedding_module.tt_rows = lambda cores, idx: seen.append(idx.numel()) or original(cores, idx)
+    try:
+        out = bag(torch.tensor([5, 10 ** 9 - 1, 5, 5, 123]), torch.tensor([0, 2]))
+    finally:
+        tt_embedding_module.tt_rows = original
+    assert out.shape == (2, 64) and torch.isfinite(out).all()
+    assert seen == [3]  # three unique ids, not five lookups
+    assert bag.param_count() == sum(p.numel() for p in bag.parameters())
+
+
+def test_random_init_has_requested_scale():
+    bag = TTEmbeddingBag(100_000, 32, rank=16, init_std=0.05)
+    rows = tt_rows(list(bag.cores), torch.arange(0, 100_000, 7))
+    assert 0.03 < rows.std().item() < 0.08
+
+
+def test_from_embedding_keeps_options():
+    src = nn.EmbeddingBag(500, 8, mode="max", include_last_offset=True, padding_idx=4)
+    bag = TTEmbeddingBag.from_embedding(src, rank=4)
+    assert (bag.mode, bag.include_last_offset, bag.padding_idx) == ("max", True, 4)
+    assert "ranks=[1, 4, 4, 1]" in repr(bag) and "mode='max'" in repr(bag)
+    with pytest.raises(ValueError, match="max_norm"):
+        TTEmbeddingBag.from_embedding(nn.EmbeddingBag(50, 4, max_norm=1.0), rank=2)
+    emb = TTEmbedding.from_embedding(nn.Embedding(500, 8, padding_idx=1), rank=4)
+    assert emb.padding_idx == 1 and emb.reconstruction_error is not None
+    frozen = TTEmbeddingBag.from_pretrained(torch.randn(50, 4), rank=2)
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        TTEmbeddingBag(10, 4, mode="avg")
+    with pytest.raises(ValueError, match="padding_idx"):
+        TTEmbeddingBag(10, 4, padding_idx=10)
+    with pytest.raises(ValueError, match=">= 1"):
+        TTEmbedding(0, 4)
+
+
+def test_cpu_autocast_bf16():
+    bag, ref = make_bag("sum")
+    x, offsets = batch()
+    w = torch.rand(len(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bag(x, offsets, w)
+    torch.testing.assert_close(out.float(), ref(x, offsets, w), atol=0.05, rtol=0.02)
+    out.float().sum().backward()
+    assert all(c.grad is not None and c.grad.dtype == torch.float32 for c in bag.cores)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_parity_and_autocast(dtype):
+    bag, ref = make_bag("sum")
+    bag, ref = bag.cuda(), ref.cuda()
+    x, offsets = batch()
+    x, offsets = x.cuda(), offsets.cuda()
+    torch.testing.assert_close(bag(x, offsets), ref(x, offsets), atol=1e-4, rtol=1e-4)
+    with torch.autocast("cuda", dtype=dtype):
+        out = bag(x, offsets)
+    torch.testing.assert_close(out.float(), ref(x, offsets), atol=0.05, rtol=0.02)
+    out.float().sum().backward()
+    assert all(c.grad is not None for c in bag.cores)
+    with pytest.raises(IndexError, match="out of range"):
+        bag(torch.tensor([N], device="cuda"), torch.tensor([0], device="cuda"))

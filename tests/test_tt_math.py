@@ -1,0 +1,142 @@
+import math
+import warnings
+
+import numpy as np
+import pytest
+import tensorly as tl
+from tensorly.decomposition import tensor_train
+
+from fpd_convert.tt import (decompose_table, factor_dims, factor_rows, max_tt_ranks, table_to_tt_tensor,
+                            tt_param_count, tt_svd_tolerance, tt_to_table)
+from conftest import low_tt_rank_table
+
+
+@pytest.mark.parametrize("n,order", [(1, 3), (7, 3), (1000, 3), (26_000, 3), (1_000_000, 3), (1_000_003, 3),
+                                     (10_000_000, 4), (39_884_406, 3), (12_345, 2)])
+def test_row_factors_cover_with_little_padding(n, order):
+    f = factor_rows(n, order)
+    assert len(f) == order and math.prod(f) >= n
+    assert math.prod(f) - n <= max(2, n * 0.002)  # a fraction of a percent of padding
+    if n > 1000:
+        root = n ** (1 / order)
+        assert max(f) <= 1.5 * root and min(f) >= 0.6 * root
+
+
+def test_row_factors_exact_cubes():
+    assert factor_rows(1_000_000, 3) == [100, 100, 100]
+
+
+@pytest.mark.parametrize("d,expected", [(64, [4, 4, 4]), (128, [8, 4, 4]), (16, [4, 2, 2]), (13, [13, 1, 1]),
+                                        (1, [1, 1, 1])])
+def test_dim_factors_exact_and_balanced(d, expected):
+    assert factor_dims(d, 3) == expected
+
+
+def test_bad_orders_and_sizes():
+    with pytest.raises(ValueError, match="order"):
+        factor_rows(100, 5)
+    with pytest.raises(ValueError, match="rows"):
+        factor_rows(0, 3)
+
+
+def test_interleaving_roundtrip(rng):
+    w = rng.standard_normal((997, 12)).astype(np.float32)
+    rf, df = factor_rows(997, 3), factor_dims(12, 3)
+    t = table_to_tt_tensor(w, rf, df)
+    assert t.shape == tuple(n * d for n, d in zip(rf, df))
+    # A full-rank TT of that tensor maps back to the same rows.
+    cores = [np.asarray(c).reshape(c.shape[0], n, d, c.shape[2])
+             for c, n, d in zip(tensor_train(t, rank=max_tt_ranks(rf, df)), rf, df)]
+    np.testing.assert_allclose(tt_to_table(cores, 997), w, atol=1e-4)
+
+
+def test_full_rank_reconstructs_exactly(rng):
+    w = rng.standard_normal((1000, 16)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dec = decompose_table(w, rank=10_000)
+    assert dec.relative_error < 1e-5
+    np.testing.assert_allclose(tt_to_table(dec.cores, 1000), w, atol=1e-4)
+
+
+def test_same_as_tensorly_at_equal_ranks(rng):
+    w = low_tt_rank_table(4000, 32, rank=6, noise=0.3)
+    rf, df = factor_rows(4000, 3), factor_dims(32, 3)
+    ours = tt_svd_tolerance(w, rf, df, eps=0.2)
+    ranks = [1] + [c.shape[3] for c in ours]
+    ref = tensor_train(table_to_tt_tensor(w, rf, df), rank=ranks)
+    assert [f.shape[2] for f in ref] == ranks[1:]
+    np.testing.assert_allclose(tt_to_table(ours, 4000),
+                               tt_to_table([np.asarray(f).reshape(f.shape[0], n, d, f.shape[2])
+                                            for f, n, d in zip(ref, rf, df)], 4000), atol=2e-4)
+
+
+def test_error_falls_as_rank_grows():
+    w = low_tt_rank_table(8000, 32, rank=8, noise=0.05)
+    errors = [decompose_table(w, rank=r).relative_error for r in (1, 2, 4, 8, 16)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[3] < 0.08  # at the true rank only the noise is left
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.2, 0.06, 0.01])
+def test_tolerance_mode_meets_eps(eps):
+    w = low_tt_rank_table(8000, 32, rank=8, noise=0.05)
+    dec = decompose_table(w, tol=eps)
+    assert dec.relative_error <= eps + 1e-6
+    if eps >= 0.2:  # not trivially full rank
+        assert dec.shape.param_count < 8000 * 32
+
+
+def test_tolerance_zero_is_exact(rng):
+    w = rng.standard_normal((500, 8)).astype(np.float32)
+    assert decompose_table(w, tol=0.0).relative_error < 1e-5
+
+
+@pytest.mark.parametrize("budget", [2_000, 10_000, 40_000])
+def test_budget_mode_stays_within_budget(budget):
+    w = low_tt_rank_table(8000, 32, rank=8, noise=0.05)
+    dec = decompose_table(w, budget_bytes=budget)
+    assert dec.shape.param_count * 4 <= budget
+    bigger = decompose_table(w, rank=dec.shape.ranks[1] + 1)  # the next rank would not fit
+    assert bigger.shape.param_count * 4 > budget
+
+
+def test_ratio_mode_reaches_ratio():
+    w = low_tt_rank_table(8000, 32, rank=8, noise=0.05)
+    dec = decompose_table(w, ratio=50)
+    assert 8000 * 32 / dec.shape.param_count >= 50
+
+
+def test_param_count_formula():
+    assert tt_param_count([10, 10, 10], [4, 2, 2], [1, 8, 8, 1]) == 10 * 4 * 8 + 8 * 10 * 2 * 8 + 8 * 10 * 2
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (8, 0)])
+def test_empty_tables_refused(shape):
+    with pytest.raises(ValueError, match="at least one row and one column"):
+        decompose_table(np.zeros(shape, np.float32), rank=2)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_refused(rng, bad):
+    w = rng.standard_normal((100, 8)).astype(np.float32)
+    w[17, 3] = bad
+    with pytest.raises(ValueError, match="NaN or Inf values in 1 of its 100 rows"):
+        decompose_table(w, rank=2)
+
+
+def test_impossible_rank_is_clamped_with_warning(rng):
+    w = rng.standard_normal((1000, 16)).astype(np.float32)
+    with pytest.warns(UserWarning, match="clamped to"):
+        dec = decompose_table(w, rank=[500, 7])
+    assert dec.shape.ranks == [1, 40, 7, 1]
+
+
+def test_rank_modes_are_exclusive(rng):
+    w = rng.standard_normal((100, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="exactly one of"):
+        decompose_table(w, rank=2, tol=0.1)
+    with pytest.raises(ValueError, match="rank 1 already needs"):
+        decompose_table(w, budget_bytes=8)
+    with pytest.raises(ValueError, match="2D"):
+        decompose_table(np.zeros(10, np.float32), rank=2)
