@@ -1,12 +1,18 @@
 """fpd-convert: compress trained recommender models with tensor-train embedding tables.
 
-The layers and TT math are importable directly::
+Python API (each command has its function)::
 
-    from fpd_convert import TTEmbeddingBag, decompose_table
+    import fpd_convert
+    summary = fpd_convert.compress("model.pt", "model.tt.safetensors", ratio=50)
+    model = fpd_convert.load("model.tt.safetensors")          # nn.Module, eval mode
+    fpd_convert.decompress("model.tt.safetensors", "model.dense.pt")
+    fpd_convert.inspect("model.tt.safetensors")
 """
 __version__ = "0.1.0"
 
+from .convert import compress, decompress, inspect, load  # noqa: E402
 from .layers import TTEmbedding, TTEmbeddingBag  # noqa: E402
 from .tt import decompose_table  # noqa: E402
 
-__all__ = ["__version__", "TTEmbedding", "TTEmbeddingBag", "decompose_table"]
+__all__ = ["__version__", "TTEmbedding", "TTEmbeddingBag", "decompose_table", "compress", "decompress",
+           "inspect", "load"]

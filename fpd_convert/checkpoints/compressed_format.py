@@ -1,0 +1,152 @@
+"""The compressed model file: safetensors with documented metadata (docs/format.md).
+
+Tensors: every parameter of the source under its own key, except compressed tables,
+whose weight key ``K`` is replaced by ``K.tt_core.{j}`` (shape ``(r_{j-1}, n_j, d_j, r_j)``).
+``__metadata__`` (str -> str): ``format`` = ``fpd-convert``, ``format_version``,
+``tool_version``, ``source_layout``, ``source_container``, ``source_prefix``,
+``source_sha256``, ``source_name``, ``architecture`` (JSON), ``tt_tables`` (JSON),
+``extras`` (JSON), ``optimizer_param_groups`` (JSON), ``state_keys`` (JSON: the source's
+key order).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..tt import TTShape
+from .atomic import atomic_path
+from .safe_load import CheckpointError
+
+FORMAT_NAME = "fpd-convert"
+FORMAT_VERSION = 1
+# Per-table features a reader must understand to use the table.  Version 1 knows none;
+# later versions add e.g. "row_map", "exact_rows", "core_dtype" and list them here.
+KNOWN_TABLE_FEATURES: frozenset = frozenset()
+
+
+@dataclass
+class CompressedMeta:
+    """Everything in ``__metadata__``; ``tt_tables`` maps weight key -> table entry
+    (``TTShape`` fields + ``padding``, ``relative_error``, ``features``)."""
+
+    source_layout: str
+    tt_tables: Dict[str, dict]
+    architecture: Optional[dict] = None
+    source_container: str = "state_dict"
+    source_prefix: str = ""
+    source_sha256: str = ""
+    source_name: str = ""
+    tool_version: str = ""
+    extras: dict = field(default_factory=dict)
+    optimizer_param_groups: Optional[list] = None
+    state_keys: List[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def tt_shape(self, key: str) -> TTShape:
+        return TTShape.from_dict(self.tt_tables[key])
+
+    def to_strings(self) -> Dict[str, str]:
+        return {"format": FORMAT_NAME, "format_version": str(self.format_version),
+                "tool_version": self.tool_version, "source_layout": self.source_layout,
+                "source_container": self.source_container, "source_prefix": self.source_prefix,
+                "source_sha256": self.source_sha256, "source_name": self.source_name,
+                "architecture": json.dumps(self.architecture), "tt_tables": json.dumps(self.tt_tables),
+                "extras": json.dumps(self.extras), "optimizer_param_groups": json.dumps(self.optimizer_param_groups),
+                "state_keys": json.dumps(self.state_keys)}
+
+    @classmethod
+    def from_strings(cls, path, m: Optional[Dict[str, str]]) -> "CompressedMeta":
+        if not m or m.get("format") != FORMAT_NAME:
+            raise CheckpointError(f"{path}: not an fpd-convert compressed file (no '{FORMAT_NAME}' format in its "
+                                  "metadata); to read it as a source model use it as the input of compress/inspect")
+        try:
+            version = int(m.get("format_version", ""))
+        except ValueError:
+            raise CheckpointError(f"{path}: bad format_version {m.get('format_version')!r}") from None
+        if version > FORMAT_VERSION or version < 1:
+            raise CheckpointError(f"{path}: format version {version} is not supported by this fpd-convert "
+                                  f"(it reads versions 1..{FORMAT_VERSION}); upgrade fpd-convert")
+        try:
+            tables = json.loads(m["tt_tables"])
+            meta = cls(source_layout=m["source_layout"], tt_tables=tables,
+                       architecture=json.loads(m.get("architecture", "null")),
+                       source_container=m.get("source_container", "state_dict"),
+                       source_prefix=m.get("source_prefix", ""), source_sha256=m.get("source_sha256", ""),
+                       source_name=m.get("source_name", ""), tool_version=m.get("tool_version", ""),
+                       extras=json.loads(m.get("extras", "{}")),
+                       optimizer_param_groups=json.loads(m.get("optimizer_param_groups", "null")),
+                       state_keys=json.loads(m.get("state_keys", "[]")),
+                       format_version=version)
+        except (KeyError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: damaged fpd-convert metadata ({type(e).__name__}: {e})") from None
+        for key, entry in tables.items():
+            unknown = set(entry.get("features", [])) - KNOWN_TABLE_FEATURES
+            if unknown:
+                raise CheckpointError(f"{path}: table {key} uses {sorted(unknown)}, which this fpd-convert does not "
+                                      "know; upgrade fpd-convert")
+        return meta
+
+
+def core_key(table_key: str, j: int) -> str:
+    return f"{table_key}.tt_core.{j}"
+
+
+def write_compressed(path: os.PathLike, tensors: Dict[str, torch.Tensor], meta: CompressedMeta) -> None:
+    """Write atomically: a temp file beside ``path`` renamed over it on success."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta.to_strings())
+
+
+def read_compressed_meta(path: os.PathLike) -> CompressedMeta:
+    """Only the metadata (no tensor is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return CompressedMeta.from_strings(path, f.metadata())
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_compressed(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], CompressedMeta]:
+    """Tensors and validated metadata; core shapes are checked against the TT tables."""
+    meta = read_compressed_meta(path)
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: damaged tensor data ({e})") from None
+    for key in meta.tt_tables:
+        shapes = meta.tt_shape(key).core_shapes
+        for j, s in enumerate(shapes):
+            ck = core_key(key, j)
+            if ck not in tensors:
+                raise CheckpointError(f"{path}: missing TT core {ck}")
+            if tuple(tensors[ck].shape) != tuple(s):
+                raise CheckpointError(f"{path}: TT core {ck} has shape {tuple(tensors[ck].shape)}, metadata says {s}")
+    return tensors, meta
+
+
+def is_compressed(path: os.PathLike) -> bool:
+    """True for a safetensors file with fpd-convert metadata (any version)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT_NAME
+    except Exception:
+        return False
+
+
+def split_tables(tensors: Dict[str, torch.Tensor], meta: CompressedMeta) -> Tuple[Dict[str, List[torch.Tensor]], Dict[str, torch.Tensor]]:
+    """(cores per table key, every other tensor)."""
+    cores = {k: [tensors[core_key(k, j)] for j in range(len(meta.tt_shape(k).row_factors))] for k in meta.tt_tables}
+    core_keys = {core_key(k, j) for k, cs in cores.items() for j in range(len(cs))}
+    return cores, {k: v for k, v in tensors.items() if k not in core_keys}

@@ -1,0 +1,74 @@
+"""Loading checkpoints without running arbitrary code.
+
+``torch.load(weights_only=True)`` refuses every non-tensor global.  Real
+facebookresearch/dlrm checkpoints store numpy scalars beside the state_dict
+(``test_acc`` is a ``numpy.float64``), so exactly those numpy scalar and dtype
+types are allowed, nothing broader.  Anything else needs ``allow_unsafe=True``
+(``--allow-unsafe-pickle`` on the command line), which should only be used on
+files you trust.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message says why and what to do."""
+
+
+def _numpy_scalar_globals() -> list:
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray.scalar, np.dtype]
+    for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType",
+                 "Int16DType", "Int8DType", "UInt8DType", "BoolDType"):
+        if hasattr(np, "dtypes") and hasattr(np.dtypes, name):
+            allowed.append(getattr(np.dtypes, name))
+    return allowed
+
+
+def load_torch_file(path: os.PathLike, allow_unsafe: bool = False, mmap: bool = True) -> Any:
+    """``torch.load`` a ``.pt`` file safely (memory-mapped where the format allows).
+
+    Raises :class:`CheckpointError` for missing, truncated or non-PyTorch files and for
+    pickles that need globals beyond tensors and numpy scalars.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    use_mmap = mmap and zipfile.is_zipfile(path)
+    try:
+        if allow_unsafe:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=use_mmap)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except Exception as e:  # torch raises many types for bad bytes; name the file and the cause
+        text = str(e)
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            try:
+                needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:
+                needed = []
+            extra = f" (it needs: {', '.join(needed[:5])})" if needed else ""
+            raise CheckpointError(
+                f"{path}: this checkpoint needs arbitrary unpickling{extra}, which can run code. "
+                "If you trust the file, pass --allow-unsafe-pickle (allow_unsafe=True).") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                              f"{text.splitlines()[0][:200] if text else 'no detail'}); is it truncated "
+                              "or of another format?") from None
+
+
+def to_plain(value: Any) -> Any:
+    """numpy scalars and 0-d tensors -> Python numbers (for JSON metadata)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value

@@ -1,0 +1,131 @@
+"""Reading a source model: the file, its layout, its architecture and its tables."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .dlrm_layout import infer_dlrm_architecture, is_dlrm
+from .safe_load import CheckpointError, load_torch_file, to_plain
+from .torchrec_layout import infer_torchrec_architecture, is_torchrec
+
+LAYOUTS = ("dlrm", "torchrec", "generic")
+
+
+@dataclass
+class Source:
+    """A source checkpoint, read.
+
+    ``state`` has the keys of the layout without any outer prefix (``prefix`` holds it);
+    ``container`` says how the file wrapped the state_dict: ``dlrm_checkpoint`` (a dict with
+    ``state_dict`` and training scalars), ``state_dict`` or ``safetensors``.
+    """
+
+    path: Path
+    layout: str
+    architecture: Optional[dict]
+    state: Dict[str, torch.Tensor]
+    prefix: str = ""
+    container: str = "state_dict"
+    extras: dict = field(default_factory=dict)
+    optimizer_param_groups: Optional[list] = None
+    dropped: List[str] = field(default_factory=list)
+
+    def tables(self) -> List[dict]:
+        """Table specs (``key``, ``name``, ``rows``, ``dim``, ``kind``), largest first for generic files."""
+        if self.architecture is not None:
+            return self.architecture["tables"]
+        specs = [{"name": k, "key": k, "rows": int(v.shape[0]), "dim": int(v.shape[1]), "kind": "dense"}
+                 for k, v in self.state.items() if v.ndim == 2 and v.is_floating_point()]
+        return sorted(specs, key=lambda t: -t["rows"] * t["dim"])
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.state.values())
+
+
+def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def _strip(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items()}
+
+
+def _json_or_none(value):
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return None
+
+
+def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None) -> Source:
+    """Read a ``.pt`` checkpoint or a ``.safetensors`` file and detect its layout.
+
+    ``layout`` forces ``dlrm``, ``torchrec`` or ``generic`` instead of detecting it.
+    """
+    path = Path(path)
+    if layout is not None and layout not in LAYOUTS:
+        raise CheckpointError(f"layout should be one of {LAYOUTS} but got {layout!r}")
+    extras, groups, dropped, container = {}, None, [], "state_dict"
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        container = "safetensors"
+    else:
+        obj = load_torch_file(path, allow_unsafe=allow_unsafe)
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            container = "dlrm_checkpoint"
+            state = obj["state_dict"]
+            for k, v in obj.items():
+                if k == "state_dict":
+                    continue
+                if k == "opt_state_dict" and isinstance(v, dict):
+                    groups = _json_or_none([{a: to_plain(b) for a, b in g.items()} for g in v.get("param_groups", [])])
+                    dropped.append("opt_state_dict.state (optimizer moments; param_groups kept)")
+                    continue
+                plain = to_plain(v)
+                if _json_or_none(plain) is not None or plain is None:
+                    extras[k] = plain
+                else:
+                    dropped.append(k)
+        elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            state = obj
+        else:
+            what = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointError(f"{path}: expected a state_dict or a checkpoint dict with 'state_dict', got {what}")
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError(f"{path}: the checkpoint holds no tensors")
+    prefix = ""
+    keys = list(state)
+    if all(k.startswith("module.") for k in keys):
+        prefix = "module."
+    elif is_torchrec([k[len("model."):] for k in keys if k.startswith("model.")]) and \
+            all(k.startswith("model.") for k in keys):
+        prefix = "model."
+    state = _strip(state, prefix)
+    detected = "dlrm" if is_dlrm(state) else "torchrec" if is_torchrec(state) else "generic"
+    layout = layout or detected
+    if layout != "generic" and detected != layout:
+        raise CheckpointError(f"{path}: asked for the {layout} layout but the keys look like {detected} "
+                              f"(first keys: {keys[:4]})")
+    arch = (infer_dlrm_architecture(state) if layout == "dlrm"
+            else infer_torchrec_architecture(state) if layout == "torchrec" else None)
+    return Source(path, layout, arch, state, prefix, container, extras, groups, dropped)

@@ -1,0 +1,151 @@
+"""``compress``: a source checkpoint in, a compressed safetensors file out."""
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import torch
+from tqdm import tqdm
+
+from .. import __version__
+from ..checkpoints import (CheckpointError, CompressedMeta, check_output, core_key, read_source, sha256_of,
+                           write_compressed)
+from ..tt import decompose_table
+from .selection import parse_size, select_tables
+
+DEFAULT_RANK = 32
+RANDOMIZED_ABOVE = 20_000_000  # table elements above which the randomized SVD is used
+
+
+@dataclass
+class TableSummary:
+    key: str
+    name: str
+    rows: int
+    dim: int
+    row_factors: List[int]
+    dim_factors: List[int]
+    ranks: List[int]
+    bytes_before: int
+    bytes_after: int
+    relative_error: float
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / max(self.bytes_after, 1)
+
+
+@dataclass
+class CompressionSummary:
+    """What ``compress`` did: per-table figures, skipped tables and model totals."""
+
+    input: str
+    output: str
+    layout: str
+    tables: List[TableSummary]
+    skipped: List[str] = field(default_factory=list)
+    kept_as_is: List[str] = field(default_factory=list)
+    dropped: List[str] = field(default_factory=list)
+    model_bytes_before: int = 0
+    model_bytes_after: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for t, src in zip(d["tables"], self.tables):
+            t["ratio"] = src.ratio
+        d["tables_bytes_before"] = sum(t.bytes_before for t in self.tables)
+        d["tables_bytes_after"] = sum(t.bytes_after for t in self.tables)
+        return d
+
+    def format(self) -> str:
+        from ..reporting.tables import format_bytes, render_table
+        rows = [[t.name, f"{t.rows:,}", t.dim, "x".join(map(str, t.row_factors)), "x".join(map(str, t.dim_factors)),
+                 ",".join(map(str, t.ranks[1:-1])), format_bytes(t.bytes_before), format_bytes(t.bytes_after),
+                 f"{t.ratio:.1f}x", f"{t.relative_error:.4f}"] for t in self.tables]
+        before = sum(t.bytes_before for t in self.tables)
+        after = sum(t.bytes_after for t in self.tables)
+        rows.append(["total (tables)", "", "", "", "", "", format_bytes(before), format_bytes(after),
+                     f"{before / max(after, 1):.1f}x", ""])
+        out = [render_table(["table", "rows", "dim", "row factors", "dim factors", "ranks", "before", "after",
+                             "ratio", "rel. error"], rows)]
+        out.append(f"model: {format_bytes(self.model_bytes_before)} -> {format_bytes(self.model_bytes_after)} "
+                   f"({self.model_bytes_before / max(self.model_bytes_after, 1):.1f}x), written to {self.output}")
+        for s in self.skipped:
+            out.append(f"skipped: {s}")
+        for s in self.kept_as_is:
+            out.append(f"kept as it is: {s}")
+        for s in self.dropped:
+            out.append(f"not carried over: {s}")
+        return "\n".join(out)
+
+
+def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional[Sequence[str]] = None,
+             min_rows: Optional[int] = None, num_largest: int = 5, rank: Union[int, Sequence[int], None] = None,
+             ratio: Optional[float] = None, budget: Union[str, int, None] = None, tol: Optional[float] = None,
+             order: int = 3, svd: str = "auto", layout: Optional[str] = None, force: bool = False,
+             allow_unsafe_pickle: bool = False, progress: bool = True, seed: int = 0,
+             keep_larger: bool = False) -> CompressionSummary:
+    """Replace the chosen tables of ``model`` by TT cores (TT-SVD) and write ``output``.
+
+    Ranks: one of ``rank`` (int or list), ``ratio`` (per table), ``budget`` (total bytes of the
+    compressed tables, e.g. ``"3GB"``, shared in proportion to table size) or ``tol`` (relative
+    error per table); none given means ``rank=32``.  A table whose TT would not be smaller than
+    the dense table is left dense and listed as skipped (``keep_larger=True`` keeps it anyway,
+    which is useful to check a full-rank round trip).
+    """
+    model, output = Path(model), Path(output)
+    check_output(output, [model], force)
+    if sum(x is not None for x in (rank, ratio, budget, tol)) > 1:
+        raise ValueError("give at most one of rank, ratio, budget or tol")
+    if rank is None and ratio is None and budget is None and tol is None:
+        rank = DEFAULT_RANK
+    src = read_source(model, allow_unsafe=allow_unsafe_pickle, layout=layout)
+    chosen = select_tables(src.tables(), tables, min_rows, num_largest)
+    if not chosen:
+        raise CheckpointError(f"{model}: no table matches the selection; `fpd-convert inspect {model}` lists them")
+    budget_bytes = parse_size(budget) if budget is not None else None
+    total_chosen = sum(t["rows"] * t["dim"] for t in chosen)
+    summaries, skipped, tt_tables = [], [], {}
+    tensors = dict(src.state)
+    bar = tqdm(chosen, desc="TT-SVD", unit="table", disable=not progress, file=sys.stderr)
+    for t in bar:
+        bar.set_postfix_str(f"{t['name']} {t['rows']:,}x{t['dim']}")
+        weight = src.state[t["key"]]
+        kwargs = {"rank": rank, "ratio": ratio, "tol": tol, "order": order, "random_state": seed,
+                  "svd": svd if svd != "auto" else ("randomized_svd" if weight.numel() > RANDOMIZED_ABOVE
+                                                    else "truncated_svd")}
+        if budget_bytes is not None:
+            kwargs["budget_bytes"] = int(budget_bytes * t["rows"] * t["dim"] / total_chosen)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # clamped ranks show in the summary
+            dec = decompose_table(weight.detach().float().numpy(), **kwargs)
+        before = weight.numel() * weight.element_size()
+        after = dec.shape.param_count * 4
+        if after >= before and not keep_larger:
+            skipped.append(f"{t['name']}: a TT of ranks {dec.shape.ranks} ({after:,} B) is not smaller than the "
+                           f"table ({before:,} B)")
+            continue
+        del tensors[t["key"]]
+        for j, c in enumerate(dec.cores):
+            tensors[core_key(t["key"], j)] = torch.from_numpy(c.astype("float32", copy=False))
+        entry = dec.shape.to_dict()
+        entry.update(padding=dec.shape.padded_rows - dec.shape.num_rows, relative_error=dec.relative_error,
+                     features=[], source_dtype=str(weight.dtype).replace("torch.", ""))
+        tt_tables[t["key"]] = entry
+        summaries.append(TableSummary(t["key"], t["name"], t["rows"], t["dim"], dec.shape.row_factors,
+                                      dec.shape.dim_factors, dec.shape.ranks, before, after, dec.relative_error))
+    if not tt_tables:
+        raise CheckpointError("no table got smaller with these ranks; choose a lower --rank or a --ratio")
+    meta = CompressedMeta(source_layout=src.layout, tt_tables=tt_tables, architecture=src.architecture,
+                          source_container=src.container, source_prefix=src.prefix,
+                          source_sha256=sha256_of(model), source_name=model.name, tool_version=__version__,
+                          extras=src.extras, optimizer_param_groups=src.optimizer_param_groups,
+                          state_keys=list(src.state))
+    write_compressed(output, tensors, meta)
+    kept = [f"{t['name']} ({t['kind']} table)" for t in src.tables() if t.get("kind", "dense") != "dense"]
+    return CompressionSummary(str(model), str(output), src.layout, summaries, skipped, kept, src.dropped,
+                              src.nbytes(), sum(v.numel() * v.element_size() for v in tensors.values()))

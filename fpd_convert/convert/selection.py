@@ -1,0 +1,52 @@
+"""Which tables to compress, and with which rank rule."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+from ..checkpoints import CheckpointError
+
+
+def select_tables(tables: List[dict], names: Optional[Sequence[str]] = None, min_rows: Optional[int] = None,
+                  num_largest: int = 5) -> List[dict]:
+    """Tables named (by name, weight key or position), or with ``rows >= min_rows``, or the
+    ``num_largest`` largest; only plain dense tables can be compressed."""
+    dense = [t for t in tables if t.get("kind", "dense") == "dense"]
+    if names:
+        chosen = []
+        for name in names:
+            name = str(name)
+            hits = [t for t in tables if name in (t["name"], t["key"])]
+            if not hits and name.isdigit() and int(name) < len(tables):
+                hits = [tables[int(name)]]
+            if not hits:
+                listing = ", ".join(t["name"] for t in tables[:12]) + (" ..." if len(tables) > 12 else "")
+                raise CheckpointError(f"no table named {name!r}; the tables are: {listing}")
+            if hits[0].get("kind", "dense") != "dense":
+                raise CheckpointError(f"table {name!r} is a {hits[0]['kind']} table, kept as it is; "
+                                      "only plain tables can be TT-compressed")
+            if hits[0] not in chosen:
+                chosen.append(hits[0])
+        return chosen
+    if min_rows is not None:
+        return [t for t in dense if t["rows"] >= min_rows]
+    return sorted(dense, key=lambda t: -t["rows"] * t["dim"])[:num_largest]
+
+
+def parse_size(text) -> int:
+    """``"3GB"``, ``"50MB"``, ``"512KiB"``, ``"1e6"`` -> bytes (decimal units; ``i`` for binary)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+             "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12, "K": 10 ** 3, "M": 10 ** 6,
+             "G": 10 ** 9, "B": 1}
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(float(s))
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size; use e.g. 3GB, 50MB, 512KiB") from None

@@ -1,0 +1,29 @@
+"""Plain-text tables and byte sizes for terminal output."""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000.0
+    return f"{n} B"
+
+
+def render_table(headers: Sequence[str], rows: List[Sequence]) -> str:
+    """Columns padded to their widest cell; numbers right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r):
+        return "  ".join(c.rjust(w) if c[:1].isdigit() or c[:1] == "-" else c.ljust(w) for c, w in zip(r, widths))
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+
+
+def markdown_table(headers: Sequence[str], rows: List[Sequence]) -> str:
+    out = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(out)

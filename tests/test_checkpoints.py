@@ -1,0 +1,310 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import fpd_convert
+from fpd_convert.checkpoints import CheckpointError, OutputError, read_compressed_meta, read_source
+from fpd_convert.cli import main
+from fpd_convert.models import build_model
+from layouts import (ROWS, NotATensor, batch, dlrm_checkpoint, dlrm_state, ref_dlrm_forward, ref_torchrec_forward,
+                     torchrec_state)
+
+FULL = 100_000  # a rank above every unfolding: clamped to full rank, exact reconstruction
+
+
+# ---------- detection, architecture, forward equal to the reference ----------
+
+@pytest.mark.parametrize("interaction,itself,weighted,ddp", [("dot", False, False, False), ("dot", True, False, False),
+                                                              ("cat", False, False, False), ("dot", False, True, True)])
+def test_dlrm_layout_and_forward(tmp_path, interaction, itself, weighted, ddp):
+    s = dlrm_state(interaction=interaction, itself=itself, weighted=weighted, ddp=ddp)
+    path = tmp_path / "model.pt"
+    torch.save(dlrm_checkpoint(s), path)
+    src = read_source(path)
+    a = src.architecture
+    assert (src.layout, src.container, a["variant"], a["interaction_itself"], a["weighted_pooling"]) == \
+        ("dlrm", "dlrm_checkpoint", interaction, itself, weighted)
+    assert [t["rows"] for t in a["tables"]] == ROWS and a["bottom"] == [13, 16, 8]
+    assert src.extras["test_acc"] == pytest.approx(0.7891) and src.extras["iter"] == 1024
+    model = fpd_convert.load(path)
+    dense, ids = batch()
+    expected = ref_dlrm_forward(s, dense, ids, interaction, itself, weighted, ddp)
+    torch.testing.assert_close(model(dense, ids), expected, atol=1e-5, rtol=1e-5)
+    assert not model.training
+
+
+@pytest.mark.parametrize("variant", ["dot", "dcn", "projection"])
+@pytest.mark.parametrize("prefix", ["", "model."])
+def test_torchrec_layout_and_forward(tmp_path, variant, prefix):
+    s = torchrec_state(variant=variant, prefix=prefix)
+    path = tmp_path / "model.pt"
+    torch.save(s, path)
+    src = read_source(path)
+    assert (src.layout, src.prefix, src.architecture["variant"]) == ("torchrec", prefix, variant)
+    assert [t["name"] for t in src.architecture["tables"]] == [f"t_cat_{i}" for i in range(5)]
+    model = fpd_convert.load(path)
+    dense, ids = batch()
+    plain = {k[len(prefix):]: v for k, v in s.items()}
+    torch.testing.assert_close(model(dense, ids), ref_torchrec_forward(plain, dense, ids, variant), atol=1e-5, rtol=1e-5)
+
+
+def test_multi_hot_bags_match_per_feature_sum(tmp_path):
+    s = dlrm_state()
+    torch.save(dlrm_checkpoint(s), tmp_path / "m.pt")
+    model = fpd_convert.load(tmp_path / "m.pt")
+    dense, ids = batch(b=4)
+    bags = [(ids[:, f], torch.arange(4)) for f in range(5)]
+    torch.testing.assert_close(model(dense, bags), model(dense, ids))
+
+
+def test_qr_and_md_tables_are_read_and_kept(tmp_path):
+    s = dlrm_state(rows=[3000, 50, 1200])
+    s["emb_l.1.weight_q"] = torch.randn(10, 8)
+    s["emb_l.1.weight_r"] = torch.randn(5, 8)
+    del s["emb_l.1.weight"]
+    s["emb_l.2.embs.weight"] = torch.randn(1200, 4)
+    s["emb_l.2.proj.weight"] = torch.randn(8, 4)
+    del s["emb_l.2.weight"]
+    torch.save(dlrm_checkpoint(s), tmp_path / "m.pt")
+    kinds = [t["kind"] for t in read_source(tmp_path / "m.pt").architecture["tables"]]
+    assert kinds == ["dense", "qr", "md"]
+    summary = fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=4, progress=False)
+    assert [t.name for t in summary.tables] == ["0"]
+    assert any("qr" in k for k in summary.kept_as_is) and any("md" in k for k in summary.kept_as_is)
+    tensors = load_file(tmp_path / "c.safetensors")
+    torch.testing.assert_close(tensors["emb_l.1.weight_q"], s["emb_l.1.weight_q"])
+    model = fpd_convert.load(tmp_path / "c.safetensors")
+    dense, ids = batch(rows=[3000, 50, 1200])
+    assert torch.isfinite(model(dense, ids)).all()
+    # the QR table computes weight_q[i // 5] * weight_r[i % 5]
+    i = torch.tensor([37])
+    row = model.emb_l[1](i, torch.tensor([0]))
+    torch.testing.assert_close(row[0], s["emb_l.1.weight_q"][7] * s["emb_l.1.weight_r"][2])
+
+
+# ---------- compress -> load -> forward; decompress round trip; metadata ----------
+
+def test_compress_load_forward_close_at_full_rank(tmp_path):
+    s = dlrm_state()
+    torch.save(dlrm_checkpoint(s), tmp_path / "m.pt")
+    summary = fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=FULL, num_largest=2,
+                                   progress=False, keep_larger=True)
+    assert {t.key for t in summary.tables} == {"emb_l.0.weight", "emb_l.2.weight"}
+    model = fpd_convert.load(tmp_path / "c.safetensors")
+    assert type(model.emb_l[0]).__name__ == "TTEmbeddingBag" and type(model.emb_l[1]).__name__ == "EmbeddingBag"
+    dense, ids = batch()
+    torch.testing.assert_close(model(dense, ids), ref_dlrm_forward(s, dense, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_low_rank_compression_is_smaller_and_reports_error(tmp_path):
+    s = dlrm_state(rows=[20_000, 50, 8_000], m=16)
+    torch.save(dlrm_checkpoint(s), tmp_path / "m.pt")
+    summary = fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=8, progress=False)
+    big = summary.tables[0]
+    assert big.rows == 20_000 and big.ratio > 10 and 0 < big.relative_error < 1.0
+    assert summary.model_bytes_after < summary.model_bytes_before / 5
+    assert all(t.bytes_after < t.bytes_before for t in summary.tables)
+    assert os.path.getsize(tmp_path / "c.safetensors") < os.path.getsize(tmp_path / "m.pt") / 5
+
+
+@pytest.mark.parametrize("layout", ["dlrm", "torchrec"])
+def test_full_rank_decompress_round_trip(tmp_path, layout):
+    if layout == "dlrm":
+        s = dlrm_state()
+        torch.save(dlrm_checkpoint(s), tmp_path / "m.pt")
+    else:
+        s = torchrec_state(prefix="model.")
+        torch.save(s, tmp_path / "m.pt")
+    fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=FULL, progress=False,
+                         keep_larger=True)
+    fpd_convert.decompress(tmp_path / "c.safetensors", tmp_path / "back.pt")
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    state = back["state_dict"] if layout == "dlrm" else back
+    assert list(state) == list(s)  # same keys, same order, same prefix
+    for k in s:
+        torch.testing.assert_close(state[k], s[k], atol=1e-4, rtol=1e-4)
+    if layout == "dlrm":
+        assert back["test_auc"] == pytest.approx(0.7654) and back["iter"] == 1024
+        assert back["opt_state_dict"]["param_groups"][0]["lr"] == 0.1
+        # loadable by the source model code as before: a plain nn.Module with those names
+        fresh = build_model(read_source(tmp_path / "m.pt").architecture)
+        fresh.load_state_dict(state, strict=True)
+
+
+def test_metadata(tmp_path):
+    s = dlrm_state()
+    torch.save(dlrm_checkpoint(s), tmp_path / "m.pt")
+    fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=4, tables=["0", "2"], progress=False)
+    with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
+        raw = f.metadata()
+        keys = set(f.keys())
+    assert raw["format"] == "fpd-convert" and raw["format_version"] == "1" and raw["source_layout"] == "dlrm"
+    import hashlib
+    assert raw["source_sha256"] == hashlib.sha256((tmp_path / "m.pt").read_bytes()).hexdigest()
+    tables = json.loads(raw["tt_tables"])
+    e = tables["emb_l.0.weight"]
+    assert e["num_rows"] == 3000 and e["dim"] == 8 and e["ranks"] == [1, 4, 4, 1] and e["features"] == []
+    assert e["padding"] == np.prod(e["row_factors"]) - 3000
+    assert {"emb_l.0.weight.tt_core.0", "emb_l.0.weight.tt_core.2", "emb_l.1.weight", "bot_l.0.weight"} <= keys
+    assert "emb_l.0.weight" not in keys
+    assert json.loads(raw["architecture"])["family"] == "dlrm"
+
+
+def test_generic_state_dict_and_safetensors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    state = {"encoder.item_emb.weight": torch.randn(5000, 16, generator=g), "encoder.proj.weight": torch.randn(16, 16),
+             "head.bias": torch.randn(3)}
+    save_file(state, str(tmp_path / "m.safetensors"))
+    assert read_source(tmp_path / "m.safetensors").layout == "generic"
+    fpd_convert.compress(tmp_path / "m.safetensors", tmp_path / "c.safetensors", rank=FULL, num_largest=1,
+                         progress=False, keep_larger=True)
+    model = fpd_convert.load(tmp_path / "c.safetensors")
+    torch.testing.assert_close(model.dense_state_dict()["encoder.item_emb.weight"], state["encoder.item_emb.weight"],
+                               atol=1e-4, rtol=1e-4)
+    fpd_convert.decompress(tmp_path / "c.safetensors", tmp_path / "back.safetensors")
+    back = load_file(tmp_path / "back.safetensors")
+    assert set(back) == set(state) and torch.equal(back["head.bias"], state["head.bias"])
+
+
+# ---------- the CLI ----------
+
+def test_cli_compress_inspect_decompress(tmp_path):
+    torch.save(dlrm_checkpoint(dlrm_state()), tmp_path / "m.pt")
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "c.safetensors"),
+                                  "--rank", "4", "--tables", "0,2"])
+    assert r.exit_code == 0, r.output
+    assert "total (tables)" in r.output and "rel. error" in r.output
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "c.safetensors"), "--json"])
+    info = json.loads(r.output)
+    assert info["compressed"] and info["layout"] == "dlrm" and info["tables"][0]["kind"] in ("tt", "dense")
+    assert {t["kind"] for t in info["tables"]} == {"tt", "dense"}
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.pt")])
+    assert r.exit_code == 0 and "dlrm dot, 5 tables of dim 8" in r.output
+    r = CliRunner().invoke(main, ["decompress", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "d.pt")])
+    assert r.exit_code == 0 and (tmp_path / "d.pt").exists()
+
+
+def test_cli_budget_and_ratio(tmp_path):
+    torch.save(dlrm_checkpoint(dlrm_state(rows=[20_000, 8_000], m=16)), tmp_path / "m.pt")
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "b.safetensors"),
+                                  "--budget", "40KB", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["tables_bytes_after"] <= 40_000
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "r.safetensors"),
+                                  "--ratio", "20", "--json"])
+    assert all(t["ratio"] >= 20 for t in json.loads(r.output)["tables"])
+
+
+def test_cli_generic_asks_for_confirmation(tmp_path):
+    save_file({"emb.weight": torch.randn(3000, 8)}, str(tmp_path / "m.safetensors"))
+    args = ["compress", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "c.safetensors"), "--rank", "2"]
+    r = CliRunner().invoke(main, args, input="n\n")
+    assert r.exit_code != 0 and not (tmp_path / "c.safetensors").exists()
+    r = CliRunner().invoke(main, args + ["--yes"])
+    assert r.exit_code == 0, r.output
+
+
+# ---------- bad input: clear message, non-zero exit, nothing written ----------
+
+def _compress_cli(tmp_path, src, *extra):
+    out = tmp_path / "out.safetensors"
+    r = CliRunner().invoke(main, ["compress", str(src), "-o", str(out), "--rank", "4", *extra])
+    return r, out
+
+
+def test_truncated_and_random_bytes(tmp_path):
+    torch.save(dlrm_checkpoint(dlrm_state()), tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "rand.pt").write_bytes(os.urandom(4096))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("trunc.pt", "rand.pt", "empty.pt", "missing.pt"):
+        r, out = _compress_cli(tmp_path, tmp_path / name)
+        assert r.exit_code == 1 and "Error:" in r.output and "Traceback" not in r.output, (name, r.output)
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp file left
+    (tmp_path / "rand.safetensors").write_bytes(os.urandom(4096))
+    r, _ = _compress_cli(tmp_path, tmp_path / "rand.safetensors")
+    assert r.exit_code == 1 and "safetensors" in r.output
+
+
+def test_unsafe_pickle_needs_opt_in(tmp_path):
+    obj = dlrm_checkpoint(dlrm_state())
+    obj["extra"] = NotATensor()  # an arbitrary class: unpickling it could run code
+    torch.save(obj, tmp_path / "m.pt")
+    r, out = _compress_cli(tmp_path, tmp_path / "m.pt")
+    assert r.exit_code == 1 and "--allow-unsafe-pickle" in r.output and not out.exists()
+    r, out = _compress_cli(tmp_path, tmp_path / "m.pt", "--allow-unsafe-pickle")
+    assert r.exit_code == 0, r.output
+
+
+def test_numpy_scalars_load_by_default_and_nothing_broader(tmp_path):
+    torch.save(dlrm_checkpoint(dlrm_state()), tmp_path / "m.pt")
+    src = read_source(tmp_path / "m.pt")  # numpy.float64 / float32 scalars: allowed
+    assert isinstance(src.extras["train_loss"], float)
+    torch.save({"state_dict": dlrm_state(), "arr": np.zeros(3)}, tmp_path / "arr.pt")  # a numpy array: refused
+    with pytest.raises(CheckpointError, match="arbitrary unpickling"):
+        read_source(tmp_path / "arr.pt")
+
+
+def test_wrong_layout_missing_keys_unknown_tables(tmp_path):
+    s = dlrm_state()
+    torch.save(s, tmp_path / "m.pt")
+    r, _ = _compress_cli(tmp_path, tmp_path / "m.pt", "--layout", "torchrec")
+    assert r.exit_code == 1 and "look like dlrm" in r.output
+    broken = dict(s)
+    del broken["top_l.0.weight"]
+    broken["top_l.0.weight"] = torch.randn(32, 99)  # a width no interaction gives
+    torch.save(broken, tmp_path / "b.pt")
+    r, _ = _compress_cli(tmp_path, tmp_path / "b.pt")
+    assert r.exit_code == 1 and "cannot infer the interaction" in r.output
+    tr = torchrec_state()
+    del tr["over_arch.model.1.weight"]
+    torch.save(tr, tmp_path / "t.pt")
+    r, _ = _compress_cli(tmp_path, tmp_path / "t.pt")
+    assert r.exit_code == 1 and "missing keys" in r.output
+    r, _ = _compress_cli(tmp_path, tmp_path / "m.pt", "--tables", "user_id")
+    assert r.exit_code == 1 and "no table named 'user_id'" in r.output
+
+
+def test_rank_too_large_and_output_rules(tmp_path):
+    torch.save(dlrm_checkpoint(dlrm_state(rows=[300, 200])), tmp_path / "m.pt")
+    r, out = _compress_cli(tmp_path, tmp_path / "m.pt", "--rank", "10000")
+    assert r.exit_code == 1 and "no table got smaller" in r.output and not out.exists()
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.pt"), "--rank", "2"])
+    assert r.exit_code == 1 and "same file as the input" in r.output
+    (tmp_path / "exists.safetensors").write_bytes(b"keep me")
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "exists.safetensors"),
+                                  "--rank", "2"])
+    assert r.exit_code == 1 and "--force" in r.output
+    assert (tmp_path / "exists.safetensors").read_bytes() == b"keep me"
+    with pytest.raises(OutputError):
+        fpd_convert.decompress(tmp_path / "exists.safetensors", tmp_path / "m.pt")
+
+
+def test_reader_refuses_unknown_versions_and_features(tmp_path):
+    torch.save(dlrm_checkpoint(dlrm_state()), tmp_path / "m.pt")
+    fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=4, progress=False)
+    tensors = load_file(tmp_path / "c.safetensors")
+    with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(tmp_path / "v9.safetensors"), metadata={**meta, "format_version": "9"})
+    with pytest.raises(CheckpointError, match="format version 9 is not supported"):
+        fpd_convert.load(tmp_path / "v9.safetensors")
+    tables = json.loads(meta["tt_tables"])
+    next(iter(tables.values()))["features"] = ["row_map"]
+    save_file(tensors, str(tmp_path / "feat.safetensors"), metadata={**meta, "tt_tables": json.dumps(tables)})
+    with pytest.raises(CheckpointError, match="row_map"):
+        read_compressed_meta(tmp_path / "feat.safetensors")
+    bad = dict(tensors)
+    bad["emb_l.0.weight.tt_core.1"] = torch.zeros(2, 2, 2, 2)
+    save_file(bad, str(tmp_path / "shape.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="has shape"):
+        fpd_convert.load(tmp_path / "shape.safetensors")
