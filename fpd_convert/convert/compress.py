@@ -110,7 +110,7 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     total_chosen = sum(t["rows"] * t["dim"] for t in chosen)
     summaries, skipped, tt_tables = [], [], {}
     tensors = dict(src.state)
-    bar = tqdm(chosen, desc="TT-SVD", unit="table", disable=not progress, file=sys.stderr)
+    bar = tqdm(chosen, desc="TT-SVD", unit="table", disable=True if not progress else None, file=sys.stderr)
     for t in bar:
         bar.set_postfix_str(f"{t['name']} {t['rows']:,}x{t['dim']}")
         weight = src.state[t["key"]]

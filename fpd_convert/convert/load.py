@@ -26,6 +26,15 @@ def model_state_from_compressed(tensors: Dict[str, torch.Tensor], meta) -> Dict[
     return state
 
 
+def compressed_state_from_model(state: Dict[str, torch.Tensor], meta) -> Dict[str, torch.Tensor]:
+    """The inverse of :func:`model_state_from_compressed`: ``<module>.cores.j`` -> ``K.tt_core.j``."""
+    out = dict(state)
+    for key, entry in meta.tt_tables.items():
+        for j in range(len(entry["row_factors"])):
+            out[f"{key}.tt_core.{j}"] = out.pop(f"{_module_path(key)}.cores.{j}")
+    return out
+
+
 def load(path: Union[str, Path], allow_unsafe_pickle: bool = False) -> nn.Module:
     """Load a compressed file or a source checkpoint as a model in eval mode.
 

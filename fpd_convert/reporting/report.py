@@ -1,0 +1,131 @@
+"""``report``: size and AUC of the original, compressed and fine-tuned models, and int8."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..checkpoints import read_compressed_meta, read_source
+from ..convert.load import load
+from ..data import CriteoData
+from ..training.metrics import evaluate
+from .quantize import int8_rowwise, int8_rowwise_bytes
+from .tables import format_bytes, markdown_table, render_table
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def report(original, compressed, finetuned=None, data=None, batch_size: int = 8192,
+           max_rows: Optional[int] = None, int8: bool = True) -> dict:
+    """Per table: bytes before/after, ratio, relative error (and int8's bytes); per model:
+    bytes, AUC and log loss on ``data`` and the differences from the original."""
+    meta = read_compressed_meta(compressed)
+    src = read_source(original)
+    base = load(original)
+    tables = []
+    for key, e in meta.tt_tables.items():
+        before = src.state[key].numel() * src.state[key].element_size()
+        after = sum(e["ranks"][j] * e["row_factors"][j] * e["dim_factors"][j] * e["ranks"][j + 1] * 4
+                    for j in range(len(e["row_factors"])))
+        tables.append({"key": key, "rows": e["num_rows"], "dim": e["dim"], "ranks": e["ranks"],
+                       "bytes_before": before, "bytes_after": after, "ratio": before / after,
+                       "relative_error": e["relative_error"],
+                       "int8_bytes": int8_rowwise_bytes(e["num_rows"], e["dim"])})
+    models = {"original": base, "compressed": load(compressed)}
+    if finetuned:
+        models["finetuned"] = load(finetuned)
+    if int8:
+        q = copy.deepcopy(base)
+        state = q.state_dict()
+        for key in meta.tt_tables:
+            state[key] = int8_rowwise(state[key])
+        q.load_state_dict(state)
+        models["int8_rowwise"] = q
+    sizes = {name: _model_bytes(m) for name, m in models.items()}
+    if int8:
+        sizes["int8_rowwise"] = sizes["original"] - sum(t["bytes_before"] - t["int8_bytes"] for t in tables)
+    out = {"original": str(original), "compressed": str(compressed), "finetuned": str(finetuned) if finetuned else None,
+           "data": str(data) if data else None, "tables": tables,
+           "totals": {"tables_bytes_before": sum(t["bytes_before"] for t in tables),
+                      "tables_bytes_after": sum(t["bytes_after"] for t in tables),
+                      "tables_int8_bytes": sum(t["int8_bytes"] for t in tables)},
+           "models": {}}
+    out["totals"]["tables_ratio"] = out["totals"]["tables_bytes_before"] / out["totals"]["tables_bytes_after"]
+    rows = [t["rows"] for t in base.architecture["tables"]]
+    for name, m in models.items():
+        entry = {"bytes": sizes[name], "ratio": sizes["original"] / sizes[name]}
+        if data:
+            entry.update(evaluate(m, CriteoData(data, rows, batch_size, max_rows=max_rows)))
+        out["models"][name] = entry
+    if data:
+        ref = out["models"]["original"]
+        for entry in out["models"].values():
+            entry["auc_diff"] = entry["auc"] - ref["auc"]
+            entry["logloss_diff"] = entry["logloss"] - ref["logloss"]
+    return out
+
+
+def _model_rows(r: dict):
+    rows = []
+    for name, m in r["models"].items():
+        rows.append([name, format_bytes(m["bytes"]), f"{m['ratio']:.1f}x",
+                     f"{m['auc']:.4f}" if "auc" in m else "-", f"{m['auc_diff']:+.4f}" if "auc_diff" in m else "-",
+                     f"{m['logloss']:.4f}" if "logloss" in m else "-",
+                     f"{m['logloss_diff']:+.4f}" if "logloss_diff" in m else "-"])
+    return ["model", "bytes", "ratio", "AUC", "AUC diff", "logloss", "logloss diff"], rows
+
+
+def _table_rows(r: dict):
+    rows = [[t["key"], f"{t['rows']:,}", t["dim"], ",".join(map(str, t["ranks"][1:-1])),
+             format_bytes(t["bytes_before"]), format_bytes(t["bytes_after"]), f"{t['ratio']:.1f}x",
+             f"{t['relative_error']:.4f}", format_bytes(t["int8_bytes"])] for t in r["tables"]]
+    tot = r["totals"]
+    rows.append(["total", "", "", "", format_bytes(tot["tables_bytes_before"]), format_bytes(tot["tables_bytes_after"]),
+                 f"{tot['tables_ratio']:.1f}x", "", format_bytes(tot["tables_int8_bytes"])])
+    return ["table", "rows", "dim", "ranks", "before", "TT", "ratio", "rel. error", "int8 row-wise"], rows
+
+
+def format_report(r: dict, markdown: bool = False) -> str:
+    fmt = markdown_table if markdown else render_table
+    parts = [fmt(*_table_rows(r)), "", fmt(*_model_rows(r))]
+    if r["data"]:
+        parts.append(f"\nAUC and logloss on {r['data']} ({next(iter(r['models'].values()))['n']:,} samples).")
+    return "\n".join(parts)
+
+
+def plot_report(r: dict, path) -> None:
+    """Bars of model sizes and AUCs, written atomically to ``path`` (PNG)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'fpd-convert[plot]'") from None
+    from ..checkpoints import atomic_path
+    names = list(r["models"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].bar(names, [r["models"][n]["bytes"] / 1e6 for n in names], color="tab:blue")
+    axes[0].set_ylabel("model size (MB)")
+    axes[0].set_title("size")
+    if "auc" in r["models"][names[0]]:
+        aucs = [r["models"][n]["auc"] for n in names]
+        axes[1].bar(names, aucs, color="tab:green")
+        lo = min(aucs)
+        axes[1].set_ylim(lo - 0.02, max(aucs) + 0.005)
+        axes[1].set_ylabel("AUC")
+        axes[1].set_title("AUC on " + Path(r["data"]).name)
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def to_json(r: dict) -> str:
+    return json.dumps(r, indent=2)

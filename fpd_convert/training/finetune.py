@@ -1,0 +1,92 @@
+"""``finetune``: train a compressed model (TT cores and MLPs) to recover AUC."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoints import check_output, read_compressed, write_compressed
+from ..convert.load import compressed_state_from_model, load
+from ..data import CriteoData
+from .loop import fit
+from .optim import make_optimizer
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but this machine has no CUDA device")
+    return d
+
+
+def _init_distributed(device: torch.device) -> torch.device:
+    """Join the process group that ``torchrun`` describes (WORLD_SIZE > 1), once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized() and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        torch.cuda.set_device(device)
+    return device
+
+
+def table_rows_of_model(model) -> list:
+    return [t["rows"] for t in model.architecture["tables"]]
+
+
+def finetune(compressed, train_data, output, val_data=None, device: str = "auto", optimizer: str = "adagrad",
+             lr: float = 0.001, tt_lr: Optional[float] = 0.01, epochs: int = 1, max_steps: Optional[int] = None,
+             batch_size: int = 512, eval_every: Optional[int] = None, patience: Optional[int] = None,
+             resume: bool = False, force: bool = False, progress: bool = True, workers: int = 0,
+             seed: int = 0, interrupt_after: Optional[int] = None, val_batches: Optional[int] = None) -> dict:
+    """Fine-tune every parameter of ``compressed`` and write the best model (by validation AUC)
+    to ``output`` in the compressed format.  An interrupted run leaves ``OUTPUT.resume.pt``;
+    ``resume=True`` continues from it.  ``interrupt_after`` stops after that many steps as a
+    signal would (for tests).
+
+    Defaults (Adagrad, lr 0.001 for MLPs and dense tables, 0.01 for TT cores): the dense
+    parts are already trained and overfit at the baseline's rate; the TT cores have the most
+    to recover.  The input model is evaluated first, so the output is never worse on ``val``."""
+    compressed, output = Path(compressed), Path(output)
+    state_path = output.with_name(output.name + ".resume.pt")
+    dev = _init_distributed(resolve_device(device))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        check_output(output, [compressed, train_data] + ([val_data] if val_data else []), force or resume)
+    torch.manual_seed(seed)
+    model = load(compressed).train()
+    if not hasattr(model, "architecture"):
+        raise ValueError(f"{compressed}: a generic state_dict has no model to fine-tune")
+    rows = table_rows_of_model(model)
+    train_set = CriteoData(train_data, rows, batch_size)
+    if workers:
+        from ..data import data_loader
+        train_iter = data_loader(train_set, workers)
+    else:
+        train_iter = train_set
+    val_set = CriteoData(val_data, rows, 8192) if val_data else None
+    opt = make_optimizer(model, optimizer, lr, tt_lr)
+    log = (lambda s: print(s, file=sys.stderr)) if progress and rank == 0 else (lambda s: None)
+    res = fit(model, train_iter, val_set, opt, epochs=epochs, max_steps=max_steps, eval_every=eval_every,
+              patience=patience, device=dev, progress=progress, state_path=state_path, resume=resume,
+              interrupt_after=interrupt_after, val_batches=val_batches, log=log, eval_at_start=True)
+    out = {"output": str(output), "steps": res.steps, "samples": res.samples, "seconds": res.seconds,
+           "samples_per_s": res.samples / max(res.seconds, 1e-9), "best": res.best_metrics,
+           "history": res.history, "interrupted": res.interrupted, "stopped_early": res.stopped_early,
+           "device": str(dev), "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+    if res.interrupted:
+        out["resume_state"] = str(state_path)
+        return out
+    if rank == 0:
+        _, meta = read_compressed(compressed)
+        meta.extras = {**meta.extras, "finetune": {"steps": res.steps, "samples": res.samples,
+                                                   "best_val": res.best_metrics}}
+        write_compressed(output, compressed_state_from_model(res.best_state, meta), meta)
+    if dist.is_initialized():
+        dist.barrier()
+    return out

@@ -1,0 +1,180 @@
+"""The training loop shared by ``train`` and ``finetune``.
+
+Every parameter trains; the loss is binary cross-entropy on logits.  Validation AUC and
+log loss every ``eval_every`` steps and at each epoch's end; the best state (by AUC) is
+kept; ``patience`` evaluations without improvement stop early.  On SIGINT/SIGTERM the
+loop finishes its step, writes a resume state and returns ``interrupted=True``; with
+``resume=True`` it continues from that state exactly where it stopped (data order is
+deterministic).  Under ``torch.distributed`` each rank trains on its slice of every global
+batch (DDP averages the gradients, so the result equals one process with that batch).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..checkpoints import atomic_path
+from .metrics import evaluate
+
+
+class LogitModel(torch.nn.Module):
+    """Wraps a model so that ``forward`` gives logits (what DDP and the loss need)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, dense, sparse):
+        return self.model.logits(dense, sparse).reshape(-1)
+
+
+@dataclass
+class FitResult:
+    best_state: dict
+    best_metrics: Optional[dict]
+    history: list = field(default_factory=list)
+    steps: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    stopped_early: bool = False
+
+
+def _cpu_state(model):
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1, max_steps: Optional[int] = None,
+        eval_every: Optional[int] = None, patience: Optional[int] = None, device="cpu", progress: bool = True,
+        state_path: Optional[Path] = None, resume: bool = False, interrupt_after: Optional[int] = None,
+        val_batches: Optional[int] = None, log: Callable[[str], None] = lambda s: None,
+        eval_at_start: bool = False) -> FitResult:
+    """Train ``model`` in place; returns the best state and the evaluation history."""
+    device = torch.device(device)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    model.to(device).train()
+    net = LogitModel(model)
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    use_bf16 = device.type == "cuda"
+    start = {"epoch": 0, "batch": 0, "step": 0, "samples": 0, "best_auc": -math.inf, "best_metrics": None,
+             "history": [], "bad_evals": 0, "best_state": None}
+    if resume:
+        if state_path is None or not Path(state_path).exists():
+            raise FileNotFoundError(f"no resume state at {state_path}; run without --resume")
+        saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start.update({k: saved[k] for k in start})
+        log(f"resuming at epoch {start['epoch']}, step {start['step']}")
+    st = dict(start)
+    best_state = st["best_state"] or _cpu_state(model)
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+
+    old = {}
+    if rank == 0 and hasattr(signal, "SIGTERM"):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[s] = signal.signal(s, on_signal)
+            except ValueError:  # not the main thread
+                pass
+
+    def save_state():
+        if rank != 0 or state_path is None:
+            return
+        with atomic_path(state_path) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **{k: st[k] for k in st}}, tmp)
+
+    def run_eval():
+        nonlocal best_state
+        if val_data is None:
+            return False
+        m = evaluate(model, val_data, device, val_batches)
+        m.update(step=st["step"], samples=st["samples"])
+        st["history"].append(m)
+        log(f"step {st['step']}: val AUC {m['auc']:.4f}, logloss {m['logloss']:.4f}")
+        if m["auc"] > st["best_auc"]:
+            st.update(best_auc=m["auc"], best_metrics=m, bad_evals=0)
+            best_state = _cpu_state(model)
+        else:
+            st["bad_evals"] += 1
+        st["best_state"] = best_state
+        return patience is not None and st["bad_evals"] >= patience
+
+    if eval_at_start and not resume:
+        run_eval()  # the starting point competes for "best" too
+    t0, done_samples0 = time.time(), st["samples"]
+    result = FitResult(best_state, None)
+    bar = tqdm(total=max_steps, desc="train", unit="step", disable=True if (not progress or rank != 0) else None, file=sys.stderr, mininterval=1.0,
+               initial=st["step"])
+    try:
+        for epoch in range(st["epoch"], epochs):
+            for i, batch in enumerate(train_data):
+                if i < st["batch"]:
+                    continue  # resumed: these batches were already seen
+                if world > 1:
+                    per = len(batch) // world
+                    batch = type(batch)(*(t[rank * per:(rank + 1) * per] for t in batch))
+                batch = batch.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = net(batch.dense, batch.sparse)
+                loss = loss_fn(logits.float(), batch.labels)
+                loss.backward()
+                optimizer.step()
+                st["step"] += 1
+                st["batch"] = i + 1
+                st["samples"] += len(batch) * world
+                rate = (st["samples"] - done_samples0) / max(time.time() - t0, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
+                if eval_every and st["step"] % eval_every == 0 and run_eval():
+                    result.stopped_early = True
+                    break
+                if interrupt_after is not None and st["step"] >= interrupt_after:
+                    stop["flag"] = True
+                if stop["flag"]:
+                    save_state()
+                    result.interrupted = True
+                    return result
+                if max_steps is not None and st["step"] >= max_steps:
+                    break
+            else:
+                st["epoch"], st["batch"] = epoch + 1, 0
+                if not eval_every or st["step"] % eval_every:
+                    if run_eval():
+                        result.stopped_early = True
+                        break
+                continue
+            if not result.stopped_early and (not eval_every or st["step"] % eval_every):
+                run_eval()
+            break
+    finally:
+        bar.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    if val_data is None:
+        best_state = _cpu_state(model)
+    result.best_state = best_state
+    result.best_metrics = st["best_metrics"]
+    result.history = st["history"]
+    result.steps, result.samples = st["step"], st["samples"]
+    result.seconds = time.time() - t0
+    if state_path is not None and rank == 0 and Path(state_path).exists():
+        Path(state_path).unlink()  # finished: the resume state is stale
+    return result

@@ -1,0 +1,77 @@
+"""``train``: a baseline DLRM in the facebookresearch/dlrm layout, saved as that code saves it."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..checkpoints import atomic_path, check_output
+from ..data import DEFAULT_TABLE_ROWS, NUM_DENSE, CriteoData, load_arrays
+from ..models import DLRMNet
+from .loop import fit
+from .optim import make_optimizer
+
+
+def dlrm_architecture(table_rows: Sequence[int], dim: int = 16, bottom: Sequence[int] = (64,),
+                      top: Sequence[int] = (64, 32)) -> dict:
+    """A facebookresearch/dlrm dot-interaction architecture (``--arch-mlp-bot 13-64-dim``)."""
+    f = len(table_rows) + 1
+    return {"family": "dlrm", "variant": "dot", "interaction_itself": False,
+            "bottom": [NUM_DENSE, *bottom, dim], "top": [dim + f * (f - 1) // 2, *top, 1],
+            "ddp_bottom": False, "ddp_top": False, "weighted_pooling": False, "num_dense": NUM_DENSE,
+            "embedding_dim": dim,
+            "tables": [{"name": str(i), "key": f"emb_l.{i}.weight", "rows": int(n), "dim": dim, "kind": "dense"}
+                       for i, n in enumerate(table_rows)]}
+
+
+def init_dlrm(model: DLRMNet, seed: int) -> None:
+    """dlrm_s_pytorch.py's init: tables U(-sqrt(1/n), sqrt(1/n)), MLPs N(0, sqrt(2/(in+out)))."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in model.emb_l:
+            n = t.weight.shape[0]
+            t.weight.copy_((torch.rand(t.weight.shape, generator=g) * 2 - 1) * np.sqrt(1 / n))
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                fan_out, fan_in = m.weight.shape
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * np.sqrt(2 / (fan_in + fan_out)))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * np.sqrt(1 / fan_out))
+
+
+def table_rows_of(path) -> Optional[list]:
+    """Table sizes stored with the data (``counts`` in a dlrm .npz), else None."""
+    if str(path).endswith(".npz"):
+        counts = load_arrays(path)[3]
+        return [int(c) for c in counts] if counts is not None else None
+    return None
+
+
+def train(train_data, output, val_data=None, table_rows: Optional[Sequence[int]] = None, dim: int = 16,
+          bottom=(64,), top=(64, 32), epochs: int = 1, batch_size: int = 512, lr: float = 0.05,
+          optimizer: str = "adagrad", max_steps: Optional[int] = None, seed: int = 0, force: bool = False,
+          progress: bool = True, workers: int = 0) -> dict:
+    """Train a baseline DLRM and write it like ``dlrm_s_pytorch.py --save-model`` does."""
+    output = Path(output)
+    check_output(output, [train_data] + ([val_data] if val_data else []), force)
+    rows = list(table_rows or table_rows_of(train_data) or DEFAULT_TABLE_ROWS)
+    torch.manual_seed(seed)
+    model = DLRMNet(dlrm_architecture(rows, dim, bottom, top))
+    init_dlrm(model, seed)
+    train_set = CriteoData(train_data, rows, batch_size)
+    val_set = CriteoData(val_data, rows, 8192) if val_data else None
+    opt = make_optimizer(model, optimizer, lr)
+    log = (lambda s: print(s, file=sys.stderr)) if progress else (lambda s: None)
+    res = fit(model, train_set, val_set, opt, epochs=epochs, max_steps=max_steps, progress=progress, log=log)
+    model.load_state_dict(res.best_state)
+    m = res.best_metrics or {}
+    ckpt = {"state_dict": model.state_dict(), "epoch": epochs - 1, "nepochs": epochs, "iter": res.steps,
+            "nbatches": res.steps, "nbatches_test": 0, "train_loss": np.float32(0.0), "total_loss": 0.0,
+            "test_acc": np.float64(0.0), "test_auc": np.float64(m.get("auc", float("nan"))),
+            "opt_state_dict": opt.state_dict()}
+    with atomic_path(output) as tmp:
+        torch.save(ckpt, tmp)
+    return {"output": str(output), "steps": res.steps, "samples": res.samples, "seconds": res.seconds,
+            "val": m, "table_rows": rows}

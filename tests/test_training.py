@@ -1,0 +1,122 @@
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import fpd_convert
+from fpd_convert.cli import main
+from fpd_convert.data import CriteoData
+from fpd_convert.data.synth import synth
+from fpd_convert.training.finetune import finetune
+from fpd_convert.training.metrics import evaluate
+from fpd_convert.training.train import train
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    synth(d / "train.npz", 60_000, seed=0)
+    synth(d / "val.npz", 10_000, seed=1)
+    synth(d / "test.npz", 10_000, seed=2)
+    train(d / "train.npz", d / "base.pt", val_data=d / "val.npz", progress=False)
+    fpd_convert.compress(d / "base.pt", d / "c.safetensors", ratio=40, progress=False)
+    return d
+
+
+def test_baseline_is_a_real_dlrm_checkpoint(workdir):
+    ckpt = torch.load(workdir / "base.pt", weights_only=False)
+    assert {"state_dict", "epoch", "iter", "nepochs", "nbatches", "nbatches_test", "train_loss", "total_loss",
+            "test_acc", "opt_state_dict", "test_auc"} <= set(ckpt)
+    assert isinstance(ckpt["test_auc"], np.float64)  # as dlrm_s_pytorch.py writes it
+    assert ckpt["test_auc"] > 0.7
+
+
+def test_finetune_improves_validation_auc(workdir):
+    rows = [t["rows"] for t in fpd_convert.load(workdir / "c.safetensors").architecture["tables"]]
+    val = CriteoData(workdir / "val.npz", rows, 8192)
+    before = evaluate(fpd_convert.load(workdir / "c.safetensors"), val)["auc"]
+    r = finetune(workdir / "c.safetensors", workdir / "train.npz", workdir / "ft.safetensors", workdir / "val.npz",
+                 progress=False, eval_every=40, force=True)
+    after = evaluate(fpd_convert.load(workdir / "ft.safetensors"), val)["auc"]
+    assert after > before + 0.002, (before, after)
+    assert r["best"]["auc"] == pytest.approx(after, abs=1e-6)
+    assert len(r["history"]) >= 2
+    # the output is a compressed file again, with the same TT layout
+    assert load_file(workdir / "ft.safetensors").keys() == load_file(workdir / "c.safetensors").keys()
+
+
+def test_resume_after_interrupt_equals_uninterrupted(workdir):
+    kw = dict(progress=False, max_steps=30, batch_size=256, eval_every=10, force=True)
+    finetune(workdir / "c.safetensors", workdir / "train.npz", workdir / "full.safetensors", workdir / "val.npz", **kw)
+    r = finetune(workdir / "c.safetensors", workdir / "train.npz", workdir / "part.safetensors", workdir / "val.npz",
+                 interrupt_after=13, **kw)
+    assert r["interrupted"] and os.path.exists(r["resume_state"]) and not (workdir / "part.safetensors").exists()
+    r2 = finetune(workdir / "c.safetensors", workdir / "train.npz", workdir / "part.safetensors", workdir / "val.npz",
+                  resume=True, **kw)
+    assert not r2["interrupted"] and r2["steps"] == 30 and not os.path.exists(r["resume_state"])
+    a, b = load_file(workdir / "full.safetensors"), load_file(workdir / "part.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+
+
+def _ddp_worker(rank, port, workdir, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    finetune(workdir / "c.safetensors", workdir / "train.npz", out, None, device="cpu", progress=False,
+             max_steps=8, batch_size=512, optimizer="sgd", lr=0.1, force=True)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_equal_one(workdir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(port, workdir, workdir / "ddp.safetensors"), nprocs=2)
+    finetune(workdir / "c.safetensors", workdir / "train.npz", workdir / "one.safetensors", None, device="cpu",
+             progress=False, max_steps=8, batch_size=512, optimizer="sgd", lr=0.1, force=True)
+    a, b = load_file(workdir / "one.safetensors"), load_file(workdir / "ddp.safetensors")
+    changed = 0
+    base = load_file(workdir / "c.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+        changed += not torch.equal(a[k], base[k])
+    assert changed > 10  # training did move the parameters
+
+
+def test_report_json_and_plot(workdir):
+    out = workdir / "r.png"
+    r = CliRunner().invoke(main, ["report", str(workdir / "base.pt"), str(workdir / "c.safetensors"),
+                                  str(workdir / "c.safetensors"), "--data", str(workdir / "test.npz"), "--json",
+                                  "--plot", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert set(rep["models"]) == {"original", "compressed", "finetuned", "int8_rowwise"}
+    for m in rep["models"].values():
+        assert {"bytes", "ratio", "auc", "logloss", "auc_diff", "logloss_diff", "n"} <= set(m)
+    assert rep["models"]["original"]["auc_diff"] == 0 and rep["models"]["compressed"]["ratio"] > 3
+    assert abs(rep["models"]["int8_rowwise"]["auc_diff"]) < 0.002  # int8 is nearly lossless
+    t = rep["tables"][0]
+    assert {"key", "rows", "dim", "ranks", "bytes_before", "bytes_after", "ratio", "relative_error", "int8_bytes"} <= set(t)
+    assert rep["totals"]["tables_ratio"] >= 40
+    if out.exists():
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = CliRunner().invoke(main, ["report", str(workdir / "base.pt"), str(workdir / "c.safetensors"), "--markdown"])
+    assert md.exit_code == 0 and "| table |" in md.output
+
+
+def test_cli_train_and_finetune_errors(workdir, tmp_path):
+    r = CliRunner().invoke(main, ["finetune", str(workdir / "c.safetensors"), "--train", str(tmp_path / "none.npz"),
+                                  "-o", str(tmp_path / "o.safetensors")])
+    assert r.exit_code == 1 and "no such file" in r.output
+    r = CliRunner().invoke(main, ["finetune", str(workdir / "c.safetensors"), "--train", str(workdir / "train.npz"),
+                                  "-o", str(tmp_path / "o.safetensors"), "--device", "cuda"] )
+    if not torch.cuda.is_available():
+        assert r.exit_code == 1 and "no CUDA device" in r.output
+    r = CliRunner().invoke(main, ["finetune", str(workdir / "c.safetensors"), "--train", str(workdir / "train.npz"),
+                                  "-o", str(tmp_path / "o.safetensors"), "--max-steps", "3", "--resume"])
+    assert r.exit_code == 1 and "no resume state" in r.output
