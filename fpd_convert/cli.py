@@ -96,10 +96,6 @@ def decompress(compressed, output, force):
                f"rebuilt {len(result['tables_rebuilt'])} tables)")
 
 
-if __name__ == "__main__":
-    main()
-
-
 # --- data, training and reporting ---------------------------------------------------
 
 @main.command()
@@ -208,3 +204,25 @@ def demo(folder, train_rows, ratio):
     """The main job on generated data: synth -> train -> compress -> finetune -> report."""
     from .demo import run_demo
     run_demo(folder, train_rows=train_rows, ratio=ratio, echo=click.echo)
+
+
+@main.command()
+@click.option("--rows", type=int, default=1_000_000, show_default=True)
+@click.option("--dim", type=int, default=64, show_default=True)
+@click.option("--rank", type=int, default=16, show_default=True)
+@click.option("--batch", type=int, default=8192, show_default=True, help="Bags per batch.")
+@click.option("--pooling", type=int, default=1, show_default=True, help="Ids per bag.")
+@click.option("--zipf", type=float, default=1.1, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--reps", type=int, default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def bench(rows, dim, rank, batch, pooling, zipf, device, reps, as_json):
+    """Lookups/s of TTEmbeddingBag vs nn.EmbeddingBag of the same shape, in one run."""
+    from .bench.lookups import bench_lookups, format_lookups
+    r = bench_lookups(rows, dim, rank, batch, pooling, zipf, device, reps)
+    click.echo(json.dumps(r, indent=2) if as_json else format_lookups(r))
+
+
+if __name__ == "__main__":
+    main()

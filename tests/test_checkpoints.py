@@ -308,3 +308,11 @@ def test_reader_refuses_unknown_versions_and_features(tmp_path):
     save_file(bad, str(tmp_path / "shape.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match="has shape"):
         fpd_convert.load(tmp_path / "shape.safetensors")
+
+
+def test_bench_command_runs_and_reports_ratios():
+    r = CliRunner().invoke(main, ["bench", "--rows", "20000", "--dim", "16", "--rank", "4", "--batch", "256",
+                                  "--reps", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["tt_forward_lookups_s"] > 0 and d["forward_ratio"] > 0 and 0 < d["unique_ids"] <= 256

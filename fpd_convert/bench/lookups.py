@@ -1,0 +1,87 @@
+"""Lookup throughput of TTEmbeddingBag against nn.EmbeddingBag of the same shape, one run.
+
+Warm-up, several repetitions, median; ratios are TT / dense measured in the same process.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..layers import TTEmbeddingBag
+
+
+def zipf_ids(rows: int, n: int, exponent: float, device, generator=None) -> torch.Tensor:
+    """``n`` ids in ``[0, rows)`` with Zipf-like popularity, hot ids scattered (hashed)."""
+    u = torch.rand(n, generator=generator)
+    # inverse CDF of p(k) ~ k^-s on [1, rows], continuous approximation
+    s = exponent
+    if abs(s - 1.0) < 1e-6:
+        k = torch.exp(u * torch.log(torch.tensor(float(rows))))
+    else:
+        k = (1 + u * (rows ** (1 - s) - 1)) ** (1 / (1 - s))
+    ids = (k.long() - 1).clamp(0, rows - 1)
+    return ((ids * 2654435761) % rows).to(device)  # scatter hot ids over the table
+
+
+def _timeit(fn, device, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: int = 8192, pooling: int = 1,
+                  zipf: float = 1.1, device: str = "auto", reps: int = 10, seed: int = 0,
+                  dense: Optional[bool] = None) -> dict:
+    """Lookups per second (forward, forward+backward) of TT and dense bags, and their ratios."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    g = torch.Generator().manual_seed(seed)
+    ids = zipf_ids(rows, batch * pooling, zipf, dev, g)
+    offsets = torch.arange(0, batch * pooling, pooling, device=dev)
+    tt = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev)
+    out = {"rows": rows, "dim": dim, "rank": rank, "batch": batch, "pooling": pooling, "zipf": zipf,
+           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "torch": torch.__version__, "unique_ids": int(ids.unique().numel()), "lookups": batch * pooling}
+    layers = {"tt": tt}
+    if dense is not False:
+        layers["dense"] = nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=dev)
+    for name, layer in layers.items():
+        def fwd():
+            with torch.no_grad():
+                layer(ids, offsets)
+
+        def fwd_bwd():
+            layer(ids, offsets).sum().backward()
+            for p in layer.parameters():
+                p.grad = None
+        out[f"{name}_forward_lookups_s"] = batch * pooling / _timeit(fwd, dev, reps)
+        out[f"{name}_fwd_bwd_lookups_s"] = batch * pooling / _timeit(fwd_bwd, dev, reps)
+    if "dense" in layers:
+        out["forward_ratio"] = out["tt_forward_lookups_s"] / out["dense_forward_lookups_s"]
+        out["fwd_bwd_ratio"] = out["tt_fwd_bwd_lookups_s"] / out["dense_fwd_bwd_lookups_s"]
+    return out
+
+
+def format_lookups(r: dict) -> str:
+    lines = [f"{r['rows']:,} x {r['dim']}, rank {r['rank']}, batch {r['batch']:,} x pooling {r['pooling']}, "
+             f"Zipf {r['zipf']} ({r['unique_ids']:,} unique ids), {r['device']}, torch {r['torch']}"]
+    for what in ("forward", "fwd_bwd"):
+        tt = r[f"tt_{what}_lookups_s"]
+        line = f"{what:8s} TT {tt / 1e6:8.2f} M lookups/s"
+        if f"dense_{what}_lookups_s" in r:
+            line += f"   nn.EmbeddingBag {r[f'dense_{what}_lookups_s'] / 1e6:8.2f} M/s   ratio {r[f'{what}_ratio']:.3f}x"
+        lines.append(line)
+    return "\n".join(lines)
