@@ -59,7 +59,7 @@ def finetune(compressed, train_data, output, val_data=None, device: str = "auto"
     if rank == 0:
         check_output(output, [compressed, train_data] + ([val_data] if val_data else []), force or resume)
     torch.manual_seed(seed)
-    model = load(compressed).train()
+    model = load(compressed).train().to(dev)  # before the optimizer: its state lives with the params
     if not hasattr(model, "architecture"):
         raise ValueError(f"{compressed}: a generic state_dict has no model to fine-tune")
     rows = table_rows_of_model(model)
