@@ -103,8 +103,7 @@ def test_report_json_and_plot(workdir):
     t = rep["tables"][0]
     assert {"key", "rows", "dim", "ranks", "bytes_before", "bytes_after", "ratio", "relative_error", "int8_bytes"} <= set(t)
     assert rep["totals"]["tables_ratio"] >= 40
-    if out.exists():
-        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = CliRunner().invoke(main, ["report", str(workdir / "base.pt"), str(workdir / "c.safetensors"), "--markdown"])
     assert md.exit_code == 0 and "| table |" in md.output
 
