@@ -27,6 +27,13 @@ def main():
     """Compress trained recommender models with tensor-train (TT) embedding tables."""
 
 
+def data_options(fn):
+    """``--strict`` and ``--dense-transform``, shared by the commands that read data."""
+    fn = click.option("--dense-transform", type=click.Choice(["log", "none"]), default="log", show_default=True,
+                      help="log: log(1 + max(x, 0)); none: arrays already transformed.")(fn)
+    return click.option("--strict", is_flag=True, help="A malformed data line is an error, not a warning.")(fn)
+
+
 def _rank_value(text):
     if text is None:
         return None
@@ -127,13 +134,15 @@ def synth(output, rows, seed, fmt, force):
 @click.option("--optimizer", type=click.Choice(["sgd", "adagrad", "adam"]), default="adagrad", show_default=True)
 @click.option("--max-steps", type=int)
 @click.option("--force", is_flag=True)
+@data_options
 @friendly_errors
-def train(train_data, output, val_data, table_rows, dim, epochs, batch_size, lr, optimizer, max_steps, force):
+def train(train_data, output, val_data, table_rows, dim, epochs, batch_size, lr, optimizer, max_steps, force, strict,
+          dense_transform):
     """Train a baseline DLRM (facebookresearch/dlrm layout)."""
     from .training.train import train as run
     rows = [int(x) for x in table_rows.split(",")] if table_rows else None
     r = run(train_data, output, val_data, rows, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr,
-            optimizer=optimizer, max_steps=max_steps, force=force)
+            optimizer=optimizer, max_steps=max_steps, force=force, strict=strict, dense_transform=dense_transform)
     auc = f", val AUC {r['val']['auc']:.4f}" if r["val"] else ""
     click.echo(f"wrote {r['output']} after {r['steps']} steps ({r['samples'] / r['seconds']:,.0f} samples/s){auc}")
 
@@ -156,14 +165,16 @@ def train(train_data, output, val_data, table_rows, dim, epochs, batch_size, lr,
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUTPUT.resume.pt.")
 @click.option("--force", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
+@data_options
 @friendly_errors
 def finetune(compressed, train_data, val_data, output, device, optimizer, lr, tt_lr, epochs, max_steps, batch_size,
-             eval_every, patience, workers, resume, force, as_json):
+             eval_every, patience, workers, resume, force, as_json, strict, dense_transform):
     """Fine-tune a compressed model (TT cores and MLPs) to recover AUC. Multi-GPU: torchrun."""
     from .training.finetune import finetune as run
     r = run(compressed, train_data, output, val_data, device=device, optimizer=optimizer, lr=lr, tt_lr=tt_lr,
             epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_every=eval_every, patience=patience,
-            resume=resume, force=force, workers=workers, progress=not as_json)
+            resume=resume, force=force, workers=workers, progress=not as_json, strict=strict,
+            dense_transform=dense_transform)
     if as_json:
         click.echo(json.dumps(r, indent=2))
     elif r["interrupted"]:
@@ -185,11 +196,13 @@ def finetune(compressed, train_data, val_data, output, device, optimizer, lr, tt
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--markdown", is_flag=True)
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write size and AUC bars to this PNG.")
+@data_options
 @friendly_errors
-def report(original, compressed, finetuned, data, max_rows, no_int8, as_json, markdown, plot):
+def report(original, compressed, finetuned, data, max_rows, no_int8, as_json, markdown, plot, strict, dense_transform):
     """Size and AUC of ORIGINAL, COMPRESSED (and FINETUNED), with int8 row-wise as a baseline."""
     from .reporting.report import format_report, plot_report, report as run, to_json
-    r = run(original, compressed, finetuned, data=data, max_rows=max_rows, int8=not no_int8)
+    r = run(original, compressed, finetuned, data=data, max_rows=max_rows, int8=not no_int8, strict=strict,
+            dense_transform=dense_transform)
     if plot:
         plot_report(r, plot)
     click.echo(to_json(r) if as_json else format_report(r, markdown=markdown))

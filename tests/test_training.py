@@ -119,3 +119,16 @@ def test_cli_train_and_finetune_errors(workdir, tmp_path):
     r = CliRunner().invoke(main, ["finetune", str(workdir / "c.safetensors"), "--train", str(workdir / "train.npz"),
                                   "-o", str(tmp_path / "o.safetensors"), "--max-steps", "3", "--resume"])
     assert r.exit_code == 1 and "no resume state" in r.output
+
+
+def test_report_on_criteo_text_with_strict(workdir, tmp_path):
+    """The real Criteo lines through the report: valid lines pass --strict; a bad line fails it."""
+    real = os.path.join(os.path.dirname(__file__), "data", "criteo_kaggle_head1000.txt")
+    args = ["report", str(workdir / "base.pt"), str(workdir / "c.safetensors"), "--no-int8", "--json", "--strict"]
+    r = CliRunner().invoke(main, args + ["--data", real])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["models"]["original"]["n"] == 1000
+    bad = tmp_path / "bad.txt"
+    bad.write_text(open(real).read() + "\n7\tnot a line\n")
+    r = CliRunner().invoke(main, args + ["--data", str(bad)])
+    assert r.exit_code == 1 and "bad.txt:1001: malformed line" in r.output

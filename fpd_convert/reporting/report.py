@@ -21,7 +21,8 @@ def _model_bytes(model: torch.nn.Module) -> int:
 
 
 def report(original, compressed, finetuned=None, data=None, batch_size: int = 8192,
-           max_rows: Optional[int] = None, int8: bool = True) -> dict:
+           max_rows: Optional[int] = None, int8: bool = True, strict: bool = False,
+           dense_transform: str = "log") -> dict:
     """Per table: bytes before/after, ratio, relative error (and int8's bytes); per model:
     bytes, AUC and log loss on ``data`` and the differences from the original."""
     meta = read_compressed_meta(compressed)
@@ -60,7 +61,7 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
     for name, m in models.items():
         entry = {"bytes": sizes[name], "ratio": sizes["original"] / sizes[name]}
         if data:
-            entry.update(evaluate(m, CriteoData(data, rows, batch_size, max_rows=max_rows)))
+            entry.update(evaluate(m, CriteoData(data, rows, batch_size, dense_transform, strict, max_rows)))
         out["models"][name] = entry
     if data:
         ref = out["models"]["original"]

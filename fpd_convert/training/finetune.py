@@ -43,7 +43,8 @@ def finetune(compressed, train_data, output, val_data=None, device: str = "auto"
              lr: float = 0.001, tt_lr: Optional[float] = 0.01, epochs: int = 1, max_steps: Optional[int] = None,
              batch_size: int = 512, eval_every: Optional[int] = None, patience: Optional[int] = None,
              resume: bool = False, force: bool = False, progress: bool = True, workers: int = 0,
-             seed: int = 0, interrupt_after: Optional[int] = None, val_batches: Optional[int] = None) -> dict:
+             seed: int = 0, interrupt_after: Optional[int] = None, val_batches: Optional[int] = None,
+             strict: bool = False, dense_transform: str = "log") -> dict:
     """Fine-tune every parameter of ``compressed`` and write the best model (by validation AUC)
     to ``output`` in the compressed format.  An interrupted run leaves ``OUTPUT.resume.pt``;
     ``resume=True`` continues from it.  ``interrupt_after`` stops after that many steps as a
@@ -63,13 +64,13 @@ def finetune(compressed, train_data, output, val_data=None, device: str = "auto"
     if not hasattr(model, "architecture"):
         raise ValueError(f"{compressed}: a generic state_dict has no model to fine-tune")
     rows = table_rows_of_model(model)
-    train_set = CriteoData(train_data, rows, batch_size)
+    train_set = CriteoData(train_data, rows, batch_size, dense_transform, strict)
     if workers:
         from ..data import data_loader
         train_iter = data_loader(train_set, workers)
     else:
         train_iter = train_set
-    val_set = CriteoData(val_data, rows, 8192) if val_data else None
+    val_set = CriteoData(val_data, rows, 8192, dense_transform, strict) if val_data else None
     opt = make_optimizer(model, optimizer, lr, tt_lr)
     log = (lambda s: print(s, file=sys.stderr)) if progress and rank == 0 else (lambda s: None)
     res = fit(model, train_iter, val_set, opt, epochs=epochs, max_steps=max_steps, eval_every=eval_every,

@@ -52,7 +52,7 @@ def table_rows_of(path) -> Optional[list]:
 def train(train_data, output, val_data=None, table_rows: Optional[Sequence[int]] = None, dim: int = 16,
           bottom=(64,), top=(64, 32), epochs: int = 1, batch_size: int = 512, lr: float = 0.05,
           optimizer: str = "adagrad", max_steps: Optional[int] = None, seed: int = 0, force: bool = False,
-          progress: bool = True, workers: int = 0) -> dict:
+          progress: bool = True, workers: int = 0, strict: bool = False, dense_transform: str = "log") -> dict:
     """Train a baseline DLRM and write it like ``dlrm_s_pytorch.py --save-model`` does."""
     output = Path(output)
     check_output(output, [train_data] + ([val_data] if val_data else []), force)
@@ -60,8 +60,8 @@ def train(train_data, output, val_data=None, table_rows: Optional[Sequence[int]]
     torch.manual_seed(seed)
     model = DLRMNet(dlrm_architecture(rows, dim, bottom, top))
     init_dlrm(model, seed)
-    train_set = CriteoData(train_data, rows, batch_size)
-    val_set = CriteoData(val_data, rows, 8192) if val_data else None
+    train_set = CriteoData(train_data, rows, batch_size, dense_transform, strict)
+    val_set = CriteoData(val_data, rows, 8192, dense_transform, strict) if val_data else None
     opt = make_optimizer(model, optimizer, lr)
     log = (lambda s: print(s, file=sys.stderr)) if progress else (lambda s: None)
     res = fit(model, train_set, val_set, opt, epochs=epochs, max_steps=max_steps, progress=progress, log=log)
