@@ -55,7 +55,8 @@ def test_resume_after_interrupt_equals_uninterrupted(workdir):
     finetune(workdir / "c.safetensors", workdir / "train.npz", workdir / "full.safetensors", workdir / "val.npz", **kw)
     r = finetune(workdir / "c.safetensors", workdir / "train.npz", workdir / "part.safetensors", workdir / "val.npz",
                  interrupt_after=13, **kw)
-    assert r["interrupted"] and os.path.exists(r["resume_state"]) and not (workdir / "part.safetensors").exists()
+    assert r["interrupted"] and r["steps"] == 13 and os.path.exists(r["resume_state"])
+    assert not (workdir / "part.safetensors").exists()
     r2 = finetune(workdir / "c.safetensors", workdir / "train.npz", workdir / "part.safetensors", workdir / "val.npz",
                   resume=True, **kw)
     assert not r2["interrupted"] and r2["steps"] == 30 and not os.path.exists(r["resume_state"])

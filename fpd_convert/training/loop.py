@@ -151,6 +151,8 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
                 if stop["flag"]:
                     save_state()
                     result.interrupted = True
+                    result.steps, result.samples = st["step"], st["samples"]
+                    result.seconds = time.time() - t0
                     return result
                 if max_steps is not None and st["step"] >= max_steps:
                     break
