@@ -140,9 +140,10 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
                 st["step"] += 1
                 st["batch"] = i + 1
                 st["samples"] += len(batch) * world
-                rate = (st["samples"] - done_samples0) / max(time.time() - t0, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
+                if st["step"] % 50 == 1:  # loss.item() syncs the GPU: read it now and then
+                    rate = (st["samples"] - done_samples0) / max(time.time() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
                 if eval_every and st["step"] % eval_every == 0 and run_eval():
                     result.stopped_early = True
                     break
