@@ -223,18 +223,36 @@ def demo(folder, train_rows, ratio):
 @click.option("--rows", type=int, default=1_000_000, show_default=True)
 @click.option("--dim", type=int, default=64, show_default=True)
 @click.option("--rank", type=int, default=16, show_default=True)
-@click.option("--batch", type=int, default=8192, show_default=True, help="Bags per batch.")
+@click.option("--batch", type=int, default=None, help="Bags per batch [8192 for lookups; DLRM step: 65536 on "
+              "CUDA, 2048 on CPU].")
 @click.option("--pooling", type=int, default=1, show_default=True, help="Ids per bag.")
 @click.option("--zipf", type=float, default=1.1, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--kernel", type=click.Choice(["auto", "reference", "cpu", "triton"]), default="auto",
+              show_default=True, help="TT row path to time (the reference is timed beside it).")
 @click.option("--reps", type=int, default=10, show_default=True)
+@click.option("--step", is_flag=True, help="Also time a DLRM training step, dense vs TT tables.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="DLRM step on this compressed file's model (implies --step).")
+@click.option("--tt-tables", type=int, default=5, show_default=True, help="DLRM step: tables in TT.")
+@click.option("--rows-cap", type=int, default=None,
+              help="DLRM step: cap on table rows [10M on CUDA, 200k on CPU].")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def bench(rows, dim, rank, batch, pooling, zipf, device, reps, as_json):
-    """Lookups/s of TTEmbeddingBag vs nn.EmbeddingBag of the same shape, in one run."""
+def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, step, model, tt_tables, rows_cap, as_json):
+    """Lookups/s of TTEmbeddingBag vs nn.EmbeddingBag (and a DLRM step), in one run."""
     from .bench.lookups import bench_lookups, format_lookups
-    r = bench_lookups(rows, dim, rank, batch, pooling, zipf, device, reps)
-    click.echo(json.dumps(r, indent=2) if as_json else format_lookups(r))
+    results = {"lookups": bench_lookups(rows, dim, rank, batch or 8192, pooling, zipf, device, reps, kernel=kernel)}
+    if not as_json:
+        click.echo(format_lookups(results["lookups"]))
+    if step or model:
+        from .bench.dlrm_step import bench_dlrm_step, format_dlrm_step
+        results["dlrm_step"] = bench_dlrm_step(model, rows_cap, dim, tt_tables, rank,
+                                               batch, zipf, device, reps)
+        if not as_json:
+            click.echo(format_dlrm_step(results["dlrm_step"]))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,13 @@
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# Without a GPU, the Triton kernels run (and are tested) in Triton's interpreter on
+# CPU tensors; the variable must be set before triton compiles anything.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
@@ -26,3 +33,11 @@ def structured_table():
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def has_triton() -> bool:
+    from fpd_convert.kernels import triton_tt
+    return triton_tt.available()
+
+
+needs_triton = pytest.mark.skipif(not has_triton(), reason="needs triton (GPU, or TRITON_INTERPRET=1 on CPU)")

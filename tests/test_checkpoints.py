@@ -314,5 +314,21 @@ def test_bench_command_runs_and_reports_ratios():
     r = CliRunner().invoke(main, ["bench", "--rows", "20000", "--dim", "16", "--rank", "4", "--batch", "256",
                                   "--reps", "2", "--json"])
     assert r.exit_code == 0, r.output
-    d = json.loads(r.output)
+    d = json.loads(r.output)["lookups"]
     assert d["tt_forward_lookups_s"] > 0 and d["forward_ratio"] > 0 and 0 < d["unique_ids"] <= 256
+    assert d["kernel"] == "cpu" and d["tt_reference_fwd_bwd_lookups_s"] > 0 and d["speedup_forward_vs_reference"] > 0
+
+
+def test_bench_dlrm_step_default_model_and_compressed_file(tmp_path):
+    r = CliRunner().invoke(main, ["bench", "--rows", "2000", "--dim", "16", "--rank", "4", "--batch", "64",
+                                  "--reps", "1", "--step", "--rows-cap", "3000", "--json"])
+    assert r.exit_code == 0, r.output
+    step = json.loads(r.output)["dlrm_step"]
+    assert step["tt_tables"] == 5 and step["ratio"] > 0
+    assert step["tt_embedding_bytes"] < step["dense_embedding_bytes"]
+    torch.save(dlrm_checkpoint(dlrm_state()), tmp_path / "m.pt")
+    fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=4, num_largest=2, progress=False)
+    r = CliRunner().invoke(main, ["bench", "--rows", "2000", "--dim", "16", "--rank", "4", "--batch", "32",
+                                  "--reps", "1", "--model", str(tmp_path / "c.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert "2 TT tables from the file" in r.output and "ratio TT / dense" in r.output

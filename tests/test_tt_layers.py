@@ -151,12 +151,12 @@ def test_dedup_and_no_full_table():
     # 10^9 rows x 64: a dense table would need 256 GB; the TT lookup must not build it.
     bag = TTEmbeddingBag(10 ** 9, 64, rank=8, mode="sum")
     seen = []
-    original = tt_embedding_module.tt_rows
-    tt_embedding_module.tt_rows = lambda cores, idx: seen.append(idx.numel()) or original(cores, idx)
+    original = tt_embedding_module.lookup_rows
+    tt_embedding_module.lookup_rows = lambda cores, idx, *a: seen.append(idx.numel()) or original(cores, idx, *a)
     try:
         out = bag(torch.tensor([5, 10 ** 9 - 1, 5, 5, 123]), torch.tensor([0, 2]))
     finally:
-        tt_embedding_module.tt_rows = original
+        tt_embedding_module.lookup_rows = original
     assert out.shape == (2, 64) and torch.isfinite(out).all()
     assert seen == [3]  # three unique ids, not five lookups
     assert bag.param_count() == sum(p.numel() for p in bag.parameters())

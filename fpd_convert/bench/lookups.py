@@ -4,14 +4,13 @@ Warm-up, several repetitions, median; ratios are TT / dense measured in the same
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..layers import TTEmbeddingBag
+from ..layers import TTEmbeddingBag, choose_kernel
+from .timing import device_name, median_seconds, resolve_device
 
 
 def zipf_ids(rows: int, n: int, exponent: float, device, generator=None) -> torch.Tensor:
@@ -27,35 +26,29 @@ def zipf_ids(rows: int, n: int, exponent: float, device, generator=None) -> torc
     return ((ids * 2654435761) % rows).to(device)  # scatter hot ids over the table
 
 
-def _timeit(fn, device, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: int = 8192, pooling: int = 1,
                   zipf: float = 1.1, device: str = "auto", reps: int = 10, seed: int = 0,
-                  dense: Optional[bool] = None) -> dict:
-    """Lookups per second (forward, forward+backward) of TT and dense bags, and their ratios."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+                  dense: Optional[bool] = None, kernel: str = "auto", reference: bool = True) -> dict:
+    """Lookups per second (forward, forward+backward) of TT and dense bags, and their ratios.
+
+    ``kernel`` picks the TT path (see :mod:`fpd_convert.layers.tt_lookup`); with
+    ``reference`` the plain PyTorch path is timed too, in the same run.
+    """
+    dev = resolve_device(device)
     g = torch.Generator().manual_seed(seed)
     ids = zipf_ids(rows, batch * pooling, zipf, dev, g)
     offsets = torch.arange(0, batch * pooling, pooling, device=dev)
     tt = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev)
+    tt.kernel = kernel
     out = {"rows": rows, "dim": dim, "rank": rank, "batch": batch, "pooling": pooling, "zipf": zipf,
-           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "torch": torch.__version__, "unique_ids": int(ids.unique().numel()), "lookups": batch * pooling}
+           "device": device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "unique_ids": int(ids.unique().numel()), "lookups": batch * pooling,
+           "kernel": choose_kernel(kernel, list(tt.cores))}
     layers = {"tt": tt}
+    if reference and out["kernel"] != "reference":
+        ref = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev, _cores=[c.detach() for c in tt.cores])
+        ref.kernel = "reference"
+        layers["tt_reference"] = ref
     if dense is not False:
         layers["dense"] = nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=dev)
     for name, layer in layers.items():
@@ -67,20 +60,26 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
             layer(ids, offsets).sum().backward()
             for p in layer.parameters():
                 p.grad = None
-        out[f"{name}_forward_lookups_s"] = batch * pooling / _timeit(fwd, dev, reps)
-        out[f"{name}_fwd_bwd_lookups_s"] = batch * pooling / _timeit(fwd_bwd, dev, reps)
+        out[f"{name}_forward_lookups_s"] = batch * pooling / median_seconds(fwd, dev, reps)
+        out[f"{name}_fwd_bwd_lookups_s"] = batch * pooling / median_seconds(fwd_bwd, dev, reps)
     if "dense" in layers:
         out["forward_ratio"] = out["tt_forward_lookups_s"] / out["dense_forward_lookups_s"]
         out["fwd_bwd_ratio"] = out["tt_fwd_bwd_lookups_s"] / out["dense_fwd_bwd_lookups_s"]
+    if "tt_reference" in layers:
+        out["speedup_forward_vs_reference"] = out["tt_forward_lookups_s"] / out["tt_reference_forward_lookups_s"]
+        out["speedup_fwd_bwd_vs_reference"] = out["tt_fwd_bwd_lookups_s"] / out["tt_reference_fwd_bwd_lookups_s"]
     return out
 
 
 def format_lookups(r: dict) -> str:
     lines = [f"{r['rows']:,} x {r['dim']}, rank {r['rank']}, batch {r['batch']:,} x pooling {r['pooling']}, "
-             f"Zipf {r['zipf']} ({r['unique_ids']:,} unique ids), {r['device']}, torch {r['torch']}"]
+             f"Zipf {r['zipf']} ({r['unique_ids']:,} unique ids), {r['device']}, torch {r['torch']}, "
+             f"TT path: {r['kernel']}"]
     for what in ("forward", "fwd_bwd"):
         tt = r[f"tt_{what}_lookups_s"]
         line = f"{what:8s} TT {tt / 1e6:8.2f} M lookups/s"
+        if f"tt_reference_{what}_lookups_s" in r:
+            line += f"  (reference {r[f'tt_reference_{what}_lookups_s'] / 1e6:8.2f})"
         if f"dense_{what}_lookups_s" in r:
             line += f"   nn.EmbeddingBag {r[f'dense_{what}_lookups_s'] / 1e6:8.2f} M/s   ratio {r[f'{what}_ratio']:.3f}x"
         lines.append(line)

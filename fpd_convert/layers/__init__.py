@@ -1,5 +1,5 @@
 """Embedding layers backed by TT cores."""
 from .tt_embedding import TTEmbedding, TTEmbeddingBag, TTIndexError
-from .tt_lookup import row_digits, tt_rows
+from .tt_lookup import choose_kernel, lookup_rows, row_digits, tt_rows
 
 __all__ = ["TTEmbedding", "TTEmbeddingBag", "TTIndexError", "row_digits", "tt_rows"]

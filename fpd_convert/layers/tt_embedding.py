@@ -18,7 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, factor_dims, factor_rows
-from .tt_lookup import tt_rows
+from ..kernels.cpu_tt import PrefixTable
+from .tt_lookup import choose_kernel, default_kernel, lookup_rows, tt_rows
+
+
+def _unique(flat: torch.Tensor):
+    """Sorted distinct values and the inverse map; numpy's sort is ~2.5x faster on the CPU."""
+    if flat.device.type == "cpu" and flat.numel() > 0:
+        uniq, inverse = np.unique(flat.numpy(), return_inverse=True)
+        return torch.from_numpy(uniq), torch.from_numpy(inverse.reshape(-1)).long()
+    return torch.unique(flat, return_inverse=True)
 
 
 class TTIndexError(IndexError, RuntimeError):
@@ -71,6 +80,9 @@ class _TTTable(nn.Module):
             _cores = [c.to(device=device, dtype=dtype) if (device or dtype) else c for c in _cores]
         self.cores = nn.ParameterList([nn.Parameter(c) for c in _cores])
         self.reconstruction_error: Optional[float] = None
+        #: row path: "auto", "reference", "cpu" or "triton" (see layers.tt_lookup)
+        self.kernel = default_kernel()
+        self._prefix_table = PrefixTable()
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -103,11 +115,11 @@ class _TTTable(nn.Module):
 
     def _unique_rows(self, input: torch.Tensor):
         """(rows of the unique indices (U, d), inverse map shaped like input, padding position)."""
-        uniq, inverse = torch.unique(input.reshape(-1), return_inverse=True)
+        uniq, inverse = _unique(input.reshape(-1))
         if uniq.numel() == 0:  # empty batch: one dummy row keeps the pooling ops happy
             rows = self.cores[0].new_zeros(1, self.embedding_dim)
         else:
-            rows = tt_rows(list(self.cores), uniq.long())
+            rows = lookup_rows(list(self.cores), uniq.long(), self.kernel, self._prefix_table)
         pad = None
         if self.padding_idx is not None:
             hit = (uniq == self.padding_idx).nonzero()
@@ -132,6 +144,8 @@ class _TTTable(nn.Module):
                f"dim_factors={s.dim_factors}, ranks={s.ranks}, params={s.param_count}")
         if self.padding_idx is not None:
             out += f", padding_idx={self.padding_idx}"
+        if self.kernel != "auto":
+            out += f", kernel={self.kernel!r}"
         return out
 
 

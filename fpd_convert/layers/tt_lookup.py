@@ -1,45 +1,56 @@
-"""The TT row contraction: rows of a TT table for a batch of (unique) indices.
+"""Which TT row path a layer uses: the dispatch between the reference and fast kernels.
 
-Plain PyTorch (gather + batched matmul), differentiable, device-agnostic; this is
-the reference path that faster kernels are checked against.
+``kernel="auto"`` picks, for three float cores on a CUDA device with Triton, the
+Triton kernels; on the CPU, the shared-prefix path (and the cached prefix table
+when no gradient is needed and the table is small); otherwise the plain PyTorch
+reference, which every fast path is tested against.  ``FPD_TT_KERNEL`` in the
+environment sets the default for all layers (``reference``, ``cpu``, ``triton``, ``auto``).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+import os
+from typing import Optional, Sequence
 
 import torch
 
+from ..kernels import cpu_tt, triton_tt
+from ..kernels.reference import row_digits, tt_rows
 
-def row_digits(indices: torch.Tensor, row_factors: Sequence[int]) -> List[torch.Tensor]:
-    """Mixed-radix digits ``(i_1, ..., i_k)`` of row indices, most significant first."""
-    digits = []
-    rest = indices
-    for n in reversed(row_factors[1:]):
-        digits.append(rest % n)
-        rest = torch.div(rest, n, rounding_mode="floor")
-    digits.append(rest)
-    return digits[::-1]
+KERNELS = ("auto", "reference", "cpu", "triton")
+
+__all__ = ["KERNELS", "default_kernel", "choose_kernel", "lookup_rows", "row_digits", "tt_rows"]
 
 
-def tt_rows(cores: Sequence[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
-    """Rows ``W[indices]`` of the TT table with cores ``(r_{j-1}, n_j, d_j, r_j)``.
+def default_kernel() -> str:
+    kernel = os.environ.get("FPD_TT_KERNEL", "auto")
+    if kernel not in KERNELS:
+        raise ValueError(f"FPD_TT_KERNEL should be one of {', '.join(KERNELS)} but is {kernel!r}")
+    return kernel
 
-    Shapes: ``indices`` (U,) int64 -> output (U, d_1 * ... * d_k).  Work and memory
-    are ``O(U * d * r)``; the full table is never built.
 
-    Example::
+def choose_kernel(kernel: str, cores: Sequence[torch.Tensor]) -> str:
+    """The concrete path (``reference``, ``cpu`` or ``triton``) for these cores."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel should be one of {', '.join(KERNELS)} but got {kernel!r}")
+    if kernel != "auto":
+        return kernel
+    device = cores[0].device
+    if device.type == "cuda" and triton_tt.supports(cores):
+        return "triton"
+    if device.type == "cpu":
+        return "cpu"
+    return "reference"
 
-        >>> cores = [torch.randn(1, 10, 4, 8), torch.randn(8, 10, 4, 8), torch.randn(8, 10, 4, 1)]
-        >>> tt_rows(cores, torch.tensor([0, 7, 999])).shape
-        torch.Size([3, 64])
-    """
-    row_factors = [c.shape[1] for c in cores]
-    digits = row_digits(indices, row_factors)
-    u = indices.shape[0]
-    # acc: (U, d_1...d_j, r_j); start with core 1 whose left rank is 1.
-    acc = cores[0].index_select(1, digits[0]).reshape(u, -1, cores[0].shape[3])
-    for core, digit in zip(cores[1:], digits[1:]):
-        r_in, _, d_j, r_out = core.shape
-        g = core.index_select(1, digit).permute(1, 0, 2, 3).reshape(u, r_in, d_j * r_out)
-        acc = torch.bmm(acc, g).reshape(u, -1, r_out)
-    return acc.reshape(u, -1)
+
+def lookup_rows(cores: Sequence[torch.Tensor], sorted_unique: torch.Tensor, kernel: str = "auto",
+                prefix_table: Optional[cpu_tt.PrefixTable] = None) -> torch.Tensor:
+    """Rows of the TT table for sorted, deduplicated indices, by the chosen path."""
+    path = choose_kernel(kernel, cores)
+    if path == "triton":
+        return triton_tt.tt3_rows(cores, sorted_unique)
+    if path == "cpu":
+        grad = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+        if not grad and prefix_table is not None and prefix_table.fits(cores):
+            return prefix_table.rows(cores, sorted_unique)
+        return cpu_tt.tt_rows_shared(cores, sorted_unique)
+    return tt_rows(cores, sorted_unique)

@@ -1,0 +1,162 @@
+"""Every fast TT path against the plain PyTorch reference: values and core gradients."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import cuda, needs_triton
+from fpd_convert.kernels import cpu_tt, triton_tt
+from fpd_convert.kernels.reference import tt_rows
+from fpd_convert.layers import TTEmbeddingBag, TTEmbedding, choose_kernel, lookup_rows
+
+# (rows, row factors, dim factors, ranks): even, odd and non-power-of-two sizes
+SHAPES = [
+    ([5, 7, 6], [2, 3, 2], [1, 3, 4, 1]),
+    ([4, 4, 5], [4, 4, 4], [1, 8, 8, 1]),
+    ([3, 9, 2], [1, 5, 2], [1, 3, 6, 1]),
+]
+
+
+def make_cores(row_factors, dim_factors, ranks, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(ranks[j], n, d, ranks[j + 1], generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+            for j, (n, d) in enumerate(zip(row_factors, dim_factors))]
+
+
+def grads(rows_fn, cores, idx, seed=1):
+    out = rows_fn(cores, idx)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return out.detach(), torch.autograd.grad(out, cores, g)
+
+
+def sample_indices(n, count, seed=2, unique=True):
+    idx = torch.randint(0, n, (count,), generator=torch.Generator().manual_seed(seed))
+    return torch.unique(idx) if unique else idx
+
+
+@pytest.mark.parametrize("row_factors,dim_factors,ranks", SHAPES)
+def test_cpu_shared_prefix_path_equals_reference(row_factors, dim_factors, ranks):
+    cores = make_cores(row_factors, dim_factors, ranks)
+    n = row_factors[0] * row_factors[1] * row_factors[2]
+    idx = sample_indices(n, 3 * n)  # dense sampling: many shared prefixes
+    ref, ref_g = grads(tt_rows, cores, idx)
+    out, out_g = grads(cpu_tt.tt_rows_shared, cores, idx)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(out_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_path_two_and_four_cores():
+    for rf, df, rk in (([20, 30], [4, 2], [1, 5, 1]), ([3, 4, 5, 6], [2, 2, 1, 2], [1, 3, 4, 2, 1])):
+        cores = make_cores(rf, df, rk)
+        idx = sample_indices(int(torch.tensor(rf).prod()), 200)
+        ref, ref_g = grads(tt_rows, cores, idx)
+        out, out_g = grads(cpu_tt.tt_rows_shared, cores, idx)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(out_g, ref_g):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_prefix_table_equals_reference_and_follows_core_updates():
+    cores = make_cores([5, 7, 6], [2, 3, 2], [1, 3, 4, 1])
+    idx = sample_indices(210, 100)
+    table = cpu_tt.PrefixTable()
+    assert table.fits(cores) and table.nbytes_for(cores) == 5 * 7 * 2 * 3 * 4 * 4
+    torch.testing.assert_close(table.rows(cores, idx), tt_rows(cores, idx).detach(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        cores[1].mul_(2.0)  # an optimizer step is an in-place update: the cache must notice
+    torch.testing.assert_close(table.rows(cores, idx), tt_rows(cores, idx).detach(), rtol=1e-5, atol=1e-5)
+    assert not cpu_tt.PrefixTable(max_bytes=100).fits(cores)
+
+
+@needs_triton
+@pytest.mark.parametrize("row_factors,dim_factors,ranks", SHAPES)
+def test_triton_kernels_equal_reference(row_factors, dim_factors, ranks):
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
+    cores = [c.detach().to(device).requires_grad_() for c in make_cores(row_factors, dim_factors, ranks)]
+    n = row_factors[0] * row_factors[1] * row_factors[2]
+    idx = sample_indices(n, 80).to(device)
+    ref, ref_g = grads(tt_rows, cores, idx)
+    out, out_g = grads(triton_tt.tt3_rows, cores, idx)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(out_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+@needs_triton
+def test_triton_duplicates_and_unsorted_indices_add_up():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cores = [c.detach().to(device).requires_grad_() for c in make_cores([4, 4, 5], [4, 4, 4], [1, 8, 8, 1])]
+    idx = sample_indices(80, 60, unique=False).to(device)
+    ref, ref_g = grads(tt_rows, cores, idx)
+    out, out_g = grads(triton_tt.tt3_rows, cores, idx)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(out_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+@needs_triton
+def test_triton_bf16_cores():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cores32 = make_cores([4, 4, 5], [4, 4, 4], [1, 8, 8, 1])
+    cores = [c.detach().to(device, torch.bfloat16).requires_grad_() for c in cores32]
+    idx = sample_indices(80, 40).to(device)
+    ref, ref_g = grads(tt_rows, [c.detach().float().requires_grad_() for c in cores], idx)
+    out, out_g = grads(triton_tt.tt3_rows, cores, idx)
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in out_g)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    for a, b in zip(out_g, ref_g):
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+def test_dispatch_choices():
+    cpu_cores = make_cores([5, 7, 6], [2, 3, 2], [1, 3, 4, 1])
+    assert choose_kernel("auto", cpu_cores) == "cpu"
+    assert choose_kernel("reference", cpu_cores) == "reference"
+    with pytest.raises(ValueError, match="kernel should be one of"):
+        choose_kernel("cuda", cpu_cores)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "cpu"] + (["triton"] if triton_tt.available() else []))
+def test_layer_paths_agree_through_pooling_and_training(kernel):
+    torch.manual_seed(0)
+    ref = TTEmbeddingBag(210, 12, rank=4, row_factors=[5, 7, 6], dim_factors=[2, 3, 2], mode="mean")
+    ref.kernel = "reference"
+    fast = TTEmbeddingBag(210, 12, rank=4, row_factors=[5, 7, 6], dim_factors=[2, 3, 2], mode="mean",
+                          _cores=[c.detach().clone() for c in ref.cores])
+    fast.kernel = kernel
+    ids = torch.tensor([3, 3, 209, 0, 17, 3, 150])
+    offsets = torch.tensor([0, 2, 5])
+    w = torch.randn(3, 12)
+    for layer in (ref, fast):
+        (layer(ids, offsets) * w).sum().backward()
+    torch.testing.assert_close(fast(ids, offsets), ref(ids, offsets), rtol=1e-4, atol=1e-5)
+    for a, b in zip(fast.cores, ref.cores):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # inference: the CPU path serves from its prefix table
+        torch.testing.assert_close(fast(ids, offsets), ref(ids, offsets), rtol=1e-4, atol=1e-5)
+
+
+def test_embedding_auto_path_matches_dense_reconstruction():
+    emb = TTEmbedding(1000, 16, rank=4)
+    dense = emb.to_dense()
+    ids = torch.tensor([[0, 999], [512, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(emb(ids), dense[ids], rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_cuda_auto_path_is_triton_and_matches_reference():
+    bag = TTEmbeddingBag(100_000, 64, rank=16, mode="sum", device="cuda")
+    assert choose_kernel("auto", list(bag.cores)) == "triton"
+    ids = torch.randint(0, 100_000, (4096,), device="cuda")
+    offsets = torch.arange(0, 4096, 2, device="cuda")
+    out = bag(ids, offsets)
+    out.square().sum().backward()
+    fast_grads = [c.grad.clone() for c in bag.cores]
+    bag.zero_grad()
+    bag.kernel = "reference"
+    ref = bag(ids, offsets)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for a, c in zip(fast_grads, bag.cores):
+        torch.testing.assert_close(a, c.grad, rtol=1e-3, atol=1e-4)
