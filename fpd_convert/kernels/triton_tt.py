@@ -202,7 +202,10 @@ def _meta(cores):
     return sizes, blocks, _pow2(r1)
 
 
-_CHUNK = 32  # indices per backward program
+# Launch parameters (module-level so that a tuning run can sweep them).
+CHUNK = 16  # indices per backward program: fewer -> more programs in flight, more atomic flushes
+FWD_WARPS = 4
+BWD_WARPS = 4
 
 
 class _TT3Rows(torch.autograd.Function):
@@ -214,7 +217,7 @@ class _TT3Rows(torch.autograd.Function):
         d = sizes["D1"] * sizes["D2"] * sizes["D3"]
         out = torch.empty(u, d, device=c1.device, dtype=c1.dtype)
         if u:
-            _fwd_kernel[(u,)](indices, *cores, out, *sizes.values(), **blocks, num_warps=4)
+            _fwd_kernel[(u,)](indices, *cores, out, *sizes.values(), **blocks, num_warps=FWD_WARPS)
         ctx.save_for_backward(indices, *cores)
         return out
 
@@ -229,25 +232,25 @@ class _TT3Rows(torch.autograd.Function):
             return (None, *[torch.zeros_like(c) if need else None
                             for c, need in zip((c1, c2, c3), ctx.needs_input_grad[1:])])
         n2, n3 = sizes["N2"], sizes["N3"]
-        grid = (triton.cdiv(u, _CHUNK),)
+        grid = (triton.cdiv(u, CHUNK),)
         args = (*sizes.values(),)
         if ctx.needs_input_grad[1]:
             first = torch.div(indices, n2 * n3, rounding_mode="floor")
             perm = torch.argsort(first)
             d1 = torch.zeros(c1.shape, device=c1.device, dtype=torch.float32)
-            _bwd_first_kernel[grid](indices, perm, grad, c1, c2, c3, d1, u, _CHUNK, *args, **blocks, BR1=br1,
-                                    num_warps=4)
+            _bwd_first_kernel[grid](indices, perm, grad, c1, c2, c3, d1, u, CHUNK, *args, **blocks, BR1=br1,
+                                    num_warps=BWD_WARPS)
             grads[0] = d1.to(c1.dtype)
         if ctx.needs_input_grad[2]:
             perm = torch.argsort(torch.div(indices, n3, rounding_mode="floor") % n2)
             d2 = torch.zeros(c2.shape, device=c2.device, dtype=torch.float32)
-            _bwd_middle_kernel[grid](indices, perm, grad, c1, c2, c3, d2, u, _CHUNK, *args, **blocks, BR1=br1,
-                                     num_warps=4)
+            _bwd_middle_kernel[grid](indices, perm, grad, c1, c2, c3, d2, u, CHUNK, *args, **blocks, BR1=br1,
+                                     num_warps=BWD_WARPS)
             grads[1] = d2.to(c2.dtype)
         if ctx.needs_input_grad[3]:
             perm = torch.argsort(indices % n3)
             d3 = torch.zeros(c3.shape, device=c3.device, dtype=torch.float32)
-            _bwd_last_kernel[grid](indices, perm, grad, c1, c2, c3, d3, u, _CHUNK, *args, **blocks, num_warps=4)
+            _bwd_last_kernel[grid](indices, perm, grad, c1, c2, c3, d3, u, CHUNK, *args, **blocks, num_warps=BWD_WARPS)
             grads[2] = d3.to(c3.dtype)
         return (None, *grads)
 
