@@ -32,17 +32,17 @@ def timed(fn, reps=20):
 
 grad = torch.randn(uniq.numel(), dim, device="cuda")
 print(json.dumps({"unique": uniq.numel(), "unique_ms": timed(lambda: torch.unique(ids, return_inverse=True))}))
-for warps in (1, 2, 4, 8):
+for warps in (1, 2):
     triton_tt.FWD_WARPS = warps
     print(json.dumps({"fwd_warps": warps, "fwd_ms": timed(lambda: triton_tt.tt3_rows(cores, uniq))}))
-triton_tt.FWD_WARPS = 4
-for chunk in (2, 4, 8, 16, 32):
-    for warps in (2, 4, 8):
+triton_tt.FWD_WARPS = 1
+for chunk in (4, 8, 16):
+    for warps in (1, 2, 4):
         triton_tt.CHUNK, triton_tt.BWD_WARPS = chunk, warps
         out = triton_tt.tt3_rows(cores, uniq)
         ms = timed(lambda: torch.autograd.grad(out, cores, grad, retain_graph=True))
         print(json.dumps({"chunk": chunk, "bwd_warps": warps, "bwd_ms": ms}), flush=True)
-triton_tt.CHUNK, triton_tt.BWD_WARPS = 8, 4
+triton_tt.CHUNK, triton_tt.BWD_WARPS = 8, 2
 out = triton_tt.tt3_rows(cores, uniq)
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
     for _ in range(5):
