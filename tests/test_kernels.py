@@ -118,22 +118,26 @@ def test_dispatch_choices():
 
 @pytest.mark.parametrize("kernel", ["reference", "cpu"] + (["triton"] if triton_tt.available() else []))
 def test_layer_paths_agree_through_pooling_and_training(kernel):
+    # the Triton kernels run on CUDA where there is a GPU, in the interpreter on the CPU otherwise
+    device = "cuda" if kernel == "triton" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     ref = TTEmbeddingBag(210, 12, rank=4, row_factors=[5, 7, 6], dim_factors=[2, 3, 2], mode="mean")
     ref.kernel = "reference"
     fast = TTEmbeddingBag(210, 12, rank=4, row_factors=[5, 7, 6], dim_factors=[2, 3, 2], mode="mean",
-                          _cores=[c.detach().clone() for c in ref.cores])
+                          _cores=[c.detach().clone() for c in ref.cores], device=device)
     fast.kernel = kernel
     ids = torch.tensor([3, 3, 209, 0, 17, 3, 150])
     offsets = torch.tensor([0, 2, 5])
     w = torch.randn(3, 12)
-    for layer in (ref, fast):
-        (layer(ids, offsets) * w).sum().backward()
-    torch.testing.assert_close(fast(ids, offsets), ref(ids, offsets), rtol=1e-4, atol=1e-5)
+    (ref(ids, offsets) * w).sum().backward()
+    (fast(ids.to(device), offsets.to(device)) * w.to(device)).sum().backward()
+    torch.testing.assert_close(fast(ids.to(device), offsets.to(device)).cpu(), ref(ids, offsets), rtol=1e-4,
+                               atol=1e-5)
     for a, b in zip(fast.cores, ref.cores):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # inference: the CPU path serves from its prefix table
-        torch.testing.assert_close(fast(ids, offsets), ref(ids, offsets), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast(ids.to(device), offsets.to(device)).cpu(), ref(ids, offsets), rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_embedding_auto_path_matches_dense_reconstruction():
