@@ -24,7 +24,7 @@ def make_cores(row_factors, dim_factors, ranks, dtype=torch.float32, seed=0):
 
 def grads(rows_fn, cores, idx, seed=1):
     out = rows_fn(cores, idx)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype).to(out.device)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
     return out.detach(), torch.autograd.grad(out, cores, g)
 
 
