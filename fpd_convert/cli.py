@@ -53,7 +53,15 @@ def _rank_value(text):
 @click.option("--tol", type=float, help="Relative reconstruction error per table (delta-truncated TT-SVD).")
 @click.option("--order", type=click.IntRange(2, 4), default=3, show_default=True, help="Number of TT cores.")
 @click.option("--svd", type=click.Choice(["auto", "truncated_svd", "randomized_svd"]), default="auto",
-              show_default=True)
+              show_default=True, help="SVD of the in-memory (TensorLy) path.")
+@click.option("--svd-path", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
+              help="memory: TensorLy on the whole table; stream: randomized TT-SVD over row chunks (tables "
+                   "that do not fit); auto: by size.")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Tables decomposed at once (lowered if memory does not allow).")
+@click.option("--power-iters", type=click.IntRange(0), default=1, show_default=True,
+              help="Streaming path: power iterations (each is two more passes over the table).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVDs.")
 @click.option("--layout", type=click.Choice(["dlrm", "torchrec", "generic"]), help="Force the source layout.")
 @click.option("--yes", is_flag=True, help="Generic files: compress the detected tables without asking.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
@@ -61,8 +69,8 @@ def _rank_value(text):
 @click.option("--keep-larger", is_flag=True, help="Keep a TT even when it is not smaller (full-rank checks).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
-def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, tol, order, svd, layout, yes,
-             force, allow_unsafe_pickle, keep_larger, as_json):
+def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, tol, order, svd, svd_path, workers,
+             power_iters, seed, layout, yes, force, allow_unsafe_pickle, keep_larger, as_json):
     """Replace the largest embedding tables of MODEL by TT cores (TT-SVD)."""
     from .convert import compress as run, inspect as describe
     names = [t.strip() for t in tables.split(",")] if tables else None
@@ -74,7 +82,9 @@ def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, 
             click.confirm("compress these?", default=True, abort=True, err=True)
     summary = run(model, output, tables=names, min_rows=min_rows, num_largest=num_largest, rank=_rank_value(rank),
                   ratio=ratio, budget=budget, tol=tol, order=order, svd=svd, layout=layout, force=force,
-                  allow_unsafe_pickle=allow_unsafe_pickle, progress=not as_json, keep_larger=keep_larger)
+                  allow_unsafe_pickle=allow_unsafe_pickle, progress=not as_json, keep_larger=keep_larger,
+                  svd_path=svd_path, workers=workers, power_iters=power_iters, seed=seed,
+                  log=lambda text: click.echo(text, err=True))
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.format())
 
 
@@ -237,10 +247,24 @@ def demo(folder, train_rows, ratio):
 @click.option("--tt-tables", type=int, default=5, show_default=True, help="DLRM step: tables in TT.")
 @click.option("--rows-cap", type=int, default=None,
               help="DLRM step: cap on table rows [10M on CUDA, 200k on CPU].")
+@click.option("--svd", is_flag=True, help="Instead of lookups: TT-SVD of a rows x dim table written to disk, "
+              "in memory (TensorLy) and streamed, each in its own process (seconds, peak RSS, error).")
+@click.option("--svd-paths", default="memory,stream", show_default=True, help="--svd: the paths to run.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="--svd: dtype of the table on disk.")
+@click.option("--folder", type=click.Path(file_okay=False), default=None,
+              help="--svd: where to write the table (default: the temp folder).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, step, model, tt_tables, rows_cap, as_json):
-    """Lookups/s of TTEmbeddingBag vs nn.EmbeddingBag (and a DLRM step), in one run."""
+def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, step, model, tt_tables, rows_cap, svd,
+          svd_paths, dtype, folder, as_json):
+    """Lookups/s of TTEmbeddingBag vs nn.EmbeddingBag (and a DLRM step), or TT-SVD paths (--svd), in one run."""
+    if svd:
+        from .bench.svd import bench_svd, format_svd
+        out = bench_svd(rows, dim, rank, dtype, [p.strip() for p in svd_paths.split(",")], folder,
+                        echo=None if as_json else lambda text: click.echo(text, err=True))
+        click.echo(json.dumps(out, indent=2) if as_json else format_svd(out))
+        return
     from .bench.lookups import bench_lookups, format_lookups
     results = {"lookups": bench_lookups(rows, dim, rank, batch or 8192, pooling, zipf, device, reps, kernel=kernel)}
     if not as_json:

@@ -195,11 +195,11 @@ def test_cli_budget_and_ratio(tmp_path):
     r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "b.safetensors"),
                                   "--budget", "40KB", "--json"])
     assert r.exit_code == 0, r.output
-    d = json.loads(r.output)
+    d = json.loads(r.stdout)
     assert d["tables_bytes_after"] <= 40_000
     r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "r.safetensors"),
                                   "--ratio", "20", "--json"])
-    assert all(t["ratio"] >= 20 for t in json.loads(r.output)["tables"])
+    assert all(t["ratio"] >= 20 for t in json.loads(r.stdout)["tables"])
 
 
 def test_cli_generic_asks_for_confirmation(tmp_path):

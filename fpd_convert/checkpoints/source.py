@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -10,6 +11,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .dlrm_layout import infer_dlrm_architecture, is_dlrm
+from .lazy_tables import map_safetensors
 from .safe_load import CheckpointError, load_torch_file, to_plain
 from .torchrec_layout import infer_torchrec_architecture, is_torchrec
 
@@ -34,6 +36,8 @@ class Source:
     extras: dict = field(default_factory=dict)
     optimizer_param_groups: Optional[list] = None
     dropped: List[str] = field(default_factory=list)
+    #: big tensors are views of a read-only file mapping (see :mod:`.lazy_tables`)
+    mapped: bool = False
 
     def tables(self) -> List[dict]:
         """Table specs (``key``, ``name``, ``rows``, ``dim``, ``kind``), largest first for generic files."""
@@ -79,17 +83,11 @@ def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None) 
         raise CheckpointError(f"layout should be one of {LAYOUTS} but got {layout!r}")
     extras, groups, dropped, container = {}, None, [], "state_dict"
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such file")
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-        container = "safetensors"
+        state, _ = map_safetensors(path)
+        container, mapped = "safetensors", True
     else:
         obj = load_torch_file(path, allow_unsafe=allow_unsafe)
+        mapped = zipfile.is_zipfile(path)  # zip checkpoints are memory-mapped by load_torch_file
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             container = "dlrm_checkpoint"
             state = obj["state_dict"]
@@ -128,4 +126,4 @@ def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None) 
                               f"(first keys: {keys[:4]})")
     arch = (infer_dlrm_architecture(state) if layout == "dlrm"
             else infer_torchrec_architecture(state) if layout == "torchrec" else None)
-    return Source(path, layout, arch, state, prefix, container, extras, groups, dropped)
+    return Source(path, layout, arch, state, prefix, container, extras, groups, dropped, mapped)

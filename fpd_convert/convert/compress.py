@@ -1,23 +1,19 @@
 """``compress``: a source checkpoint in, a compressed safetensors file out."""
 from __future__ import annotations
 
-import sys
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
-from tqdm import tqdm
 
 from .. import __version__
 from ..checkpoints import (CheckpointError, CompressedMeta, check_output, core_key, read_source, sha256_of,
                            write_compressed)
-from ..tt import decompose_table
+from .svd_runner import affordable_workers, describe, memory_available, plan_table, run_plans
 from .selection import parse_size, select_tables
 
 DEFAULT_RANK = 32
-RANDOMIZED_ABOVE = 20_000_000  # table elements above which the randomized SVD is used
 
 
 @dataclass
@@ -32,6 +28,7 @@ class TableSummary:
     bytes_before: int
     bytes_after: int
     relative_error: float
+    svd_path: str = "memory"
 
     @property
     def ratio(self) -> float:
@@ -64,13 +61,13 @@ class CompressionSummary:
         from ..reporting.tables import format_bytes, render_table
         rows = [[t.name, f"{t.rows:,}", t.dim, "x".join(map(str, t.row_factors)), "x".join(map(str, t.dim_factors)),
                  ",".join(map(str, t.ranks[1:-1])), format_bytes(t.bytes_before), format_bytes(t.bytes_after),
-                 f"{t.ratio:.1f}x", f"{t.relative_error:.4f}"] for t in self.tables]
+                 f"{t.ratio:.1f}x", f"{t.relative_error:.4f}", t.svd_path] for t in self.tables]
         before = sum(t.bytes_before for t in self.tables)
         after = sum(t.bytes_after for t in self.tables)
         rows.append(["total (tables)", "", "", "", "", "", format_bytes(before), format_bytes(after),
-                     f"{before / max(after, 1):.1f}x", ""])
+                     f"{before / max(after, 1):.1f}x", "", ""])
         out = [render_table(["table", "rows", "dim", "row factors", "dim factors", "ranks", "before", "after",
-                             "ratio", "rel. error"], rows)]
+                             "ratio", "rel. error", "TT-SVD"], rows)]
         out.append(f"model: {format_bytes(self.model_bytes_before)} -> {format_bytes(self.model_bytes_after)} "
                    f"({self.model_bytes_before / max(self.model_bytes_after, 1):.1f}x), written to {self.output}")
         for s in self.skipped:
@@ -87,7 +84,8 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
              ratio: Optional[float] = None, budget: Union[str, int, None] = None, tol: Optional[float] = None,
              order: int = 3, svd: str = "auto", layout: Optional[str] = None, force: bool = False,
              allow_unsafe_pickle: bool = False, progress: bool = True, seed: int = 0,
-             keep_larger: bool = False) -> CompressionSummary:
+             keep_larger: bool = False, svd_path: str = "auto", workers: int = 1, power_iters: int = 1,
+             log: Optional[Callable[[str], None]] = None) -> CompressionSummary:
     """Replace the chosen tables of ``model`` by TT cores (TT-SVD) and write ``output``.
 
     Ranks: one of ``rank`` (int or list), ``ratio`` (per table), ``budget`` (total bytes of the
@@ -95,11 +93,17 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     error per table); none given means ``rank=32``.  A table whose TT would not be smaller than
     the dense table is left dense and listed as skipped (``keep_larger=True`` keeps it anyway,
     which is useful to check a full-rank round trip).
+
+    ``svd_path``: ``memory`` (TensorLy), ``stream`` (row chunks, for tables that do not fit)
+    or ``auto`` (by size); ``workers`` tables are decomposed at once when memory allows.
+    ``log`` receives the plan (expected memory) before the work starts.
     """
     model, output = Path(model), Path(output)
     check_output(output, [model], force)
     if sum(x is not None for x in (rank, ratio, budget, tol)) > 1:
         raise ValueError("give at most one of rank, ratio, budget or tol")
+    if workers < 1:
+        raise ValueError(f"workers should be >= 1 but got {workers}")
     if rank is None and ratio is None and budget is None and tol is None:
         rank = DEFAULT_RANK
     src = read_source(model, allow_unsafe=allow_unsafe_pickle, layout=layout)
@@ -108,21 +112,20 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
         raise CheckpointError(f"{model}: no table matches the selection; `fpd-convert inspect {model}` lists them")
     budget_bytes = parse_size(budget) if budget is not None else None
     total_chosen = sum(t["rows"] * t["dim"] for t in chosen)
+    available = memory_available()
+    plans = [plan_table(t["key"], t["name"], t["rows"], t["dim"], order, rank=rank, ratio=ratio, tol=tol,
+                        budget_bytes=None if budget_bytes is None else
+                        int(budget_bytes * t["rows"] * t["dim"] / total_chosen),
+                        svd_path=svd_path, available=available) for t in chosen]
+    workers = affordable_workers(plans, workers, available)
+    if log is not None:
+        log(describe(plans, workers, available))
+    weights = [src.state[t["key"]] for t in chosen]
+    decs = run_plans(plans, weights, src.mapped, tol=tol, workers=workers, seed=seed, svd=svd,
+                     power_iters=power_iters, progress=progress)
     summaries, skipped, tt_tables = [], [], {}
     tensors = dict(src.state)
-    bar = tqdm(chosen, desc="TT-SVD", unit="table", disable=True if not progress else None, file=sys.stderr)
-    for t in bar:
-        bar.set_postfix_str(f"{t['name']} {t['rows']:,}x{t['dim']}")
-        weight = src.state[t["key"]]
-        kwargs = {"rank": rank, "ratio": ratio, "tol": tol, "order": order, "random_state": seed,
-                  "svd": svd if svd != "auto" else ("randomized_svd" if weight.numel() > RANDOMIZED_ABOVE
-                                                    else "truncated_svd")}
-        if budget_bytes is not None:
-            kwargs["budget_bytes"] = int(budget_bytes * t["rows"] * t["dim"] / total_chosen)
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # clamped ranks show in the summary
-            dec = decompose_table(weight.detach().float().numpy(), **kwargs)
+    for t, plan, weight, dec in zip(chosen, plans, weights, decs):
         before = weight.numel() * weight.element_size()
         after = dec.shape.param_count * 4
         if after >= before and not keep_larger:
@@ -134,10 +137,11 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
             tensors[core_key(t["key"], j)] = torch.from_numpy(c.astype("float32", copy=False))
         entry = dec.shape.to_dict()
         entry.update(padding=dec.shape.padded_rows - dec.shape.num_rows, relative_error=dec.relative_error,
-                     features=[], source_dtype=str(weight.dtype).replace("torch.", ""))
+                     features=[], source_dtype=str(weight.dtype).replace("torch.", ""), svd_path=plan.path)
         tt_tables[t["key"]] = entry
         summaries.append(TableSummary(t["key"], t["name"], t["rows"], t["dim"], dec.shape.row_factors,
-                                      dec.shape.dim_factors, dec.shape.ranks, before, after, dec.relative_error))
+                                      dec.shape.dim_factors, dec.shape.ranks, before, after, dec.relative_error,
+                                      plan.path))
     if not tt_tables:
         raise CheckpointError("no table got smaller with these ranks; choose a lower --rank or a --ratio")
     meta = CompressedMeta(source_layout=src.layout, tt_tables=tt_tables, architecture=src.architecture,

@@ -1,9 +1,11 @@
 """TT math: shapes, ranks and TT-SVD of embedding tables (numpy + TensorLy, no I/O)."""
-from .decompose import (TTDecomposition, decompose_table, relative_error, table_to_tt_tensor,
+from .decompose import (TTDecomposition, decompose_table, relative_error, resolve_ranks, table_to_tt_tensor,
                         tt_svd, tt_svd_tolerance, tt_to_table)
+from .streaming import stream_plan, streaming_peak_bytes, streaming_tt_svd
 from .ranks import clamp_ranks, ranks_for_budget, ranks_for_params, ranks_for_ratio
 from .shapes import TTShape, factor_dims, factor_rows, max_tt_ranks, tt_param_count
 
-__all__ = ["TTDecomposition", "decompose_table", "relative_error", "table_to_tt_tensor", "tt_svd",
+__all__ = ["TTDecomposition", "decompose_table", "relative_error", "resolve_ranks", "stream_plan",
+           "streaming_peak_bytes", "streaming_tt_svd", "table_to_tt_tensor", "tt_svd",
            "tt_svd_tolerance", "tt_to_table", "clamp_ranks", "ranks_for_budget", "ranks_for_params",
            "ranks_for_ratio", "TTShape", "factor_dims", "factor_rows", "max_tt_ranks", "tt_param_count"]

@@ -124,18 +124,31 @@ def tt_svd_tolerance(weight: np.ndarray, row_factors: Sequence[int], dim_factors
     if not eps >= 0:
         raise ValueError(f"tolerance eps should be >= 0 but got {eps}")
     tensor = table_to_tt_tensor(weight, row_factors, dim_factors)
-    modes = tensor.shape
+    delta = eps / np.sqrt(max(len(row_factors) - 1, 1)) * np.linalg.norm(tensor.astype(np.float64))
+    return tolerance_sweep(tensor, row_factors, dim_factors, delta, max_rank=max_rank)
+
+
+def truncation_rank(s: np.ndarray, delta: float, discarded_sq: float = 0.0) -> int:
+    """Fewest leading singular values whose discarded tail (plus ``discarded_sq``, energy
+    already outside ``s``) has norm ``<= delta``; at least 1, at most ``len(s)``."""
+    s64 = np.asarray(s, dtype=np.float64)
+    tail = np.sqrt(np.cumsum((s64 ** 2)[::-1])[::-1] + discarded_sq)  # tail[i] = ||s[i:]|| (+ outside)
+    r = int(np.searchsorted(-np.append(tail, np.sqrt(discarded_sq)), -delta))  # first i with tail[i] <= delta
+    return max(1, min(r, len(s64)))
+
+
+def tolerance_sweep(tensor: np.ndarray, row_factors: Sequence[int], dim_factors: Sequence[int], delta: float,
+                    r_prev: int = 1, max_rank: Optional[int] = None) -> List[np.ndarray]:
+    """The delta-truncated sweep over the modes of ``tensor`` (its first mode carries a left
+    rank ``r_prev``): cores ``(r_{j-1}, n_j, d_j, r_j)`` for ``row_factors``/``dim_factors``."""
+    modes = [n * d for n, d in zip(row_factors, dim_factors)]
     k = len(modes)
-    delta = eps / np.sqrt(max(k - 1, 1)) * np.linalg.norm(tensor.astype(np.float64))
-    cores, r_prev = [], 1
+    cores = []
     unfolding = tensor
     for j in range(k - 1):
         unfolding = unfolding.reshape(r_prev * modes[j], -1)
         u, s, v = svd_interface(unfolding, n_eigenvecs=min(unfolding.shape), method="truncated_svd")
-        s64 = np.asarray(s, dtype=np.float64)
-        tail = np.sqrt(np.cumsum((s64 ** 2)[::-1]))[::-1]  # tail[i] = ||s[i:]||
-        r = int(np.searchsorted(-np.append(tail, 0.0), -delta))  # first i with tail[i] <= delta
-        r = max(1, min(r, len(s64)))
+        r = truncation_rank(s, delta)
         if max_rank is not None:
             r = min(r, max_rank)
         cores.append(u[:, :r].reshape(r_prev, row_factors[j], dim_factors[j], r))
@@ -143,6 +156,19 @@ def tt_svd_tolerance(weight: np.ndarray, row_factors: Sequence[int], dim_factors
         r_prev = r
     cores.append(unfolding.reshape(r_prev, row_factors[-1], dim_factors[-1], 1))
     return cores
+
+
+def resolve_ranks(n: int, d: int, row_factors: Sequence[int], dim_factors: Sequence[int],
+                  rank: Union[int, Sequence[int], None] = None, ratio: Optional[float] = None,
+                  budget_bytes: Optional[int] = None, bytes_per_param: int = 4) -> List[int]:
+    """The full rank list ``[1, r_1, ..., 1]`` for a rank, ratio or byte-budget choice (clamped)."""
+    if ratio is not None:
+        rank = ranks_for_ratio(ratio, n, d, row_factors, dim_factors)
+    elif budget_bytes is not None:
+        rank = ranks_for_budget(budget_bytes, row_factors, dim_factors, bytes_per_param)
+    if rank is None:
+        raise ValueError("give one of rank, ratio or budget_bytes")
+    return clamp_ranks(rank, row_factors, dim_factors)
 
 
 def decompose_table(weight, order: int = 3, rank: Union[int, Sequence[int], None] = None,
@@ -174,10 +200,7 @@ def decompose_table(weight, order: int = 3, rank: Union[int, Sequence[int], None
     if tol is not None:
         cores = tt_svd_tolerance(weight, row_factors, dim_factors, tol)
     else:
-        if ratio is not None:
-            rank = ranks_for_ratio(ratio, n, d, row_factors, dim_factors)
-        elif budget_bytes is not None:
-            rank = ranks_for_budget(budget_bytes, row_factors, dim_factors, bytes_per_param)
+        rank = resolve_ranks(n, d, row_factors, dim_factors, rank, ratio, budget_bytes, bytes_per_param)
         cores = tt_svd(weight, row_factors, dim_factors, rank, svd=svd, random_state=random_state)
     ranks = [1] + [c.shape[3] for c in cores]
     shape = TTShape(n, d, row_factors, dim_factors, ranks)

@@ -1,0 +1,128 @@
+"""Running TT-SVD over the chosen tables: in memory (TensorLy) or streamed, one or several at once.
+
+Per table, ``auto`` keeps TensorLy's in-memory TT-SVD (the reference) for tables whose
+expected peak (about 5.5x the table in float32: the float copy plus TensorLy's
+reshapes and SVD workspace, 4.4x measured for its part) fits comfortably, and streams
+the others (:mod:`fpd_convert.tt.streaming`).  Before starting, the expected peak
+memory is stated, and ``workers`` is lowered if running that many tables at once
+would not fit in the memory available.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoints.lazy_tables import row_reader
+from ..tt import (TTDecomposition, decompose_table, factor_dims, factor_rows, resolve_ranks, streaming_peak_bytes,
+                  streaming_tt_svd)
+
+SVD_PATHS = ("auto", "memory", "stream")
+MEMORY_FACTOR = 5.5  # expected peak of the in-memory path / table bytes in float32
+MEMORY_PATH_MAX = 2 << 30  # auto: tables whose in-memory peak would exceed this are streamed
+RANDOMIZED_ABOVE = 20_000_000  # in-memory path: table elements above which TensorLy's randomized SVD is used
+TOL_MAX_RANK = 256
+
+
+@dataclass
+class TablePlan:
+    key: str
+    name: str
+    rows: int
+    dim: int
+    row_factors: List[int]
+    dim_factors: List[int]
+    ranks: Optional[List[int]]  # None in tolerance mode
+    path: str
+    peak_bytes: int
+
+
+def memory_available() -> int:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")  # pragma: no cover
+
+
+def plan_table(key: str, name: str, rows: int, dim: int, order: int = 3, rank=None, ratio=None,
+               budget_bytes=None, tol=None, svd_path: str = "auto", oversample: int = 10,
+               available: Optional[int] = None) -> TablePlan:
+    """Shape, ranks, path and expected peak memory of one table's TT-SVD."""
+    if svd_path not in SVD_PATHS:
+        raise ValueError(f"svd path should be one of {', '.join(SVD_PATHS)} but got {svd_path!r}")
+    rf, df = factor_rows(rows, order), factor_dims(dim, order)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # clamped ranks show in the summary
+        ranks = None if tol is not None else resolve_ranks(rows, dim, rf, df, rank, ratio, budget_bytes)
+    memory_peak = int(MEMORY_FACTOR * rows * dim * 4)
+    stream_rank = max(ranks) if ranks is not None else TOL_MAX_RANK
+    stream_peak = streaming_peak_bytes(rows, dim, rf, df, stream_rank, oversample)
+    path = svd_path
+    if path == "auto":
+        limit = MEMORY_PATH_MAX if available is None else min(MEMORY_PATH_MAX, available // 2)
+        path = "memory" if memory_peak <= limit or len(rf) < 2 else "stream"
+    return TablePlan(key, name, rows, dim, rf, df, ranks, path, memory_peak if path == "memory" else stream_peak)
+
+
+def affordable_workers(plans: Sequence[TablePlan], workers: int, available: int) -> int:
+    """The most tables (<= ``workers``) that can run at once: the largest peaks must fit."""
+    peaks = sorted((p.peak_bytes for p in plans), reverse=True)
+    n = max(1, min(workers, len(plans)))
+    while n > 1 and sum(peaks[:n]) > 0.8 * available:
+        n -= 1
+    return n
+
+
+def describe(plans: Sequence[TablePlan], workers: int, available: int) -> str:
+    from ..reporting.tables import format_bytes
+    streamed = sum(p.path == "stream" for p in plans)
+    peak = sum(sorted((p.peak_bytes for p in plans), reverse=True)[:workers])
+    return (f"TT-SVD of {len(plans)} table(s): {streamed} streamed in row chunks, {len(plans) - streamed} in memory; "
+            f"expected peak memory {format_bytes(peak)} with {workers} worker(s) "
+            f"(available: {format_bytes(available)})")
+
+
+def run_plans(plans: Sequence[TablePlan], tables: Sequence[torch.Tensor], mapped: bool, tol: Optional[float] = None,
+              workers: int = 1, seed: int = 0, svd: str = "auto", power_iters: int = 1, oversample: int = 10,
+              progress: bool = True) -> List[TTDecomposition]:
+    """Decompose ``tables`` (one per plan, in order); up to ``workers`` at a time."""
+    passes = 2 + 2 * power_iters
+
+    def one(i: int) -> TTDecomposition:
+        plan, table = plans[i], tables[i]
+        bar = tqdm(total=plan.rows * passes if plan.path == "stream" else 1, unit="row" if plan.path == "stream"
+                   else "table", unit_scale=True, desc=f"{plan.name} ({plan.path})", position=i % max(workers, 1),
+                   leave=True, disable=True if not progress else None, file=sys.stderr)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                if plan.path == "stream":
+                    return streaming_tt_svd(row_reader(table, mapped), plan.rows, plan.dim, plan.row_factors,
+                                            plan.dim_factors, ranks=plan.ranks, tol=tol, max_rank=TOL_MAX_RANK,
+                                            oversample=oversample, power_iters=power_iters, seed=seed,
+                                            progress=bar.update)
+                method = svd if svd != "auto" else ("randomized_svd" if plan.rows * plan.dim > RANDOMIZED_ABOVE
+                                                    else "truncated_svd")
+                kwargs = {"tol": tol} if tol is not None else {"rank": plan.ranks}
+                dec = decompose_table(table.detach().float().numpy(), row_factors=plan.row_factors,
+                                      dim_factors=plan.dim_factors, svd=method, random_state=seed, **kwargs)
+                bar.update(1)
+                return dec
+        finally:
+            bar.close()
+
+    if workers <= 1:
+        return [one(i) for i in range(len(plans))]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, range(len(plans))))

@@ -1,0 +1,155 @@
+"""Streaming TT-SVD: accuracy against TensorLy, determinism, real files, memory caps."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import fpd_convert
+from conftest import low_tt_rank_table
+from fpd_convert.cli import main
+from fpd_convert.tt import (clamp_ranks, decompose_table, factor_dims, factor_rows, relative_error,
+                            streaming_tt_svd)
+
+
+def stream(w, order=3, seed=0, chunk_bytes=1 << 20, **kw):
+    n, d = w.shape
+    rf, df = factor_rows(n, order), factor_dims(d, order)
+    if "rank" in kw:
+        kw["ranks"] = clamp_ranks(kw.pop("rank"), rf, df, warn=False)
+    return streaming_tt_svd(lambda a, b: w[a:b], n, d, rf, df, seed=seed, chunk_bytes=chunk_bytes, **kw)
+
+
+def trained_like(n, d, seed=0):
+    """Rows drifted from a small init by popularity-dependent amounts, like a trained table."""
+    g = np.random.default_rng(seed)
+    w = g.normal(0, 0.01, (n, d))
+    hot = g.choice(n, n // 20, replace=False)
+    w[hot] += g.normal(0, 1.0, (len(hot), 4)) @ g.normal(0, 0.5, (4, d))
+    return w.astype(np.float32)
+
+
+@pytest.mark.parametrize("order,rank", [(2, 6), (3, 8), (4, 4)])
+def test_streaming_error_within_2_percent_of_tensorly(order, rank):
+    for w in (low_tt_rank_table(30_000, 32, rank, 0.3, order=order), trained_like(20_000, 16)):
+        ref = decompose_table(w, rank=rank, order=order)
+        st = stream(w, order=order, rank=rank)
+        assert st.shape.ranks == ref.shape.ranks
+        assert st.relative_error <= ref.relative_error * 1.02 + 1e-6
+        # the error it reports is the real one
+        assert st.relative_error == pytest.approx(relative_error(w, st.cores), rel=1e-3, abs=1e-4)
+
+
+def test_streaming_tolerance_mode_meets_the_bound():
+    w = low_tt_rank_table(20_000, 16, 6, 0.2)
+    for eps in (0.3, 0.1):
+        ref = decompose_table(w, tol=eps)
+        st = stream(w, tol=eps)
+        assert relative_error(w, st.cores) <= eps + 1e-4
+        assert st.shape.param_count <= ref.shape.param_count * 1.1
+
+
+def test_streaming_is_deterministic_by_seed():
+    w = trained_like(20_000, 16, seed=3)
+    a, b, c = stream(w, rank=8, seed=7), stream(w, rank=8, seed=7), stream(w, rank=8, seed=8)
+    for x, y in zip(a.cores, b.cores):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(a.cores, c.cores))
+
+
+def test_chunking_does_not_change_the_result():
+    w = low_tt_rank_table(20_000, 16, 4, 0.5)
+    one = stream(w, rank=4, chunk_bytes=1 << 30)  # a single chunk
+    many = stream(w, rank=4, chunk_bytes=1 << 16)  # one leading digit per chunk
+    assert one.relative_error == pytest.approx(many.relative_error, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tables_stream_from_safetensors_and_pt(tmp_path, dtype):
+    w = torch.from_numpy(low_tt_rank_table(40_000, 16, 6, 0.3)).to(dtype)
+    save_file({"t.weight": w}, str(tmp_path / "m.safetensors"))
+    torch.save({"t.weight": w}, tmp_path / "m.pt")
+    errors = {}
+    for src in ("m.safetensors", "m.pt"):
+        for path in ("memory", "stream"):
+            s = fpd_convert.compress(tmp_path / src, tmp_path / f"{src}.{path}.safetensors", rank=6, svd_path=path,
+                                     progress=False)
+            errors[src, path] = s.tables[0].relative_error
+            assert s.tables[0].svd_path == path
+    for src in ("m.safetensors", "m.pt"):
+        assert errors[src, "stream"] <= errors[src, "memory"] * 1.02 + 1e-6
+    out = load_file(str(tmp_path / "m.pt.stream.safetensors"))
+    assert all(v.dtype == torch.float32 for k, v in out.items() if ".tt_core." in k)
+
+
+def test_compress_cli_stream_workers_and_memory_plan(tmp_path):
+    save_file({f"t{i}.weight": torch.from_numpy(low_tt_rank_table(30_000, 16, 4, 0.3, seed=i)) for i in range(3)},
+              str(tmp_path / "m.safetensors"))
+    results = {}
+    for workers in (1, 2):
+        out = tmp_path / f"c{workers}.safetensors"
+        r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.safetensors"), "-o", str(out), "--yes",
+                                      "--rank", "4", "--svd-path", "stream", "--workers", str(workers), "--json"])
+        assert r.exit_code == 0, r.output
+        assert "expected peak memory" in r.output and "3 streamed" in r.output
+        results[workers] = load_file(str(out))
+    for k in results[1]:
+        torch.testing.assert_close(results[1][k], results[2][k], rtol=0, atol=0)
+
+
+def test_the_input_file_is_untouched_by_streaming(tmp_path):
+    w = torch.from_numpy(low_tt_rank_table(30_000, 16, 4, 0.3))
+    save_file({"t.weight": w}, str(tmp_path / "m.safetensors"))
+    before = (tmp_path / "m.safetensors").read_bytes()
+    fpd_convert.compress(tmp_path / "m.safetensors", tmp_path / "c.safetensors", rank=4, svd_path="stream",
+                         progress=False)
+    assert (tmp_path / "m.safetensors").read_bytes() == before
+
+
+_CAPPED = textwrap.dedent('''
+    import resource, sys, torch, fpd_convert
+    torch.randn(256, 256) @ torch.randn(256, 256)  # start the thread pool before the cap
+    def vm_data():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    cap = vm_data() + int(sys.argv[3])
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+    s = fpd_convert.compress(sys.argv[1], sys.argv[1] + "." + sys.argv[2], rank=8, svd_path=sys.argv[2],
+                             progress=False)
+    print(s.tables[0].relative_error)
+''')
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA semantics are Linux's")
+def test_a_table_larger_than_a_memory_cap_still_compresses(tmp_path):
+    from fpd_convert.bench.svd import structured_rows, write_table_safetensors
+    rows, dim = 1_600_000, 64  # 410 MB on disk
+    src = tmp_path / "big.safetensors"
+    write_table_safetensors(src, "t.weight", rows, dim, torch.float32, structured_rows(rows, dim))
+    cap = 300 << 20  # the process may allocate 300 MB more than after its imports: less than the table
+    runs = {}
+    for path in ("stream", "memory"):
+        runs[path] = subprocess.run([sys.executable, "-c", _CAPPED, str(src), path, str(cap)], capture_output=True,
+                                    text=True, timeout=300)
+    assert runs["stream"].returncode == 0, runs["stream"].stderr[-2000:]
+    assert 0 < float(runs["stream"].stdout.strip().splitlines()[-1]) < 0.5
+    assert runs["memory"].returncode != 0  # TensorLy on the whole table does not fit under the same cap
+
+
+def test_bench_svd_runs_both_paths(tmp_path):
+    r = CliRunner().invoke(main, ["bench", "--svd", "--rows", "30000", "--dim", "16", "--rank", "8", "--folder",
+                                  str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    by_path = {x["path"]: x for x in out["results"]}
+    assert set(by_path) == {"memory", "stream"}
+    for x in by_path.values():
+        assert x["seconds"] > 0 and x["peak_rss_bytes"] > x["process_baseline_rss_bytes"] > 0
+    assert by_path["stream"]["relative_error"] <= by_path["memory"]["relative_error"] * 1.02 + 1e-6
+    assert list(tmp_path.iterdir()) == []  # the table and outputs are cleaned up
