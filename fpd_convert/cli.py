@@ -62,6 +62,21 @@ def _rank_value(text):
 @click.option("--power-iters", type=click.IntRange(0), default=1, show_default=True,
               help="Streaming path: power iterations (each is two more passes over the table).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVDs.")
+@click.option("--importance", type=click.Choice(["none", "auto", "data", "norm", "drift"]), default="none",
+              show_default=True, help="Importance-aware TT-SVD: row importance from --data (lookup counts) or the "
+              "weights (norm, or drift above the untrained bulk); auto: data if given, else norm. none: plain "
+              "TT-SVD in natural row order.")
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Training data sample for row importance (any format the data readers take).")
+@click.option("--data-rows", type=int, default=1_000_000, show_default=True, help="Samples of --data to count.")
+@click.option("--hot-rows", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+              help="Fraction of rows moved to the leading TT rows (the row map).")
+@click.option("--exact-rows", type=click.FloatRange(0, 1), default=None,
+              help="Fraction of rows kept exactly [budget/ratio: chosen among 0-2%; rank/tol: 0].")
+@click.option("--core-dtype", type=click.Choice(["float32", "bfloat16", "float16", "int8"]), default="float32",
+              show_default=True, help="Storage of the TT cores (int8: per-slice scales).")
+@click.option("--exact-dtype", type=click.Choice(["float32", "bfloat16", "float16", "int8"]), default="float32",
+              show_default=True, help="Storage of the exact rows (int8: per-row scales).")
 @click.option("--layout", type=click.Choice(["dlrm", "torchrec", "generic"]), help="Force the source layout.")
 @click.option("--yes", is_flag=True, help="Generic files: compress the detected tables without asking.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
@@ -70,9 +85,13 @@ def _rank_value(text):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
 def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, tol, order, svd, svd_path, workers,
-             power_iters, seed, layout, yes, force, allow_unsafe_pickle, keep_larger, as_json):
+             power_iters, seed, importance, data_path, data_rows, hot_rows, exact_rows, core_dtype, exact_dtype,
+             layout, yes, force, allow_unsafe_pickle, keep_larger, as_json):
     """Replace the largest embedding tables of MODEL by TT cores (TT-SVD)."""
     from .convert import compress as run, inspect as describe
+    from .convert.fidelity import FidelityOptions
+    if data_path and importance == "none":
+        importance = "data"
     names = [t.strip() for t in tables.split(",")] if tables else None
     if names is None and min_rows is None and not yes:
         info = describe(model, allow_unsafe_pickle=allow_unsafe_pickle)
@@ -84,7 +103,9 @@ def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, 
                   ratio=ratio, budget=budget, tol=tol, order=order, svd=svd, layout=layout, force=force,
                   allow_unsafe_pickle=allow_unsafe_pickle, progress=not as_json, keep_larger=keep_larger,
                   svd_path=svd_path, workers=workers, power_iters=power_iters, seed=seed,
-                  log=lambda text: click.echo(text, err=True))
+                  log=lambda text: click.echo(text, err=True), data=data_path, data_rows=data_rows,
+                  fidelity=FidelityOptions(importance, hot_rows, exact_rows, core_dtype, exact_dtype)
+                  if importance != "none" or data_path else None)
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.format())
 
 

@@ -299,10 +299,14 @@ def test_reader_refuses_unknown_versions_and_features(tmp_path):
     with pytest.raises(CheckpointError, match="format version 9 is not supported"):
         fpd_convert.load(tmp_path / "v9.safetensors")
     tables = json.loads(meta["tt_tables"])
-    next(iter(tables.values()))["features"] = ["row_map"]
+    next(iter(tables.values()))["features"] = ["hash_rows"]  # a feature of some later version
     save_file(tensors, str(tmp_path / "feat.safetensors"), metadata={**meta, "tt_tables": json.dumps(tables)})
-    with pytest.raises(CheckpointError, match="row_map"):
+    with pytest.raises(CheckpointError, match="hash_rows"):
         read_compressed_meta(tmp_path / "feat.safetensors")
+    next(iter(tables.values()))["features"] = ["row_map"]  # known, but its tensor is missing
+    save_file(tensors, str(tmp_path / "nomap.safetensors"), metadata={**meta, "tt_tables": json.dumps(tables)})
+    with pytest.raises(CheckpointError, match="lacks its tensor .*row_map"):
+        fpd_convert.load(tmp_path / "nomap.safetensors")
     bad = dict(tensors)
     bad["emb_l.0.weight.tt_core.1"] = torch.zeros(2, 2, 2, 2)
     save_file(bad, str(tmp_path / "shape.safetensors"), metadata=meta)

@@ -21,14 +21,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..tt import TTShape
+from ..tt import core_quant
 from .atomic import atomic_path
 from .safe_load import CheckpointError
 
 FORMAT_NAME = "fpd-convert"
 FORMAT_VERSION = 1
-# Per-table features a reader must understand to use the table.  Version 1 knows none;
-# later versions add e.g. "row_map", "exact_rows", "core_dtype" and list them here.
-KNOWN_TABLE_FEATURES: frozenset = frozenset()
+# Per-table features a reader must understand to use the table (docs/format.md).
+KNOWN_TABLE_FEATURES: frozenset = frozenset({"row_map", "exact_rows", "core_dtype"})
 
 
 @dataclass
@@ -125,7 +125,10 @@ def read_compressed(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], Compres
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: damaged tensor data ({e})") from None
-    for key in meta.tt_tables:
+    for key, entry in meta.tt_tables.items():
+        for fk in table_file_keys(key, entry):
+            if fk not in tensors:
+                raise CheckpointError(f"{path}: table {key} lacks its tensor {fk}")
         shapes = meta.tt_shape(key).core_shapes
         for j, s in enumerate(shapes):
             ck = core_key(key, j)
@@ -134,6 +137,15 @@ def read_compressed(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], Compres
             if tuple(tensors[ck].shape) != tuple(s):
                 raise CheckpointError(f"{path}: TT core {ck} has shape {tuple(tensors[ck].shape)}, metadata says {s}")
     return tensors, meta
+
+
+def file_tensor_bytes(path: os.PathLike) -> Dict[str, int]:
+    """Bytes of every tensor in a safetensors file, from its header (no tensor is read)."""
+    import struct
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
 def is_compressed(path: os.PathLike) -> bool:
@@ -145,8 +157,67 @@ def is_compressed(path: os.PathLike) -> bool:
         return False
 
 
-def split_tables(tensors: Dict[str, torch.Tensor], meta: CompressedMeta) -> Tuple[Dict[str, List[torch.Tensor]], Dict[str, torch.Tensor]]:
-    """(cores per table key, every other tensor)."""
-    cores = {k: [tensors[core_key(k, j)] for j in range(len(meta.tt_shape(k).row_factors))] for k in meta.tt_tables}
-    core_keys = {core_key(k, j) for k, cs in cores.items() for j in range(len(cs))}
-    return cores, {k: v for k, v in tensors.items() if k not in core_keys}
+@dataclass
+class TableTensors:
+    """One compressed table, decoded to what a layer computes with (float32 cores and rows)."""
+
+    cores: List[torch.Tensor]
+    row_map: Optional[torch.Tensor] = None  # int64 (H,): table rows at TT rows 0..H-1
+    exact_ids: Optional[torch.Tensor] = None  # int64 (E,), sorted
+    exact_rows: Optional[torch.Tensor] = None  # float32 (E, d)
+
+
+def table_file_keys(key: str, entry: dict) -> List[str]:
+    """Every tensor key the file holds for table ``key``."""
+    k = len(entry["row_factors"])
+    keys = [core_key(key, j) for j in range(k)]
+    if entry.get("core_dtype", "float32") == "int8":
+        keys += [f"{key}.tt_scale.{j}" for j in range(k)]
+    if "row_map" in entry.get("features", []):
+        keys.append(f"{key}.row_map")
+    if "exact_rows" in entry.get("features", []):
+        keys += [f"{key}.exact_rows.ids", f"{key}.exact_rows.values"]
+        if entry.get("exact_dtype", "float32") == "int8":
+            keys.append(f"{key}.exact_rows.scales")
+    return keys
+
+
+def encode_table(key: str, entry: dict, table: TableTensors) -> Dict[str, torch.Tensor]:
+    """File tensors of a table, in the dtypes its entry names (``core_dtype``, ``exact_dtype``)."""
+    out = {}
+    core_dtype = entry.get("core_dtype", "float32")
+    for j, c in enumerate(table.cores):
+        stored, scales = core_quant.encode(c, core_dtype, axis=1)
+        out[core_key(key, j)] = stored
+        if scales is not None:
+            out[f"{key}.tt_scale.{j}"] = scales
+    if table.row_map is not None:
+        out[f"{key}.row_map"] = table.row_map.to(torch.int32).contiguous()
+    if table.exact_ids is not None:
+        out[f"{key}.exact_rows.ids"] = table.exact_ids.to(torch.int32).contiguous()
+        stored, scales = core_quant.encode(table.exact_rows, entry.get("exact_dtype", "float32"), axis=0)
+        out[f"{key}.exact_rows.values"] = stored
+        if scales is not None:
+            out[f"{key}.exact_rows.scales"] = scales
+    return out
+
+
+def decode_table(key: str, entry: dict, tensors: Dict[str, torch.Tensor]) -> TableTensors:
+    k = len(entry["row_factors"])
+    cores = [core_quant.decode(tensors[core_key(key, j)], tensors.get(f"{key}.tt_scale.{j}"), axis=1)
+             for j in range(k)]
+    out = TableTensors(cores)
+    if f"{key}.row_map" in tensors:
+        out.row_map = tensors[f"{key}.row_map"].long()
+    if f"{key}.exact_rows.ids" in tensors:
+        out.exact_ids = tensors[f"{key}.exact_rows.ids"].long()
+        out.exact_rows = core_quant.decode(tensors[f"{key}.exact_rows.values"],
+                                           tensors.get(f"{key}.exact_rows.scales"), axis=0)
+    return out
+
+
+def split_tables(tensors: Dict[str, torch.Tensor], meta: CompressedMeta) -> Tuple[Dict[str, TableTensors], Dict[str, torch.Tensor]]:
+    """(decoded tables per weight key, every other tensor)."""
+    tables = {k: decode_table(k, e, tensors) for k, e in meta.tt_tables.items()}
+    table_keys = {fk for k, e in meta.tt_tables.items() for fk in table_file_keys(k, e)}
+    return tables, {k: v for k, v in tensors.items() if k not in table_keys}

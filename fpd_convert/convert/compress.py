@@ -10,6 +10,10 @@ import torch
 from .. import __version__
 from ..checkpoints import (CheckpointError, CompressedMeta, check_output, core_key, read_source, sha256_of,
                            write_compressed)
+from ..checkpoints import TableTensors, encode_table
+from ..checkpoints.lazy_tables import row_reader
+from .allocation import compress_tables
+from .fidelity import FidelityOptions, layer_of, plain_error
 from .svd_runner import affordable_workers, describe, memory_available, plan_table, run_plans
 from .selection import parse_size, select_tables
 
@@ -29,6 +33,11 @@ class TableSummary:
     bytes_after: int
     relative_error: float
     svd_path: str = "memory"
+    weighted_error: Optional[float] = None
+    importance: Optional[str] = None
+    hot_rows: int = 0
+    exact_rows: int = 0
+    core_dtype: str = "float32"
 
     @property
     def ratio(self) -> float:
@@ -59,15 +68,28 @@ class CompressionSummary:
 
     def format(self) -> str:
         from ..reporting.tables import format_bytes, render_table
-        rows = [[t.name, f"{t.rows:,}", t.dim, "x".join(map(str, t.row_factors)), "x".join(map(str, t.dim_factors)),
-                 ",".join(map(str, t.ranks[1:-1])), format_bytes(t.bytes_before), format_bytes(t.bytes_after),
-                 f"{t.ratio:.1f}x", f"{t.relative_error:.4f}", t.svd_path] for t in self.tables]
+        fid = any(t.importance for t in self.tables)
+        rows = []
+        for t in self.tables:
+            row = [t.name, f"{t.rows:,}", t.dim, "x".join(map(str, t.row_factors)), "x".join(map(str, t.dim_factors)),
+                   ",".join(map(str, t.ranks[1:-1])), format_bytes(t.bytes_before), format_bytes(t.bytes_after),
+                   f"{t.ratio:.1f}x", f"{t.relative_error:.4f}"]
+            if fid:
+                row += [f"{t.weighted_error:.4f}" if t.weighted_error is not None else "", t.importance or "",
+                        f"{t.hot_rows:,}/{t.exact_rows:,}", t.core_dtype]
+            rows.append(row + [t.svd_path])
         before = sum(t.bytes_before for t in self.tables)
         after = sum(t.bytes_after for t in self.tables)
         rows.append(["total (tables)", "", "", "", "", "", format_bytes(before), format_bytes(after),
-                     f"{before / max(after, 1):.1f}x", "", ""])
-        out = [render_table(["table", "rows", "dim", "row factors", "dim factors", "ranks", "before", "after",
-                             "ratio", "rel. error", "TT-SVD"], rows)]
+                     f"{before / max(after, 1):.1f}x", ""] + ([""] * 4 if fid else []) + [""])
+        head = ["table", "rows", "dim", "row factors", "dim factors", "ranks", "before", "after", "ratio",
+                "rel. error"]
+        if fid:
+            head += ["weighted err.", "importance", "hot/exact rows", "cores"]
+        out = [render_table(head + ["TT-SVD"], rows)]
+        if fid:
+            out.append("bytes count every tensor of a table (cores, scales, row map, exact rows); weighted error: "
+                       "relative error weighted by row importance")
         out.append(f"model: {format_bytes(self.model_bytes_before)} -> {format_bytes(self.model_bytes_after)} "
                    f"({self.model_bytes_before / max(self.model_bytes_after, 1):.1f}x), written to {self.output}")
         for s in self.skipped:
@@ -79,13 +101,26 @@ class CompressionSummary:
         return "\n".join(out)
 
 
+def _counts(src, chosen, data, data_rows) -> dict:
+    """Lookup counts per chosen table key from a data sample (one feature per table, in order)."""
+    if src.architecture is None:
+        raise CheckpointError("--data needs a DLRM layout (dlrm or torchrec) to know which feature feeds which "
+                              "table; use --importance norm or drift for generic files")
+    from ..data.frequency import lookup_counts
+    tables = src.architecture["tables"]
+    counts = lookup_counts(data, [t["rows"] for t in tables], max_rows=data_rows)
+    by_key = {t["key"]: c for t, c in zip(tables, counts)}
+    return {t["key"]: by_key[t["key"]] for t in chosen}
+
+
 def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional[Sequence[str]] = None,
              min_rows: Optional[int] = None, num_largest: int = 5, rank: Union[int, Sequence[int], None] = None,
              ratio: Optional[float] = None, budget: Union[str, int, None] = None, tol: Optional[float] = None,
              order: int = 3, svd: str = "auto", layout: Optional[str] = None, force: bool = False,
              allow_unsafe_pickle: bool = False, progress: bool = True, seed: int = 0,
              keep_larger: bool = False, svd_path: str = "auto", workers: int = 1, power_iters: int = 1,
-             log: Optional[Callable[[str], None]] = None) -> CompressionSummary:
+             log: Optional[Callable[[str], None]] = None, fidelity: Optional[FidelityOptions] = None,
+             data: Union[str, Path, None] = None, data_rows: Optional[int] = 1_000_000) -> CompressionSummary:
     """Replace the chosen tables of ``model`` by TT cores (TT-SVD) and write ``output``.
 
     Ranks: one of ``rank`` (int or list), ``ratio`` (per table), ``budget`` (total bytes of the
@@ -97,6 +132,11 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     ``svd_path``: ``memory`` (TensorLy), ``stream`` (row chunks, for tables that do not fit)
     or ``auto`` (by size); ``workers`` tables are decomposed at once when memory allows.
     ``log`` receives the plan (expected memory) before the work starts.
+
+    ``fidelity`` (importance-aware compression, see :mod:`.allocation`): row importance from
+    ``data`` (lookup counts in its first ``data_rows`` samples) or the weights, a hot-row map,
+    exact rows, low-precision cores; ``budget``/``ratio`` then count every byte of the tables
+    and are spread over the tables by error reduction per byte.
     """
     model, output = Path(model), Path(output)
     check_output(output, [model], force)
@@ -121,27 +161,53 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     if log is not None:
         log(describe(plans, workers, available))
     weights = [src.state[t["key"]] for t in chosen]
-    decs = run_plans(plans, weights, src.mapped, tol=tol, workers=workers, seed=seed, svd=svd,
-                     power_iters=power_iters, progress=progress)
+    important = fidelity is not None and fidelity.importance != "none"
+    if important:
+        counts = _counts(src, chosen, data, data_rows) if data is not None else {}
+        total_budget = None
+        if budget_bytes is not None:
+            total_budget = budget_bytes
+        elif ratio is not None:
+            total_budget = int(sum(w.numel() * w.element_size() for w in weights) / ratio)
+        results = compress_tables(plans, weights, src.mapped, fidelity, counts, total_budget, tol, seed, svd,
+                                  power_iters, progress)
+    else:
+        results = [None] * len(plans)
+        decs = run_plans(plans, weights, src.mapped, tol=tol, workers=workers, seed=seed, svd=svd,
+                         power_iters=power_iters, progress=progress)
     summaries, skipped, tt_tables = [], [], {}
     tensors = dict(src.state)
-    for t, plan, weight, dec in zip(chosen, plans, weights, decs):
+    for i, (t, plan, weight) in enumerate(zip(chosen, plans, weights)):
         before = weight.numel() * weight.element_size()
-        after = dec.shape.param_count * 4
+        res = results[i]
+        if res is not None:
+            shape, after = res.shape, res.nbytes
+            table = res.table
+            res.plain_error = plain_error(row_reader(weight, src.mapped), plan.rows, layer_of(shape, table))
+            error = res.plain_error
+        else:
+            dec = decs[i]
+            shape, after, error = dec.shape, dec.shape.param_count * 4, dec.relative_error
+            table = TableTensors([torch.from_numpy(c.astype("float32", copy=False)) for c in dec.cores])
         if after >= before and not keep_larger:
-            skipped.append(f"{t['name']}: a TT of ranks {dec.shape.ranks} ({after:,} B) is not smaller than the "
+            skipped.append(f"{t['name']}: a TT of ranks {shape.ranks} ({after:,} B) is not smaller than the "
                            f"table ({before:,} B)")
             continue
         del tensors[t["key"]]
-        for j, c in enumerate(dec.cores):
-            tensors[core_key(t["key"], j)] = torch.from_numpy(c.astype("float32", copy=False))
-        entry = dec.shape.to_dict()
-        entry.update(padding=dec.shape.padded_rows - dec.shape.num_rows, relative_error=dec.relative_error,
-                     features=[], source_dtype=str(weight.dtype).replace("torch.", ""), svd_path=plan.path)
+        entry = shape.to_dict()
+        entry.update(padding=shape.padded_rows - shape.num_rows, relative_error=error, features=[],
+                     source_dtype=str(weight.dtype).replace("torch.", ""), svd_path=plan.path)
+        if res is not None:
+            entry.update(res.entry, weighted_error=res.weighted_error, tt_error=res.tt_error)
+        tensors.update(encode_table(t["key"], entry, table))
         tt_tables[t["key"]] = entry
-        summaries.append(TableSummary(t["key"], t["name"], t["rows"], t["dim"], dec.shape.row_factors,
-                                      dec.shape.dim_factors, dec.shape.ranks, before, after, dec.relative_error,
-                                      plan.path))
+        summaries.append(TableSummary(t["key"], t["name"], t["rows"], t["dim"], shape.row_factors,
+                                      shape.dim_factors, shape.ranks, before, after, error, plan.path,
+                                      weighted_error=None if res is None else res.weighted_error,
+                                      importance=None if res is None else res.entry["importance"],
+                                      hot_rows=0 if res is None else res.entry["row_map_rows"],
+                                      exact_rows=0 if res is None else res.entry["exact_rows"],
+                                      core_dtype="float32" if res is None else res.entry["core_dtype"]))
     if not tt_tables:
         raise CheckpointError("no table got smaller with these ranks; choose a lower --rank or a --ratio")
     meta = CompressedMeta(source_layout=src.layout, tt_tables=tt_tables, architecture=src.architecture,

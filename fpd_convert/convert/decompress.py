@@ -21,12 +21,13 @@ def decompress(compressed: Union[str, Path], output: Union[str, Path], force: bo
     compressed, output = Path(compressed), Path(output)
     check_output(output, [compressed], force)
     tensors, meta = read_compressed(compressed)
-    cores, others = split_tables(tensors, meta)
+    tables, others = split_tables(tensors, meta)
     dense = {}
-    for key, cs in cores.items():
+    for key, tt in tables.items():
         s = meta.tt_shape(key)
         table = TTEmbeddingBag(s.num_rows, s.dim, rank=s.ranks, row_factors=s.row_factors,
-                               dim_factors=s.dim_factors, _cores=cs)
+                               dim_factors=s.dim_factors, _cores=tt.cores)
+        table.load_table(tt)
         dtype = getattr(torch, meta.tt_tables[key].get("source_dtype", "float32"), torch.float32)
         dense[key] = table.to_dense().to(dtype)
     merged = {**others, **dense}

@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
-from ..checkpoints import is_compressed, read_compressed, read_source
+import torch
+
+from ..checkpoints import is_compressed, read_compressed, read_source, table_file_keys
 from ..reporting.tables import format_bytes, render_table
 
 
@@ -15,13 +17,15 @@ def inspect(path: Union[str, Path], allow_unsafe_pickle: bool = False) -> dict:
         tensors, meta = read_compressed(path)
         tables = []
         for key, e in meta.tt_tables.items():
-            cores = [tensors[f"{key}.tt_core.{j}"] for j in range(len(e["row_factors"]))]
-            after = sum(c.numel() * c.element_size() for c in cores)
-            before = e["num_rows"] * e["dim"] * 4
+            after = sum(tensors[k].numel() * tensors[k].element_size() for k in table_file_keys(key, e))
+            source_dtype = getattr(torch, e.get("source_dtype", "float32"), torch.float32)
+            before = e["num_rows"] * e["dim"] * torch.tensor([], dtype=source_dtype).element_size()
             tables.append({"key": key, "rows": e["num_rows"], "dim": e["dim"], "kind": "tt",
                            "row_factors": e["row_factors"], "dim_factors": e["dim_factors"], "ranks": e["ranks"],
                            "bytes": after, "dense_bytes": before, "ratio": before / after,
-                           "relative_error": e["relative_error"]})
+                           "relative_error": e["relative_error"], "weighted_error": e.get("weighted_error"),
+                           "features": e.get("features", []), "core_dtype": e.get("core_dtype", "float32"),
+                           "row_map_rows": e.get("row_map_rows", 0), "exact_rows": e.get("exact_rows", 0)})
         arch = meta.architecture
         if arch:
             tt_keys = set(meta.tt_tables)

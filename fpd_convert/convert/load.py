@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, List, Union
 
 import torch
 from torch import nn
 
-from ..checkpoints import CheckpointError, is_compressed, read_compressed, read_source, split_tables
+from ..checkpoints import (CheckpointError, TableTensors, encode_table, is_compressed, read_compressed,
+                           read_source, split_tables)
 from ..models import build_model
 from ..models.generic import GenericCompressedModel
 
@@ -16,22 +17,26 @@ def _module_path(weight_key: str) -> str:
     return weight_key[: -len(".weight")] if weight_key.endswith(".weight") else weight_key
 
 
-def model_state_from_compressed(tensors: Dict[str, torch.Tensor], meta) -> Dict[str, torch.Tensor]:
-    """The state_dict of the TT model: ``K.tt_core.j`` -> ``<module of K>.cores.j``."""
-    cores, others = split_tables(tensors, meta)
-    state = dict(others)
-    for key, cs in cores.items():
-        for j, c in enumerate(cs):
-            state[f"{_module_path(key)}.cores.{j}"] = c
-    return state
+def attach_tables(model: nn.Module, tables: Dict[str, TableTensors]) -> None:
+    """Put each decoded table (cores, row map, exact rows) into its TT layer in ``model``."""
+    for key, table in tables.items():
+        model.get_submodule(_module_path(key)).load_table(table)
+
+
+def _table_state_keys(key: str) -> List[str]:
+    m = _module_path(key)
+    return [f"{m}.row_map", f"{m}.exact_ids", f"{m}.exact_rows"]
 
 
 def compressed_state_from_model(state: Dict[str, torch.Tensor], meta) -> Dict[str, torch.Tensor]:
-    """The inverse of :func:`model_state_from_compressed`: ``<module>.cores.j`` -> ``K.tt_core.j``."""
+    """File tensors from a TT model's state_dict: ``<module>.cores.j`` (and the row map and exact
+    rows) -> the table's file tensors, encoded as its entry says (``core_dtype``, ...)."""
     out = dict(state)
     for key, entry in meta.tt_tables.items():
-        for j in range(len(entry["row_factors"])):
-            out[f"{key}.tt_core.{j}"] = out.pop(f"{_module_path(key)}.cores.{j}")
+        m = _module_path(key)
+        cores = [out.pop(f"{m}.cores.{j}") for j in range(len(entry["row_factors"]))]
+        row_map, exact_ids, exact_rows = (out.pop(k, None) for k in _table_state_keys(key))
+        out.update(encode_table(key, entry, TableTensors(cores, row_map, exact_ids, exact_rows)))
     return out
 
 
@@ -46,11 +51,13 @@ def load(path: Union[str, Path], allow_unsafe_pickle: bool = False) -> nn.Module
     if path.suffix == ".safetensors" and is_compressed(path):
         tensors, meta = read_compressed(path)
         shapes = {k: meta.tt_shape(k) for k in meta.tt_tables}
+        tables, others = split_tables(tensors, meta)
         if meta.architecture is None:
-            cores, others = split_tables(tensors, meta)
-            return GenericCompressedModel(shapes, cores, others, meta.state_keys).eval()
+            return GenericCompressedModel(shapes, tables, others, meta.state_keys).eval()
         model = build_model(meta.architecture, shapes)
-        state = model_state_from_compressed(tensors, meta)
+        attach_tables(model, tables)
+        state = {**others, **{k: v for k, v in model.state_dict().items()
+                              if any(k.startswith(_module_path(t) + ".") for t in tables)}}
     else:
         src = read_source(path, allow_unsafe=allow_unsafe_pickle)
         if src.architecture is None:

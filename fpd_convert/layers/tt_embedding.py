@@ -83,6 +83,76 @@ class _TTTable(nn.Module):
         #: row path: "auto", "reference", "cpu" or "triton" (see layers.tt_lookup)
         self.kernel = default_kernel()
         self._prefix_table = PrefixTable()
+        # fidelity options (docs/format.md): a hot-row map and rows kept exactly; set by
+        # set_row_map / set_exact_rows, absent (and not in the state_dict) otherwise
+        self.register_buffer("row_map", None)
+        self.register_buffer("exact_ids", None)
+        self.exact_rows: Optional[nn.Parameter] = None
+        self.register_buffer("_map_from", None, persistent=False)
+        self.register_buffer("_map_to", None, persistent=False)
+
+    # -- fidelity: row map and exact rows --------------------------------------------
+    def set_row_map(self, hot_ids: torch.Tensor) -> None:
+        """Table rows ``hot_ids`` live at TT rows ``0..H-1``; the rows they displace take the
+        hot rows' old places (``fpd_convert.tt.importance``)."""
+        from ..tt.importance import row_map_moves
+        hot = torch.as_tensor(hot_ids, dtype=torch.int64).reshape(-1)
+        if hot.numel() and (hot.min() < 0 or hot.max() >= self.num_embeddings or hot.unique().numel() != hot.numel()):
+            raise ValueError("a row map needs distinct row ids within the table")
+        rows, pos = row_map_moves(hot.cpu().numpy())
+        order = rows.argsort()
+        device = self.cores[0].device
+        self.row_map = hot.to(device)
+        self._map_from = torch.from_numpy(rows[order]).to(device)
+        self._map_to = torch.from_numpy(pos[order]).to(device)
+
+    def set_exact_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Rows ``ids`` are looked up from ``rows`` (a trainable parameter), not from the TT."""
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        order = ids.argsort()
+        ids, rows = ids[order], torch.as_tensor(rows)[order]
+        if rows.shape != (ids.numel(), self.embedding_dim):
+            raise ValueError(f"exact rows should have shape ({ids.numel()}, {self.embedding_dim}) but got "
+                             f"{tuple(rows.shape)}")
+        if ids.numel() and (ids[0] < 0 or ids[-1] >= self.num_embeddings or (ids[1:] == ids[:-1]).any()):
+            raise ValueError("exact rows need distinct row ids within the table")
+        device = self.cores[0].device
+        self.exact_ids = ids.to(device)
+        self.exact_rows = nn.Parameter(rows.detach().to(device, self.cores[0].dtype).clone(),
+                                       requires_grad=self.cores[0].requires_grad)
+
+    def _tt_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._map_from is None or self._map_from.numel() == 0:
+            return ids
+        at = torch.searchsorted(self._map_from, ids).clamp_(max=self._map_from.numel() - 1)
+        hit = self._map_from[at] == ids
+        return torch.where(hit, self._map_to[at], ids)
+
+    def _rows_for(self, uniq: torch.Tensor) -> torch.Tensor:
+        """Rows of sorted distinct ids, through the row map and exact rows when present."""
+        cores = list(self.cores)
+        pos = self._tt_positions(uniq)
+        if pos is uniq:
+            rows = lookup_rows(cores, uniq, self.kernel, self._prefix_table)
+        else:  # the fast paths take sorted ids: sort the TT positions and undo the order after
+            sorted_pos, order = torch.sort(pos)
+            rows = lookup_rows(cores, sorted_pos, self.kernel, self._prefix_table)
+            rows = rows.index_select(0, torch.argsort(order))
+        if self.exact_ids is not None and self.exact_ids.numel():
+            at = torch.searchsorted(self.exact_ids, uniq).clamp_(max=self.exact_ids.numel() - 1)
+            hit = self.exact_ids[at] == uniq
+            rows = torch.where(hit[:, None], self.exact_rows.index_select(0, at).to(rows.dtype), rows)
+        return rows
+
+    def load_table(self, table) -> None:
+        """Cores, row map and exact rows of a decoded compressed table (``TableTensors``)."""
+        with torch.no_grad():
+            for c, v in zip(self.cores, table.cores):
+                c.copy_(v)
+        if table.row_map is not None:
+            self.set_row_map(table.row_map)
+        if table.exact_ids is not None:
+            self.set_exact_rows(table.exact_ids, table.exact_rows)
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -119,7 +189,7 @@ class _TTTable(nn.Module):
         if uniq.numel() == 0:  # empty batch: one dummy row keeps the pooling ops happy
             rows = self.cores[0].new_zeros(1, self.embedding_dim)
         else:
-            rows = lookup_rows(list(self.cores), uniq.long(), self.kernel, self._prefix_table)
+            rows = self._rows_for(uniq.long())
         pad = None
         if self.padding_idx is not None:
             hit = (uniq == self.padding_idx).nonzero()
@@ -130,13 +200,13 @@ class _TTTable(nn.Module):
     def to_dense(self, chunk_rows: int = 1 << 16) -> torch.Tensor:
         """The full ``(num_embeddings, embedding_dim)`` table, built in row chunks."""
         device = self.cores[0].device
-        parts = [tt_rows(list(self.cores), torch.arange(s, min(s + chunk_rows, self.num_embeddings), device=device))
+        parts = [self._rows_for(torch.arange(s, min(s + chunk_rows, self.num_embeddings), device=device))
                  for s in range(0, self.num_embeddings, chunk_rows)]
         return torch.cat(parts)
 
     def param_count(self) -> int:
-        """``sum_j r_{j-1} n_j d_j r_j`` (equals ``sum(p.numel() for p in parameters())``)."""
-        return self.tt_shape.param_count
+        """``sum_j r_{j-1} n_j d_j r_j`` plus exact rows (equals ``sum(p.numel() for p in parameters())``)."""
+        return self.tt_shape.param_count + (self.exact_rows.numel() if self.exact_rows is not None else 0)
 
     def extra_repr(self) -> str:
         s = self.tt_shape
@@ -146,6 +216,10 @@ class _TTTable(nn.Module):
             out += f", padding_idx={self.padding_idx}"
         if self.kernel != "auto":
             out += f", kernel={self.kernel!r}"
+        if self.row_map is not None:
+            out += f", row_map={self.row_map.numel()}"
+        if self.exact_ids is not None:
+            out += f", exact_rows={self.exact_ids.numel()}"
         return out
 
 

@@ -19,14 +19,15 @@ class GenericCompressedModel(nn.Module):
     compressed weight keys; every other tensor is a buffer in ``tensors``.
     :meth:`dense_state_dict` rebuilds the source state_dict."""
 
-    def __init__(self, tt_shapes: Dict[str, TTShape], cores: Dict[str, List[torch.Tensor]],
-                 others: Dict[str, torch.Tensor], key_order: List[str]):
+    def __init__(self, tt_shapes: Dict[str, TTShape], tables, others: Dict[str, torch.Tensor], key_order: List[str]):
         super().__init__()
         self.keys = list(tt_shapes)
         self.tables = nn.ModuleDict({
             _name(k): TTEmbeddingBag(s.num_rows, s.dim, rank=s.ranks, row_factors=s.row_factors,
-                                     dim_factors=s.dim_factors, mode="sum", _cores=cores[k])
+                                     dim_factors=s.dim_factors, mode="sum", _cores=tables[k].cores)
             for k, s in tt_shapes.items()})
+        for k in self.keys:
+            self.table(k).load_table(tables[k])
         self.tensors = nn.Module()
         for k, v in others.items():
             self.tensors.register_buffer(_name(k), v)
