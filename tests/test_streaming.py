@@ -132,7 +132,7 @@ def test_a_table_larger_than_a_memory_cap_still_compresses(tmp_path):
     rows, dim = 1_600_000, 64  # 410 MB on disk
     src = tmp_path / "big.safetensors"
     write_table_safetensors(src, "t.weight", rows, dim, torch.float32, structured_rows(rows, dim))
-    cap = 300 << 20  # the process may allocate 300 MB more than after its imports: less than the table
+    cap = 350 << 20  # the process may allocate 350 MB more than after its imports: less than the table
     runs = {}
     for path in ("stream", "memory"):
         runs[path] = subprocess.run([sys.executable, "-c", _CAPPED, str(src), path, str(cap)], capture_output=True,

@@ -70,8 +70,11 @@ def _blocks(read_rows: RowReader, num_rows: int, dim: int, row_factors, dim_fact
             block = np.zeros(((b - a) * m_rows, dim), dtype=np.float32)
             if stop > start:
                 block[: stop - start] = read_rows(start, stop)
-        t = torch.from_numpy(block).reshape(b - a, m_rows, d1, rest).permute(0, 2, 1, 3)
-        yield a * d1, t.reshape((b - a) * d1, m_rows * rest), stop - start
+        a_blk = torch.from_numpy(block).reshape(b - a, m_rows, d1, rest).permute(0, 2, 1, 3).reshape(
+            (b - a) * d1, m_rows * rest)  # a copy: the read buffer can go before the block is used
+        del block
+        yield a * d1, a_blk, stop - start
+        del a_blk  # the consumer deletes its reference too, so the next read starts with no block alive
 
 
 def _norm_sq(x: torch.Tensor, elements: int = 1 << 20) -> float:
@@ -118,6 +121,7 @@ def streaming_tt_svd(read_rows: RowReader, num_rows: int, dim: int, row_factors:
     for r0, a_blk, read in passes():
         y[r0:r0 + a_blk.shape[0]] = a_blk @ omega
         norm_sq += _norm_sq(a_blk)
+        del a_blk  # before the next block is read
         if progress:
             progress(read)
     del omega
@@ -126,11 +130,13 @@ def streaming_tt_svd(read_rows: RowReader, num_rows: int, dim: int, row_factors:
         z = torch.zeros(cols, sketch)
         for r0, a_blk, read in passes():
             z.addmm_(a_blk.T, q[r0:r0 + a_blk.shape[0]])
+            del a_blk
             if progress:
                 progress(read)
         z = _orth(z)
         for r0, a_blk, read in passes():
             y[r0:r0 + a_blk.shape[0]] = a_blk @ z
+            del a_blk
             if progress:
                 progress(read)
         del z
@@ -138,6 +144,7 @@ def streaming_tt_svd(read_rows: RowReader, num_rows: int, dim: int, row_factors:
     b = torch.zeros(sketch, cols)
     for r0, a_blk, read in passes():
         b.addmm_(q[r0:r0 + a_blk.shape[0]].T, a_blk)
+        del a_blk
         if progress:
             progress(read)
     u_b, s, vt = torch.linalg.svd(b, full_matrices=False)
