@@ -62,7 +62,7 @@ def _rank_value(text):
 @click.option("--power-iters", type=click.IntRange(0), default=1, show_default=True,
               help="Streaming path: power iterations (each is two more passes over the table).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVDs.")
-@click.option("--importance", type=click.Choice(["none", "auto", "data", "norm", "drift"]), default="none",
+@click.option("--importance", type=click.Choice(["none", "auto", "data", "norm", "drift"]), default="auto",
               show_default=True, help="Importance-aware TT-SVD: row importance from --data (lookup counts) or the "
               "weights (norm, or drift above the untrained bulk); auto: data if given, else norm. none: plain "
               "TT-SVD in natural row order.")
@@ -90,8 +90,6 @@ def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, 
     """Replace the largest embedding tables of MODEL by TT cores (TT-SVD)."""
     from .convert import compress as run, inspect as describe
     from .convert.fidelity import FidelityOptions
-    if data_path and importance == "none":
-        importance = "data"
     names = [t.strip() for t in tables.split(",")] if tables else None
     if names is None and min_rows is None and not yes:
         info = describe(model, allow_unsafe_pickle=allow_unsafe_pickle)
@@ -104,8 +102,7 @@ def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, 
                   allow_unsafe_pickle=allow_unsafe_pickle, progress=not as_json, keep_larger=keep_larger,
                   svd_path=svd_path, workers=workers, power_iters=power_iters, seed=seed,
                   log=lambda text: click.echo(text, err=True), data=data_path, data_rows=data_rows,
-                  fidelity=FidelityOptions(importance, hot_rows, exact_rows, core_dtype, exact_dtype)
-                  if importance != "none" or data_path else None)
+                  fidelity=FidelityOptions(importance, hot_rows, exact_rows, core_dtype, exact_dtype))
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.format())
 
 

@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fpd_convert
+from fpd_convert.convert.fidelity import FidelityOptions
 from fpd_convert.checkpoints import CheckpointError, OutputError, read_compressed_meta, read_source
 from fpd_convert.cli import main
 from fpd_convert.models import build_model
@@ -52,6 +53,9 @@ def test_torchrec_layout_and_forward(tmp_path, variant, prefix):
     dense, ids = batch()
     plain = {k[len(prefix):]: v for k, v in s.items()}
     torch.testing.assert_close(model(dense, ids), ref_torchrec_forward(plain, dense, ids, variant), atol=1e-5, rtol=1e-5)
+
+
+PLAIN = FidelityOptions("none")  # plain TT-SVD, natural row order
 
 
 def test_multi_hot_bags_match_per_feature_sum(tmp_path):
@@ -140,7 +144,8 @@ def test_full_rank_decompress_round_trip(tmp_path, layout):
 def test_metadata(tmp_path):
     s = dlrm_state()
     torch.save(dlrm_checkpoint(s), tmp_path / "m.pt")
-    fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=4, tables=["0", "2"], progress=False)
+    fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=4, tables=["0", "2"], progress=False,
+                         fidelity=PLAIN)
     with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
         raw = f.metadata()
         keys = set(f.keys())
@@ -193,12 +198,12 @@ def test_cli_compress_inspect_decompress(tmp_path):
 def test_cli_budget_and_ratio(tmp_path):
     torch.save(dlrm_checkpoint(dlrm_state(rows=[20_000, 8_000], m=16)), tmp_path / "m.pt")
     r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "b.safetensors"),
-                                  "--budget", "40KB", "--json"])
+                                  "--budget", "40KB", "--importance", "none", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["tables_bytes_after"] <= 40_000
     r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "r.safetensors"),
-                                  "--ratio", "20", "--json"])
+                                  "--ratio", "20", "--importance", "none", "--json"])
     assert all(t["ratio"] >= 20 for t in json.loads(r.stdout)["tables"])
 
 
@@ -291,7 +296,7 @@ def test_rank_too_large_and_output_rules(tmp_path):
 
 def test_reader_refuses_unknown_versions_and_features(tmp_path):
     torch.save(dlrm_checkpoint(dlrm_state()), tmp_path / "m.pt")
-    fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=4, progress=False)
+    fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=4, progress=False, fidelity=PLAIN)
     tensors = load_file(tmp_path / "c.safetensors")
     with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
         meta = f.metadata()

@@ -17,7 +17,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ..checkpoints.lazy_tables import row_reader
+from ..tt import TTDecomposition, TTShape, relative_error
 from ..tt.allocate import Candidate, allocate
+from ..tt.decompose import tt_svd_ladder
 from ..tt.core_quant import element_bytes
 from ..tt.importance import importance_from
 from .fidelity import (FidelityOptions, LayoutReader, Result, _gather, decompose, evaluation_set, finish,
@@ -58,23 +60,33 @@ def _layouts(p: Prepared, options: FidelityOptions, share: Optional[int]):
     return [(f, h) for f in fractions for h in hots]
 
 
-def _candidate(p: Prepared, options: FidelityOptions, exact_fraction: float, hot: int, ranks, tol, seed, svd,
-               power_iters, progress=None, cache: Optional[dict] = None) -> Result:
+def _layout_inputs(p: Prepared, exact_fraction: float, hot: int):
     layout = make_layout(p.importance, int(round(exact_fraction * p.plan.rows)), hot)
-    key = (exact_fraction, hot)
-    if cache is not None and key in cache:
-        lreader, whole, exact_values = cache[key]
+    lreader = LayoutReader(p.reader, p.plan.rows, layout)
+    whole = lreader(0, p.plan.rows) if p.plan.path == "memory" else None
+    exact_values = _gather(p.reader, layout.exact_ids) if layout.exact_ids.size else None
+    return layout, lreader, whole, exact_values
+
+
+def _results(p: Prepared, options: FidelityOptions, exact_fraction: float, hot: int, rank_lists, tol, seed, svd,
+             power_iters) -> List[Result]:
+    """One result per rank list (or one for ``tol``) for this layout."""
+    layout, lreader, whole, exact_values = _layout_inputs(p, exact_fraction, hot)
+    plan = p.plan
+    if plan.path == "memory" and tol is None and len(rank_lists) > 1:
+        # exact TT-SVD sharing the first unfolding's SVD across the ladder
+        decs = [TTDecomposition(TTShape(plan.rows, plan.dim, plan.row_factors, plan.dim_factors,
+                                        [1] + [c.shape[3] for c in cores]), cores, relative_error(whole, cores))
+                for cores in tt_svd_ladder(whole, plan.row_factors, plan.dim_factors, rank_lists)]
     else:
-        lreader = LayoutReader(p.reader, p.plan.rows, layout)
-        whole = lreader(0, p.plan.rows) if p.plan.path == "memory" else None
-        exact_values = _gather(p.reader, layout.exact_ids) if layout.exact_ids.size else None
-        if cache is not None:
-            cache[key] = (lreader, whole, exact_values)
-    dec = decompose(lreader, p.plan.rows, p.plan.dim, p.plan.row_factors, p.plan.dim_factors, ranks, tol,
-                    p.plan.path, seed, svd, power_iters, progress, whole)
-    res = finish(dec, layout, exact_values, options, p.method, p.plan.key, p.ev)
-    res.extra.update(exact_fraction=exact_fraction, hot_rows=hot)
-    return res
+        decs = [decompose(lreader, plan.rows, plan.dim, plan.row_factors, plan.dim_factors, ranks, tol, plan.path,
+                          seed, svd, power_iters, None, whole) for ranks in (rank_lists if tol is None else [None])]
+    out = []
+    for dec in decs:
+        res = finish(dec, layout, exact_values, options, p.method, plan.key, p.ev)
+        res.extra.update(exact_fraction=exact_fraction, hot_rows=hot)
+        out.append(res)
+    return out
 
 
 def compress_tables(plans: Sequence[TablePlan], weights, mapped: bool, options: FidelityOptions,
@@ -89,10 +101,9 @@ def compress_tables(plans: Sequence[TablePlan], weights, mapped: bool, options: 
     results: List[Result] = []
     if budget is None:
         for p in prepared:
-            res = _candidate(p, options, options.exact_fraction or 0.0,
-                             int(round(options.hot_fraction * p.plan.rows)), p.plan.ranks, tol, seed, svd,
-                             power_iters)
-            results.append(res)
+            results += _results(p, options, options.exact_fraction or 0.0,
+                                int(round(options.hot_fraction * p.plan.rows)), [p.plan.ranks], tol, seed, svd,
+                                power_iters)
             bar.update(1)
     else:
         sizes = [p.plan.rows * p.plan.dim for p in prepared]
@@ -100,7 +111,6 @@ def compress_tables(plans: Sequence[TablePlan], weights, mapped: bool, options: 
         eb = element_bytes(options.core_dtype)
         for p, size in zip(prepared, sizes):
             share = int(budget * size / sum(sizes))
-            cache: dict = {}
             options_list = []
             ladder = rank_ladder(p.plan.row_factors, p.plan.dim_factors, share // (16 * eb), 2 * share // eb)
             if not ladder:  # the share is below every rank: offer the smallest
@@ -108,9 +118,8 @@ def compress_tables(plans: Sequence[TablePlan], weights, mapped: bool, options: 
             if p.plan.path == "stream" and len(ladder) > 4:
                 ladder = [ladder[i] for i in np.linspace(0, len(ladder) - 1, 4).round().astype(int)]
             for exact_fraction, hot in _layouts(p, options, share):
-                for ranks in ladder:
-                    res = _candidate(p, options, exact_fraction, hot, ranks, None, seed, svd, power_iters,
-                                     cache=cache)
+                for ranks, res in zip(ladder, _results(p, options, exact_fraction, hot, ladder, None, seed, svd,
+                                                       power_iters)):
                     options_list.append(Candidate({"ranks": ranks, "exact_fraction": exact_fraction, "hot": hot},
                                                   res.nbytes, res.weighted_sq, {"result": res}))
             candidates[p.plan.key] = options_list

@@ -133,10 +133,13 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     or ``auto`` (by size); ``workers`` tables are decomposed at once when memory allows.
     ``log`` receives the plan (expected memory) before the work starts.
 
-    ``fidelity`` (importance-aware compression, see :mod:`.allocation`): row importance from
-    ``data`` (lookup counts in its first ``data_rows`` samples) or the weights, a hot-row map,
-    exact rows, low-precision cores; ``budget``/``ratio`` then count every byte of the tables
-    and are spread over the tables by error reduction per byte.
+    ``fidelity`` (importance-aware compression, see :mod:`.allocation`; default
+    ``FidelityOptions()``: importance from ``data`` if given, else from row norms): row
+    importance from ``data`` (lookup counts in its first ``data_rows`` samples) or the weights, a
+    hot-row map, exact rows, low-precision cores; ``budget``/``ratio`` then count every byte of
+    the tables and are spread over the tables by error reduction per byte.
+    ``FidelityOptions("none")``: plain TT-SVD in natural row order, ``budget`` split in
+    proportion to table size, ``ratio`` per table.
     """
     model, output = Path(model), Path(output)
     check_output(output, [model], force)
@@ -161,7 +164,10 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     if log is not None:
         log(describe(plans, workers, available))
     weights = [src.state[t["key"]] for t in chosen]
-    important = fidelity is not None and fidelity.importance != "none"
+    fidelity = fidelity if fidelity is not None else FidelityOptions()
+    if data is not None and fidelity.importance == "none":
+        raise ValueError("--data gives row importance; it needs an importance other than 'none'")
+    important = fidelity.importance != "none"
     if important:
         counts = _counts(src, chosen, data, data_rows) if data is not None else {}
         total_budget = None

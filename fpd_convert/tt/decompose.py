@@ -158,6 +158,35 @@ def tolerance_sweep(tensor: np.ndarray, row_factors: Sequence[int], dim_factors:
     return cores
 
 
+def tt_svd_ladder(weight: np.ndarray, row_factors: Sequence[int], dim_factors: Sequence[int],
+                  rank_lists: Sequence[Sequence[int]]) -> List[List[np.ndarray]]:
+    """Exact TT-SVD (truncated SVDs, as ``tt_svd(..., svd="truncated_svd")``) at several rank
+    lists, sharing the SVD of the first (largest) unfolding, which every rank list truncates.
+
+    Returns one core list per rank list (full lists ``[1, r_1, ..., 1]``, already clamped).
+    """
+    tensor = table_to_tt_tensor(weight, row_factors, dim_factors)
+    modes = tensor.shape
+    first = tensor.reshape(modes[0], -1)
+    r_max = max(r[1] for r in rank_lists)
+    u, s, v = svd_interface(first, n_eigenvecs=min(r_max, min(first.shape)), method="truncated_svd")
+    out = []
+    for ranks in rank_lists:
+        r1 = ranks[1]
+        cores = [u[:, :r1].reshape(1, row_factors[0], dim_factors[0], r1)]
+        rest = (s[:r1, None] * v[:r1]).reshape([r1 * modes[1]] + list(modes[2:]))
+        if len(modes) == 2:
+            cores.append(rest.reshape(r1, row_factors[1], dim_factors[1], 1))
+        else:
+            factors = tensor_train(rest, rank=[1] + list(ranks[2:]), svd="truncated_svd")
+            f0 = np.asarray(factors[0])
+            cores.append(f0.reshape(r1, row_factors[1], dim_factors[1], f0.shape[2]))
+            cores += [np.asarray(f).reshape(f.shape[0], n, d, f.shape[2])
+                      for f, n, d in zip(factors[1:], row_factors[2:], dim_factors[2:])]
+        out.append(cores)
+    return out
+
+
 def resolve_ranks(n: int, d: int, row_factors: Sequence[int], dim_factors: Sequence[int],
                   rank: Union[int, Sequence[int], None] = None, ratio: Optional[float] = None,
                   budget_bytes: Optional[int] = None, bytes_per_param: int = 4) -> List[int]:
