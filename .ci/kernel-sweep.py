@@ -1,10 +1,12 @@
-"""Device-side tuning run: times the Triton TT kernels' forward and backward for launch settings.
+"""Device-side tuning run: times the Triton TT kernels (both variants) forward and backward.
 
-Usage: python3 .ci/kernel-sweep.py [rows dim rank batch]; prints one JSON line per setting.
+Usage: python3 .ci/kernel-sweep.py [rows dim rank batch]; prints one JSON line per setting and
+finally {"best": variant} (the variant with the lowest forward + backward time).
 """
 import json
 import sys
 import time
+import traceback
 
 import torch
 
@@ -17,6 +19,7 @@ bag = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device="cuda")
 ids = zipf_ids(rows, batch, 1.1, "cuda", torch.Generator().manual_seed(0))
 uniq = torch.unique(ids)
 cores = list(bag.cores)
+grad = torch.randn(uniq.numel(), dim, device="cuda")
 
 
 def timed(fn, reps=20):
@@ -30,22 +33,26 @@ def timed(fn, reps=20):
     return (time.perf_counter() - t) / reps * 1e3
 
 
-grad = torch.randn(uniq.numel(), dim, device="cuda")
 print(json.dumps({"unique": uniq.numel(), "unique_ms": timed(lambda: torch.unique(ids, return_inverse=True))}))
-for warps in (1, 2):
-    triton_tt.FWD_WARPS = warps
-    print(json.dumps({"fwd_warps": warps, "fwd_ms": timed(lambda: triton_tt.tt3_rows(cores, uniq))}))
-triton_tt.FWD_WARPS = 1
-for chunk in (4, 8, 16):
-    for warps in (1, 2, 4):
-        triton_tt.CHUNK, triton_tt.BWD_WARPS = chunk, warps
-        out = triton_tt.tt3_rows(cores, uniq)
-        ms = timed(lambda: torch.autograd.grad(out, cores, grad, retain_graph=True))
-        print(json.dumps({"chunk": chunk, "bwd_warps": warps, "bwd_ms": ms}), flush=True)
-triton_tt.CHUNK, triton_tt.BWD_WARPS = 8, 2
-out = triton_tt.tt3_rows(cores, uniq)
-with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-    for _ in range(5):
-        torch.autograd.grad(out, cores, grad, retain_graph=True)
-    torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+best = {}
+for variant, settings in (("fma", [(8, 1, 2)]), ("dot", [(4, 1, 4), (8, 1, 4), (8, 1, 2), (16, 1, 4)])):
+    triton_tt.VARIANT = variant
+    for chunk, fwd_warps, warps in settings:
+        triton_tt.CHUNK, triton_tt.FWD_WARPS = chunk, fwd_warps
+        if variant == "dot":
+            triton_tt.DOT_WARPS = warps
+        else:
+            triton_tt.BWD_WARPS = warps
+        try:
+            fwd = timed(lambda: triton_tt.tt3_rows(cores, uniq))
+            out = triton_tt.tt3_rows(cores, uniq)
+            bwd = timed(lambda: torch.autograd.grad(out, cores, grad, retain_graph=True))
+            r = {"variant": variant, "chunk": chunk, "warps": warps, "fwd_ms": fwd, "bwd_ms": bwd}
+            if fwd + bwd < best.get(variant, (1e9,))[0]:
+                best[variant] = (fwd + bwd, chunk, warps)
+        except Exception as e:  # a compile failure of one variant must not hide the other's numbers
+            r = {"variant": variant, "chunk": chunk, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            traceback.print_exc()
+        print(json.dumps(r), flush=True)
+winner = min(best, key=lambda v: best[v][0]) if best else "fma"
+print(json.dumps({"best": winner, "settings": best}))

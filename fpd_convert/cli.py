@@ -265,6 +265,11 @@ def demo(folder, train_rows, ratio):
 @click.option("--tt-tables", type=int, default=5, show_default=True, help="DLRM step: tables in TT.")
 @click.option("--rows-cap", type=int, default=None,
               help="DLRM step: cap on table rows [10M on CUDA, 200k on CPU].")
+@click.option("--hot-rows", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Lookups: give the TT table a row map of this fraction of its hottest ids (timed beside the "
+                   "same table without).")
+@click.option("--exact-rows", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Lookups: keep this fraction of the hottest ids as exact rows.")
 @click.option("--svd", is_flag=True, help="Instead of lookups: TT-SVD of a rows x dim table written to disk, "
               "in memory (TensorLy) and streamed, each in its own process (seconds, peak RSS, error).")
 @click.option("--svd-paths", default="memory,stream", show_default=True, help="--svd: the paths to run.")
@@ -274,8 +279,8 @@ def demo(folder, train_rows, ratio):
               help="--svd: where to write the table (default: the temp folder).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, step, model, tt_tables, rows_cap, svd,
-          svd_paths, dtype, folder, as_json):
+def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, step, model, tt_tables, rows_cap, hot_rows,
+          exact_rows, svd, svd_paths, dtype, folder, as_json):
     """Lookups/s of TTEmbeddingBag vs nn.EmbeddingBag (and a DLRM step), or TT-SVD paths (--svd), in one run."""
     if svd:
         from .bench.svd import bench_svd, format_svd
@@ -284,7 +289,8 @@ def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, step, mod
         click.echo(json.dumps(out, indent=2) if as_json else format_svd(out))
         return
     from .bench.lookups import bench_lookups, format_lookups
-    results = {"lookups": bench_lookups(rows, dim, rank, batch or 8192, pooling, zipf, device, reps, kernel=kernel)}
+    results = {"lookups": bench_lookups(rows, dim, rank, batch or 8192, pooling, zipf, device, reps, kernel=kernel,
+                                        hot_rows=hot_rows, exact_rows=exact_rows)}
     if not as_json:
         click.echo(format_lookups(results["lookups"]))
     if step or model:

@@ -68,9 +68,18 @@ def test_prefix_table_equals_reference_and_follows_core_updates():
     assert not cpu_tt.PrefixTable(max_bytes=100).fits(cores)
 
 
+@pytest.fixture(params=triton_tt.VARIANTS)
+def variant(request):
+    """Each Triton variant in turn (fma: CUDA-core broadcasts; dot: tensor-core tiles)."""
+    old = triton_tt.VARIANT
+    triton_tt.VARIANT = request.param
+    yield request.param
+    triton_tt.VARIANT = old
+
+
 @needs_triton
 @pytest.mark.parametrize("row_factors,dim_factors,ranks", SHAPES)
-def test_triton_kernels_equal_reference(row_factors, dim_factors, ranks):
+def test_triton_kernels_equal_reference(row_factors, dim_factors, ranks, variant):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
     cores = [c.detach().to(device).requires_grad_() for c in make_cores(row_factors, dim_factors, ranks)]
     n = row_factors[0] * row_factors[1] * row_factors[2]
@@ -83,7 +92,7 @@ def test_triton_kernels_equal_reference(row_factors, dim_factors, ranks):
 
 
 @needs_triton
-def test_triton_duplicates_and_unsorted_indices_add_up():
+def test_triton_duplicates_and_unsorted_indices_add_up(variant):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cores = [c.detach().to(device).requires_grad_() for c in make_cores([4, 4, 5], [4, 4, 4], [1, 8, 8, 1])]
     idx = sample_indices(80, 60, unique=False).to(device)
@@ -95,7 +104,7 @@ def test_triton_duplicates_and_unsorted_indices_add_up():
 
 
 @needs_triton
-def test_triton_bf16_cores():
+def test_triton_bf16_cores(variant):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cores32 = make_cores([4, 4, 5], [4, 4, 4], [1, 8, 8, 1])
     cores = [c.detach().to(device, torch.bfloat16).requires_grad_() for c in cores32]
@@ -149,7 +158,7 @@ def test_embedding_auto_path_matches_dense_reconstruction():
 
 
 @cuda
-def test_cuda_auto_path_is_triton_and_matches_reference():
+def test_cuda_auto_path_is_triton_and_matches_reference(variant):
     bag = TTEmbeddingBag(100_000, 64, rank=16, mode="sum", device="cuda")
     assert choose_kernel("auto", list(bag.cores)) == "triton"
     ids = torch.randint(0, 100_000, (4096,), device="cuda")

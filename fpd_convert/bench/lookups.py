@@ -28,11 +28,14 @@ def zipf_ids(rows: int, n: int, exponent: float, device, generator=None) -> torc
 
 def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: int = 8192, pooling: int = 1,
                   zipf: float = 1.1, device: str = "auto", reps: int = 10, seed: int = 0,
-                  dense: Optional[bool] = None, kernel: str = "auto", reference: bool = True) -> dict:
+                  dense: Optional[bool] = None, kernel: str = "auto", reference: bool = True,
+                  hot_rows: float = 0.0, exact_rows: float = 0.0) -> dict:
     """Lookups per second (forward, forward+backward) of TT and dense bags, and their ratios.
 
     ``kernel`` picks the TT path (see :mod:`fpd_convert.layers.tt_lookup`); with
-    ``reference`` the plain PyTorch path is timed too, in the same run.
+    ``reference`` the plain PyTorch path is timed too, in the same run.  ``hot_rows`` /
+    ``exact_rows`` (fractions) give the TT layer a row map / exact rows for the hottest ids,
+    and the same layer without them is timed beside it.
     """
     dev = resolve_device(device)
     g = torch.Generator().manual_seed(seed)
@@ -45,7 +48,17 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
            "unique_ids": int(ids.unique().numel()), "lookups": batch * pooling,
            "kernel": choose_kernel(kernel, list(tt.cores))}
     layers = {"tt": tt}
-    if reference and out["kernel"] != "reference":
+    if hot_rows or exact_rows:
+        plain = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev, _cores=[c.detach() for c in tt.cores])
+        plain.kernel = kernel
+        layers["tt_plain"] = plain
+        hottest = (torch.arange(int((hot_rows + exact_rows) * rows)) * 2654435761) % rows  # zipf_ids' hot ids
+        n_exact = int(exact_rows * rows)
+        if n_exact:
+            tt.set_exact_rows(hottest[:n_exact], torch.randn(n_exact, dim) * 0.01)
+        if hot_rows:
+            tt.set_row_map(hottest[n_exact:])
+        out.update(hot_rows=int(hot_rows * rows), exact_rows=n_exact)
         ref = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev, _cores=[c.detach() for c in tt.cores])
         ref.kernel = "reference"
         layers["tt_reference"] = ref
@@ -74,12 +87,15 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
 def format_lookups(r: dict) -> str:
     lines = [f"{r['rows']:,} x {r['dim']}, rank {r['rank']}, batch {r['batch']:,} x pooling {r['pooling']}, "
              f"Zipf {r['zipf']} ({r['unique_ids']:,} unique ids), {r['device']}, torch {r['torch']}, "
-             f"TT path: {r['kernel']}"]
+             f"TT path: {r['kernel']}" + (f", row map {r['hot_rows']:,} + exact {r['exact_rows']:,} rows"
+                                          if "hot_rows" in r else "")]
     for what in ("forward", "fwd_bwd"):
         tt = r[f"tt_{what}_lookups_s"]
         line = f"{what:8s} TT {tt / 1e6:8.2f} M lookups/s"
         if f"tt_reference_{what}_lookups_s" in r:
             line += f"  (reference {r[f'tt_reference_{what}_lookups_s'] / 1e6:8.2f})"
+        if f"tt_plain_{what}_lookups_s" in r:
+            line += f"  (without row map/exact rows {r[f'tt_plain_{what}_lookups_s'] / 1e6:8.2f})"
         if f"dense_{what}_lookups_s" in r:
             line += f"   nn.EmbeddingBag {r[f'dense_{what}_lookups_s'] / 1e6:8.2f} M/s   ratio {r[f'{what}_ratio']:.3f}x"
         lines.append(line)

@@ -13,7 +13,7 @@ from ..checkpoints import (CheckpointError, CompressedMeta, check_output, core_k
 from ..checkpoints import TableTensors, encode_table
 from ..checkpoints.lazy_tables import row_reader
 from .allocation import compress_tables
-from .fidelity import FidelityOptions, layer_of, plain_error
+from .fidelity import FidelityOptions, core_dtype_added_error, layer_of, plain_error
 from .svd_runner import affordable_workers, describe, memory_available, plan_table, run_plans
 from .selection import parse_size, select_tables
 
@@ -38,6 +38,7 @@ class TableSummary:
     hot_rows: int = 0
     exact_rows: int = 0
     core_dtype: str = "float32"
+    core_dtype_added: Optional[float] = None
 
     @property
     def ratio(self) -> float:
@@ -75,8 +76,9 @@ class CompressionSummary:
                    ",".join(map(str, t.ranks[1:-1])), format_bytes(t.bytes_before), format_bytes(t.bytes_after),
                    f"{t.ratio:.1f}x", f"{t.relative_error:.4f}"]
             if fid:
+                cores = t.core_dtype if t.core_dtype_added is None else f"{t.core_dtype} ({t.core_dtype_added:+.4f})"
                 row += [f"{t.weighted_error:.4f}" if t.weighted_error is not None else "", t.importance or "",
-                        f"{t.hot_rows:,}/{t.exact_rows:,}", t.core_dtype]
+                        f"{t.hot_rows:,}/{t.exact_rows:,}", cores]
             rows.append(row + [t.svd_path])
         before = sum(t.bytes_before for t in self.tables)
         after = sum(t.bytes_after for t in self.tables)
@@ -89,7 +91,8 @@ class CompressionSummary:
         out = [render_table(head + ["TT-SVD"], rows)]
         if fid:
             out.append("bytes count every tensor of a table (cores, scales, row map, exact rows); weighted error: "
-                       "relative error weighted by row importance")
+                       "relative error weighted by row importance; cores (+x): weighted error the low-precision "
+                       "cores add")
         out.append(f"model: {format_bytes(self.model_bytes_before)} -> {format_bytes(self.model_bytes_after)} "
                    f"({self.model_bytes_before / max(self.model_bytes_after, 1):.1f}x), written to {self.output}")
         for s in self.skipped:
@@ -190,6 +193,7 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
             shape, after = res.shape, res.nbytes
             table = res.table
             res.plain_error = plain_error(row_reader(weight, src.mapped), plan.rows, layer_of(shape, table))
+            core_dtype_added_error(res)
             error = res.plain_error
         else:
             dec = decs[i]
@@ -213,7 +217,9 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
                                       importance=None if res is None else res.entry["importance"],
                                       hot_rows=0 if res is None else res.entry["row_map_rows"],
                                       exact_rows=0 if res is None else res.entry["exact_rows"],
-                                      core_dtype="float32" if res is None else res.entry["core_dtype"]))
+                                      core_dtype="float32" if res is None else res.entry["core_dtype"],
+                                      core_dtype_added=None if res is None else
+                                      res.entry.get("core_dtype_added_weighted_error")))
     if not tt_tables:
         raise CheckpointError("no table got smaller with these ranks; choose a lower --rank or a --ratio")
     meta = CompressedMeta(source_layout=src.layout, tt_tables=tt_tables, architecture=src.architecture,

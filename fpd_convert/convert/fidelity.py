@@ -188,14 +188,33 @@ def finish(dec, layout: Layout, exact_values: Optional[np.ndarray], options: Fid
     layer = layer_of(shape, table)
     result = Result(layout, shape, table, entry, nbytes, 0.0, tt_error=dec.relative_error)
     if ev is not None:
-        with torch.no_grad():
-            approx = layer._rows_for(torch.from_numpy(ev.ids)).numpy()
-        err, ref = weighted_sq_error(ev.rows, approx, ev.weights)
-        result.weighted_sq = err / ref if ref > 0 else err
+        result.weighted_sq = _weighted(layer, ev)
         result.weighted_error = math.sqrt(result.weighted_sq)
+        if options.core_dtype != "float32":  # kept to measure what the low-precision cores add
+            result.extra["fp32_cores"] = dec.cores
+            result.extra["ev"] = ev
     if plain is not None:
         result.plain_error = plain_error(plain[0], plain[1], layer)
     return result
+
+
+def _weighted(layer: TTEmbeddingBag, ev: TableEval) -> float:
+    with torch.no_grad():
+        approx = layer._rows_for(torch.from_numpy(ev.ids)).numpy()
+    err, ref = weighted_sq_error(ev.rows, approx, ev.weights)
+    return err / ref if ref > 0 else err
+
+
+def core_dtype_added_error(result: Result) -> Optional[float]:
+    """Weighted error of the stored (low-precision) cores minus that of the float32 cores."""
+    if "fp32_cores" not in result.extra:
+        return None
+    t = result.table
+    fp32 = TableTensors([torch.from_numpy(np.ascontiguousarray(c)).float() for c in result.extra["fp32_cores"]],
+                        t.row_map, t.exact_ids, t.exact_rows)
+    added = result.weighted_error - math.sqrt(_weighted(layer_of(result.shape, fp32), result.extra["ev"]))
+    result.entry["core_dtype_added_weighted_error"] = added
+    return added
 
 
 def layer_of(shape: TTShape, table: TableTensors) -> TTEmbeddingBag:
