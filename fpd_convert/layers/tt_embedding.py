@@ -124,6 +124,11 @@ class _TTTable(nn.Module):
     def _tt_positions(self, ids: torch.Tensor) -> torch.Tensor:
         if self._map_from is None or self._map_from.numel() == 0:
             return ids
+        if ids.device.type == "cpu":  # numpy's searchsorted is several times faster on the CPU
+            frm, to = self._map_from.numpy(), self._map_to.numpy()
+            idn = ids.numpy()
+            at = np.minimum(np.searchsorted(frm, idn), frm.size - 1)
+            return torch.from_numpy(np.where(frm[at] == idn, to[at], idn))
         at = torch.searchsorted(self._map_from, ids).clamp_(max=self._map_from.numel() - 1)
         hit = self._map_from[at] == ids
         return torch.where(hit, self._map_to[at], ids)
@@ -135,13 +140,26 @@ class _TTTable(nn.Module):
         if pos is uniq:
             rows = lookup_rows(cores, uniq, self.kernel, self._prefix_table)
         else:  # the fast paths take sorted ids: sort the TT positions and undo the order after
-            sorted_pos, order = torch.sort(pos)
-            rows = lookup_rows(cores, sorted_pos, self.kernel, self._prefix_table)
-            rows = rows.index_select(0, torch.argsort(order))
+            if pos.device.type == "cpu":
+                order = torch.from_numpy(np.argsort(pos.numpy(), kind="stable"))
+                sorted_pos = pos.index_select(0, order)
+            else:
+                sorted_pos, order = torch.sort(pos)
+            undo = torch.empty_like(order)
+            undo[order] = torch.arange(order.numel(), device=order.device)
+            rows = lookup_rows(cores, sorted_pos, self.kernel, self._prefix_table).index_select(0, undo)
         if self.exact_ids is not None and self.exact_ids.numel():
-            at = torch.searchsorted(self.exact_ids, uniq).clamp_(max=self.exact_ids.numel() - 1)
-            hit = self.exact_ids[at] == uniq
-            rows = torch.where(hit[:, None], self.exact_rows.index_select(0, at).to(rows.dtype), rows)
+            if uniq.device.type == "cpu":
+                ex, idn = self.exact_ids.numpy(), uniq.numpy()
+                at = np.minimum(np.searchsorted(ex, idn), ex.size - 1)
+                where = np.flatnonzero(ex[at] == idn)
+                hits, src = torch.from_numpy(where), torch.from_numpy(at[where])
+            else:
+                at = torch.searchsorted(self.exact_ids, uniq).clamp_(max=self.exact_ids.numel() - 1)
+                hits = (self.exact_ids[at] == uniq).nonzero().reshape(-1)
+                src = at.index_select(0, hits)
+            if hits.numel():
+                rows = rows.index_put((hits,), self.exact_rows.index_select(0, src).to(rows.dtype))
         return rows
 
     def load_table(self, table) -> None:
