@@ -59,7 +59,12 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
         if hot_rows:
             tt.set_row_map(hottest[n_exact:])
         out.update(hot_rows=int(hot_rows * rows), exact_rows=n_exact)
+    if reference and out["kernel"] != "reference":  # the same table (map, exact rows) on the reference path
         ref = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev, _cores=[c.detach() for c in tt.cores])
+        if tt.row_map is not None:
+            ref.set_row_map(tt.row_map)
+        if tt.exact_ids is not None:
+            ref.set_exact_rows(tt.exact_ids, tt.exact_rows.detach())
         ref.kernel = "reference"
         layers["tt_reference"] = ref
     if dense is not False:
