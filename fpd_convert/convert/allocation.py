@@ -10,6 +10,7 @@ error is measured; :func:`fpd_convert.tt.allocate.allocate` then picks one per t
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -89,47 +90,75 @@ def _results(p: Prepared, options: FidelityOptions, exact_fraction: float, hot: 
     return out
 
 
+def _ladder(p: Prepared, share: int, options: FidelityOptions):
+    eb = element_bytes(options.core_dtype)
+    ladder = rank_ladder(p.plan.row_factors, p.plan.dim_factors, share // (16 * eb), 2 * share // eb)
+    if not ladder:  # the share is below every rank: offer the smallest
+        ladder = rank_ladder(p.plan.row_factors, p.plan.dim_factors, 0, 1 << 62)[:1]
+    if p.plan.path == "stream" and len(ladder) > 4:  # each streamed candidate is 4 passes over the table
+        ladder = [ladder[i] for i in np.linspace(0, len(ladder) - 1, 4).round().astype(int)]
+    return ladder
+
+
+def _table_candidates(p: Prepared, share: int, options: FidelityOptions, seed, svd, power_iters) -> List[Candidate]:
+    ladder = _ladder(p, share, options)
+    out = []
+    for exact_fraction, hot in _layouts(p, options, share):
+        for ranks, res in zip(ladder, _results(p, options, exact_fraction, hot, ladder, None, seed, svd,
+                                               power_iters)):
+            out.append(Candidate({"ranks": ranks, "exact_fraction": exact_fraction, "hot": hot},
+                                 res.nbytes, res.weighted_sq, {"result": res}))
+    return out
+
+
+def _map(fn, items, workers: int):
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy/torch release the GIL in their kernels
+        return list(pool.map(fn, items))
+
+
 def compress_tables(plans: Sequence[TablePlan], weights, mapped: bool, options: FidelityOptions,
                     counts: Dict[str, np.ndarray], budget: Optional[int] = None, tol: Optional[float] = None,
-                    seed: int = 0, svd: str = "auto", power_iters: int = 1, progress: bool = True) -> List[Result]:
-    """One result per plan: fixed ranks (plans carry them) or tol, or the best under ``budget``."""
-    prepared = []
-    for plan, weight in zip(plans, weights):
-        prepared.append(prepare(plan, weight, mapped, options, counts.get(plan.key)))
+                    seed: int = 0, svd: str = "auto", power_iters: int = 1, progress: bool = True,
+                    workers: int = 1) -> List[Result]:
+    """One result per plan: fixed ranks (plans carry them) or tol, or the best under ``budget``.
+    ``workers`` tables are worked on at once."""
     bar = tqdm(total=len(plans), desc="importance-aware TT-SVD", unit="table",
                disable=True if not progress else None, file=sys.stderr)
-    results: List[Result] = []
+    prepared = _map(lambda pw: prepare(pw[0], pw[1], mapped, options, counts.get(pw[0].key)),
+                    list(zip(plans, weights)), workers)
     if budget is None:
-        for p in prepared:
-            results += _results(p, options, options.exact_fraction or 0.0,
-                                int(round(options.hot_fraction * p.plan.rows)), [p.plan.ranks], tol, seed, svd,
-                                power_iters)
+        def fixed(p):
+            res = _results(p, options, options.exact_fraction or 0.0, int(round(options.hot_fraction * p.plan.rows)),
+                           [p.plan.ranks], tol, seed, svd, power_iters)[0]
+            res.extra["why"] = (f"ranks {','.join(map(str, res.shape.ranks[1:-1]))} as asked; row map of "
+                                f"{res.entry['row_map_rows']:,} rows, {res.entry['exact_rows']:,} exact rows")
             bar.update(1)
+            return res
+        results = _map(fixed, prepared, workers)
     else:
         sizes = [p.plan.rows * p.plan.dim for p in prepared]
-        candidates: Dict[str, List[Candidate]] = {}
-        eb = element_bytes(options.core_dtype)
-        for p, size in zip(prepared, sizes):
-            share = int(budget * size / sum(sizes))
-            options_list = []
-            ladder = rank_ladder(p.plan.row_factors, p.plan.dim_factors, share // (16 * eb), 2 * share // eb)
-            if not ladder:  # the share is below every rank: offer the smallest
-                ladder = rank_ladder(p.plan.row_factors, p.plan.dim_factors, 0, 1 << 62)[:1]
-            if p.plan.path == "stream" and len(ladder) > 4:
-                ladder = [ladder[i] for i in np.linspace(0, len(ladder) - 1, 4).round().astype(int)]
-            for exact_fraction, hot in _layouts(p, options, share):
-                for ranks, res in zip(ladder, _results(p, options, exact_fraction, hot, ladder, None, seed, svd,
-                                                       power_iters)):
-                    options_list.append(Candidate({"ranks": ranks, "exact_fraction": exact_fraction, "hot": hot},
-                                                  res.nbytes, res.weighted_sq, {"result": res}))
-            candidates[p.plan.key] = options_list
+        shares = {p.plan.key: int(budget * size / sum(sizes)) for p, size in zip(prepared, sizes)}
+
+        def offer(p):
+            out = _table_candidates(p, shares[p.plan.key], options, seed, svd, power_iters)
             bar.update(1)
+            return out
+        candidates = dict(zip([p.plan.key for p in prepared], _map(offer, prepared, workers)))
         chosen = allocate(candidates, budget)
+        results = []
         for p in prepared:
             c = chosen[p.plan.key]
             res = c.extra["result"]
-            res.extra["why"] = (f"{len(candidates[p.plan.key])} candidates; best weighted error per byte under "
-                                f"the budget")
+            cheapest = min(candidates[p.plan.key], key=lambda x: x.nbytes)
+            res.extra["why"] = (
+                f"{len(candidates[p.plan.key])} candidates (row map or not, {len(EXACT_FRACTIONS)} exact-row "
+                f"fractions at most, ranks around its size share of {shares[p.plan.key]:,} B); chosen: ranks "
+                f"{','.join(map(str, res.shape.ranks[1:-1]))}, {res.entry['row_map_rows']:,} map + "
+                f"{res.entry['exact_rows']:,} exact rows, {c.nbytes:,} B, weighted error {res.weighted_error:.4f} "
+                f"(the cheapest candidate: {cheapest.nbytes:,} B, {cheapest.error ** 0.5:.4f}); the budget went "
+                f"where it lowered the weighted error most per byte")
             results.append(res)
     bar.close()
     return results

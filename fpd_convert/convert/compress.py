@@ -39,6 +39,7 @@ class TableSummary:
     exact_rows: int = 0
     core_dtype: str = "float32"
     core_dtype_added: Optional[float] = None
+    why: str = ""
 
     @property
     def ratio(self) -> float:
@@ -89,6 +90,9 @@ class CompressionSummary:
         if fid:
             head += ["weighted err.", "importance", "hot/exact rows", "cores"]
         out = [render_table(head + ["TT-SVD"], rows)]
+        for t in self.tables:
+            if t.why:
+                out.append(f"{t.name}: {t.why}")
         if fid:
             out.append("bytes count every tensor of a table (cores, scales, row map, exact rows); weighted error: "
                        "relative error weighted by row importance; cores (+x): weighted error the low-precision "
@@ -179,7 +183,7 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
         elif ratio is not None:
             total_budget = int(sum(w.numel() * w.element_size() for w in weights) / ratio)
         results = compress_tables(plans, weights, src.mapped, fidelity, counts, total_budget, tol, seed, svd,
-                                  power_iters, progress)
+                                  power_iters, progress, workers)
     else:
         results = [None] * len(plans)
         decs = run_plans(plans, weights, src.mapped, tol=tol, workers=workers, seed=seed, svd=svd,
@@ -219,7 +223,8 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
                                       exact_rows=0 if res is None else res.entry["exact_rows"],
                                       core_dtype="float32" if res is None else res.entry["core_dtype"],
                                       core_dtype_added=None if res is None else
-                                      res.entry.get("core_dtype_added_weighted_error")))
+                                      res.entry.get("core_dtype_added_weighted_error"),
+                                      why="" if res is None else res.extra.get("why", "")))
     if not tt_tables:
         raise CheckpointError("no table got smaller with these ranks; choose a lower --rank or a --ratio")
     meta = CompressedMeta(source_layout=src.layout, tt_tables=tt_tables, architecture=src.architecture,
