@@ -204,3 +204,18 @@ def test_data_importance_needs_a_dlrm_layout(tmp_path):
     with pytest.raises(CheckpointError, match="needs a DLRM layout"):
         fpd_convert.compress(tmp_path / "g.safetensors", tmp_path / "o.safetensors", rank=4, progress=False,
                              fidelity=FidelityOptions("data"), data=tmp_path / "d.npz")
+
+
+def test_importance_aware_streaming_path_meets_the_budget(tmp_path):
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40_000, 16, generator=g) * 0.01
+    w[:800] += torch.randn(800, 2, generator=g) @ torch.randn(2, 16, generator=g)  # trained, popular rows
+    save_file({"t.weight": w}, str(tmp_path / "m.safetensors"))
+    budget = 40_000 * 16 * 4 // 40
+    s = fpd_convert.compress(tmp_path / "m.safetensors", tmp_path / "o.safetensors", budget=budget,
+                             svd_path="stream", progress=False, fidelity=FidelityOptions("drift"))
+    t = s.tables[0]
+    assert t.svd_path == "stream" and t.bytes_after <= budget and t.exact_rows + t.hot_rows > 0
+    layer = fpd_convert.load(tmp_path / "o.safetensors").table("t.weight")
+    torch.testing.assert_close(layer.to_dense()[layer.exact_ids], w[layer.exact_ids])

@@ -70,7 +70,7 @@ def _layout_inputs(p: Prepared, exact_fraction: float, hot: int):
 
 
 def _results(p: Prepared, options: FidelityOptions, exact_fraction: float, hot: int, rank_lists, tol, seed, svd,
-             power_iters) -> List[Result]:
+             power_iters, progress=None) -> List[Result]:
     """One result per rank list (or one for ``tol``) for this layout."""
     layout, lreader, whole, exact_values = _layout_inputs(p, exact_fraction, hot)
     plan = p.plan
@@ -81,7 +81,8 @@ def _results(p: Prepared, options: FidelityOptions, exact_fraction: float, hot: 
                 for cores in tt_svd_ladder(whole, plan.row_factors, plan.dim_factors, rank_lists)]
     else:
         decs = [decompose(lreader, plan.rows, plan.dim, plan.row_factors, plan.dim_factors, ranks, tol, plan.path,
-                          seed, svd, power_iters, None, whole) for ranks in (rank_lists if tol is None else [None])]
+                          seed, svd, power_iters, progress if plan.path == "stream" else None, whole)
+                for ranks in (rank_lists if tol is None else [None])]
     out = []
     for dec in decs:
         res = finish(dec, layout, exact_values, options, p.method, plan.key, p.ev)
@@ -100,14 +101,23 @@ def _ladder(p: Prepared, share: int, options: FidelityOptions):
     return ladder
 
 
-def _table_candidates(p: Prepared, share: int, options: FidelityOptions, seed, svd, power_iters) -> List[Candidate]:
+def _table_candidates(p: Prepared, share: int, options: FidelityOptions, seed, svd, power_iters,
+                      progress: bool = False, position: int = 0) -> List[Candidate]:
     ladder = _ladder(p, share, options)
+    layouts = _layouts(p, options, share)
+    bar = None
+    if progress and p.plan.path == "stream":  # streamed candidates take minutes: show rows and ETA
+        bar = tqdm(total=len(layouts) * len(ladder) * p.plan.rows * (2 + 2 * power_iters), unit="row",
+                   unit_scale=True, desc=f"{p.plan.name} ({len(layouts) * len(ladder)} streamed candidates)",
+                   position=position + 1, leave=False, file=sys.stderr)
     out = []
-    for exact_fraction, hot in _layouts(p, options, share):
+    for exact_fraction, hot in layouts:
         for ranks, res in zip(ladder, _results(p, options, exact_fraction, hot, ladder, None, seed, svd,
-                                               power_iters)):
+                                               power_iters, bar.update if bar is not None else None)):
             out.append(Candidate({"ranks": ranks, "exact_fraction": exact_fraction, "hot": hot},
                                  res.nbytes, res.weighted_sq, {"result": res}))
+    if bar is not None:
+        bar.close()
     return out
 
 
@@ -142,7 +152,8 @@ def compress_tables(plans: Sequence[TablePlan], weights, mapped: bool, options: 
         shares = {p.plan.key: int(budget * size / sum(sizes)) for p, size in zip(prepared, sizes)}
 
         def offer(p):
-            out = _table_candidates(p, shares[p.plan.key], options, seed, svd, power_iters)
+            out = _table_candidates(p, shares[p.plan.key], options, seed, svd, power_iters, progress,
+                                    prepared.index(p) % max(workers, 1))
             bar.update(1)
             return out
         candidates = dict(zip([p.plan.key for p in prepared], _map(offer, prepared, workers)))

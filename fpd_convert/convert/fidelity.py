@@ -199,8 +199,7 @@ def finish(dec, layout: Layout, exact_values: Optional[np.ndarray], options: Fid
 
 
 def _weighted(layer: TTEmbeddingBag, ev: TableEval) -> float:
-    with torch.no_grad():
-        approx = layer._rows_for(torch.from_numpy(ev.ids)).numpy()
+    approx = layer.rows(torch.from_numpy(ev.ids)).numpy()
     err, ref = weighted_sq_error(ev.rows, approx, ev.weights)
     return err / ref if ref > 0 else err
 
@@ -234,12 +233,11 @@ def plain_error(reader: Reader, rows: int, layer: TTEmbeddingBag, chunk: int = 1
         rng = np.random.default_rng(seed)
         starts = [(int(s), min(rows, int(s) + 256)) for s in rng.choice(max(rows - 256, 1), 400, replace=False)]
     num = den = 0.0
-    with torch.no_grad():
-        for a, b in starts:
-            w = reader(a, b).astype(np.float64)
-            approx = layer._rows_for(torch.arange(a, b)).double().numpy()
-            num += float(np.sum((w - approx) ** 2))
-            den += float(np.sum(w ** 2))
+    for a, b in starts:
+        w = reader(a, b).astype(np.float64)
+        approx = layer.rows(torch.arange(a, b)).double().numpy()
+        num += float(np.sum((w - approx) ** 2))
+        den += float(np.sum(w ** 2))
     return math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 

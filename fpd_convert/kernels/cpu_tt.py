@@ -82,18 +82,16 @@ class PrefixTable:
 
     @torch.no_grad()
     def _build(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        """All prefixes at once, level by level as one GEMM each (no per-prefix copy of a core
+        slice): acc ``(P, D, r)`` times core ``(r, n, d, r')`` -> ``(P n, D d, r')``."""
         lead = list(cores[:-1])
-        n = math.prod(c.shape[1] for c in lead)
-        all_prefixes = torch.arange(n, device=cores[0].device)
-        r = cores[-1].shape[0]
-        codes, parents = _levels(all_prefixes, [c.shape[1] for c in lead])
-        acc = cores[0][0].index_select(0, codes[0])
-        for j in range(1, len(lead)):
-            digit = codes[j] % lead[j].shape[1]
-            r_in, nj, d_j, r_out = lead[j].shape
-            g = lead[j].permute(1, 0, 2, 3).reshape(nj, r_in, d_j * r_out).index_select(0, digit)
-            acc = torch.bmm(acc.index_select(0, parents[j]), g).reshape(len(digit), -1, r_out)
-        return acc.reshape(n, -1, r).transpose(1, 2).contiguous()  # (n, r, D): rows' fast layout
+        acc = cores[0][0]  # (n1, d1, r1)
+        for core in lead[1:]:
+            p, dd, r = acc.shape
+            _, n, d, r_out = core.shape
+            nxt = (acc.reshape(p * dd, r) @ core.reshape(r, n * d * r_out)).reshape(p, dd, n, d, r_out)
+            acc = nxt.permute(0, 2, 1, 3, 4).reshape(p * n, dd * d, r_out)
+        return acc.transpose(1, 2).contiguous()  # (n, r, D): rows' fast layout
 
     def rows(self, cores: Sequence[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
         key = tuple((id(c), c._version, c.device, c.dtype) for c in cores)

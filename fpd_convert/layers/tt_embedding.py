@@ -214,10 +214,29 @@ class _TTTable(nn.Module):
             pad = int(hit[0, 0]) if hit.numel() else None
         return rows, inverse.reshape(input.shape), pad
 
+    def safe_chunk(self, budget_bytes: int = 64 << 20) -> int:
+        """Ids per lookup call that keep the per-index core-slice copies of the plain paths
+        (``ids x r_in x d x r_out`` floats for the largest core) under ``budget_bytes``."""
+        per_id = max(c.shape[0] * c.shape[2] * c.shape[3] for c in self.cores) * 4 + self.embedding_dim * 8
+        return max(256, budget_bytes // per_id)
+
     @torch.no_grad()
-    def to_dense(self, chunk_rows: int = 1 << 16) -> torch.Tensor:
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``W[ids]`` (any order, duplicates allowed) in chunks of :meth:`safe_chunk`, without
+        gradients: bounded memory however many ids (evaluation, export)."""
+        ids = ids.reshape(-1).long()
+        out = []
+        step = self.safe_chunk()
+        for s in range(0, ids.numel(), step):
+            uniq, inverse = _unique(ids[s:s + step])
+            out.append(self._rows_for(uniq).index_select(0, inverse.to(uniq.device)))
+        return torch.cat(out) if out else self.cores[0].new_zeros(0, self.embedding_dim)
+
+    @torch.no_grad()
+    def to_dense(self, chunk_rows: Optional[int] = None) -> torch.Tensor:
         """The full ``(num_embeddings, embedding_dim)`` table, built in row chunks."""
         device = self.cores[0].device
+        chunk_rows = chunk_rows or min(1 << 16, self.safe_chunk())
         parts = [self._rows_for(torch.arange(s, min(s + chunk_rows, self.num_embeddings), device=device))
                  for s in range(0, self.num_embeddings, chunk_rows)]
         return torch.cat(parts)
