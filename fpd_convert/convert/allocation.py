@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..checkpoints.lazy_tables import row_reader
-from ..tt import TTDecomposition, TTShape, relative_error
+from ..tt import TTDecomposition, TTShape, relative_error, tt_param_count
 from ..tt.allocate import Candidate, allocate
 from ..tt.decompose import tt_svd_ladder
 from ..tt.core_quant import element_bytes
@@ -96,8 +96,10 @@ def _ladder(p: Prepared, share: int, options: FidelityOptions):
     ladder = rank_ladder(p.plan.row_factors, p.plan.dim_factors, share // (16 * eb), 2 * share // eb)
     if not ladder:  # the share is below every rank: offer the smallest
         ladder = rank_ladder(p.plan.row_factors, p.plan.dim_factors, 0, 1 << 62)[:1]
-    if p.plan.path == "stream" and len(ladder) > 4:  # each streamed candidate is 4 passes over the table
-        ladder = [ladder[i] for i in np.linspace(0, len(ladder) - 1, 4).round().astype(int)]
+    if p.plan.path == "stream" and len(ladder) > 4:  # each streamed candidate is 4 passes over the table:
+        # keep the 4 largest that fit the table's share (the allocation rarely goes far below it)
+        fits = [r for r in ladder if tt_param_count(p.plan.row_factors, p.plan.dim_factors, r) * eb <= share]
+        ladder = (fits or ladder[:1])[-4:]
     return ladder
 
 
