@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from fpd_convert.cli import main
-from fpd_convert.data import CriteoData, DataError, data_loader, generate, read_criteo_text, synth
+from fpd_convert.data import CriteoData, DataError, data_loader, generate, read_criteo_text
 
 REAL = Path(__file__).parent / "data" / "criteo_kaggle_head1000.txt"
 BIG = [10 ** 7] * 26

@@ -134,11 +134,16 @@ def _weighted_error(base, compressed, counts):
 def test_importance_aware_beats_natural_order_at_equal_bytes(trained):
     d = trained
     budget = 300_000  # bytes for the five largest tables (1.52 MB dense): ~50x
-    natural = fpd_convert.compress(d / "base.pt", d / "natural.safetensors", budget=budget, progress=False)
     aware = fpd_convert.compress(d / "base.pt", d / "aware.safetensors", budget=budget, progress=False,
                                  fidelity=FidelityOptions("data"), data=d / "train.npz")
-    for s in (natural, aware):
-        assert sum(t.bytes_after for t in s.tables) <= budget
+    aware_bytes = sum(t.bytes_after for t in aware.tables)
+    assert aware_bytes <= budget
+    for scale in (1.0, 1.1, 1.25, 1.5, 2.0):  # natural order gets at least the bytes the aware one used
+        natural = fpd_convert.compress(d / "base.pt", d / "natural.safetensors", budget=int(budget * scale),
+                                       progress=False, force=True, fidelity=FidelityOptions("none"))
+        if sum(t.bytes_after for t in natural.tables) >= aware_bytes:
+            break
+    assert sum(t.bytes_after for t in natural.tables) >= aware_bytes
     meta = read_compressed_meta(d / "aware.safetensors")
     stored = file_tensor_bytes(d / "aware.safetensors")
     on_disk = sum(stored[k] for key, e in meta.tt_tables.items() for k in table_file_keys(key, e))

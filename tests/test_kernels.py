@@ -1,12 +1,11 @@
 """Every fast TT path against the plain PyTorch reference: values and core gradients."""
 import pytest
 import torch
-from torch import nn
 
 from conftest import cuda, needs_triton
 from fpd_convert.kernels import cpu_tt, triton_tt
 from fpd_convert.kernels.reference import tt_rows
-from fpd_convert.layers import TTEmbeddingBag, TTEmbedding, choose_kernel, lookup_rows
+from fpd_convert.layers import TTEmbeddingBag, TTEmbedding, choose_kernel
 
 # (rows, row factors, dim factors, ranks): even, odd and non-power-of-two sizes
 SHAPES = [

@@ -3,7 +3,6 @@ import warnings
 
 import numpy as np
 import pytest
-import tensorly as tl
 from tensorly.decomposition import tensor_train
 
 from fpd_convert.tt import (decompose_table, factor_dims, factor_rows, max_tt_ranks, table_to_tt_tensor,

@@ -8,7 +8,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from .. import __version__
-from ..checkpoints import (CheckpointError, CompressedMeta, check_output, core_key, read_source, sha256_of,
+from ..checkpoints import (CheckpointError, CompressedMeta, check_output, read_source, sha256_of,
                            write_compressed)
 from ..checkpoints import TableTensors, encode_table
 from ..checkpoints.lazy_tables import row_reader

@@ -22,7 +22,7 @@ from ..checkpoints import TableTensors, encode_table
 from ..layers import TTEmbeddingBag
 from ..tt import TTShape, clamp_ranks, decompose_table, streaming_tt_svd
 from ..tt.core_quant import decode, encode
-from ..tt.importance import importance_from, top_rows, tt_positions, weighted_sq_error
+from ..tt.importance import top_rows, tt_positions, weighted_sq_error
 
 Reader = Callable[[int, int], np.ndarray]
 IMPORTANCE_CHOICES = ("none", "auto", "data", "norm", "drift")

@@ -2,4 +2,4 @@
 from .tt_embedding import TTEmbedding, TTEmbeddingBag, TTIndexError
 from .tt_lookup import choose_kernel, lookup_rows, row_digits, tt_rows
 
-__all__ = ["TTEmbedding", "TTEmbeddingBag", "TTIndexError", "row_digits", "tt_rows"]
+__all__ = ["TTEmbedding", "TTEmbeddingBag", "TTIndexError", "choose_kernel", "lookup_rows", "row_digits", "tt_rows"]

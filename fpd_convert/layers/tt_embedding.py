@@ -10,7 +10,7 @@ and their errors behave exactly as in PyTorch.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 
 from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, factor_dims, factor_rows
 from ..kernels.cpu_tt import PrefixTable
-from .tt_lookup import choose_kernel, default_kernel, lookup_rows, tt_rows
+from .tt_lookup import default_kernel, lookup_rows
 
 
 def _unique(flat: torch.Tensor):

@@ -10,7 +10,6 @@ batch (DDP averages the gradients, so the result equals one process with that ba
 """
 from __future__ import annotations
 
-import copy
 import math
 import signal
 import sys
