@@ -141,10 +141,8 @@ def read_compressed(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], Compres
 
 def file_tensor_bytes(path: os.PathLike) -> Dict[str, int]:
     """Bytes of every tensor in a safetensors file, from its header (no tensor is read)."""
-    import struct
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    from .lazy_tables import safetensors_header
+    _, header = safetensors_header(path)
     return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 

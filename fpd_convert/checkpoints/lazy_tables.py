@@ -94,6 +94,13 @@ def row_reader(table: torch.Tensor, mapped: bool = True) -> Callable[[int, int],
     return read
 
 
+def safetensors_header(path) -> Tuple[int, dict]:
+    """``(header bytes, header)`` of a safetensors file: an 8-byte little-endian length, then JSON."""
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        return header_len, json.loads(fh.read(header_len))
+
+
 def map_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """All tensors of a safetensors file: big ones mapped read-only, small ones in memory.
 
@@ -111,9 +118,8 @@ def map_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]
             keys = list(f.keys())
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    header_len, header = safetensors_header(path)
     with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(header_len))
         size = os.fstat(fh.fileno()).st_size
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + header_len else None
     base = 8 + header_len

@@ -23,9 +23,9 @@ from ..tt.allocate import Candidate, allocate
 from ..tt.decompose import tt_svd_ladder
 from ..tt.core_quant import element_bytes
 from ..tt.importance import importance_from
-from .fidelity import (FidelityOptions, LayoutReader, Result, _gather, decompose, evaluation_set, finish,
-                       make_layout, rank_ladder, row_norms)
-from .svd_runner import TablePlan
+from .fidelity import (FidelityOptions, LayoutReader, Result, _gather, evaluation_set, finish, make_layout,
+                       rank_ladder, row_norms)
+from .svd_runner import TablePlan, decompose
 
 EXACT_FRACTIONS = (0.0, 0.005, 0.01, 0.02)
 

@@ -11,16 +11,15 @@ stream.  A *candidate* is a layout plus ranks: its file bytes are counted exactl
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..checkpoints import TableTensors, encode_table
 from ..layers import TTEmbeddingBag
-from ..tt import TTShape, clamp_ranks, decompose_table, streaming_tt_svd
+from ..tt import TTShape, clamp_ranks
 from ..tt.core_quant import decode, encode
 from ..tt.importance import top_rows, tt_positions, weighted_sq_error
 
@@ -142,25 +141,6 @@ class LayoutReader:
                 block[self.pos[a:b] - start] = self.src_values[self.src_order[a:b]]
             block[self.zero[c:e] - start] = 0.0
         return block
-
-
-def decompose(reader: Reader, rows: int, dim: int, row_factors: Sequence[int], dim_factors: Sequence[int],
-              ranks: Optional[Sequence[int]], tol: Optional[float], path: str, seed: int = 0, svd: str = "auto",
-              power_iters: int = 1, progress=None, whole: Optional[np.ndarray] = None):
-    """TT-SVD of the rows ``reader`` gives, in memory or streamed."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        if path == "stream":
-            return streaming_tt_svd(reader, rows, dim, row_factors, dim_factors, ranks=ranks, tol=tol,
-                                    power_iters=power_iters, seed=seed, progress=progress)
-        table = whole if whole is not None else reader(0, rows)
-        method = svd if svd != "auto" else ("randomized_svd" if rows * dim > 20_000_000 else "truncated_svd")
-        kwargs = {"tol": tol} if tol is not None else {"rank": list(ranks)}
-        dec = decompose_table(table, row_factors=row_factors, dim_factors=dim_factors, svd=method,
-                              random_state=seed, **kwargs)
-        if progress:
-            progress(1)
-        return dec
 
 
 def finish(dec, layout: Layout, exact_values: Optional[np.ndarray], options: FidelityOptions, method: str,

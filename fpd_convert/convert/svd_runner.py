@@ -93,6 +93,27 @@ def describe(plans: Sequence[TablePlan], workers: int, available: int) -> str:
             f"(available: {format_bytes(available)})")
 
 
+def decompose(reader, rows: int, dim: int, row_factors: Sequence[int], dim_factors: Sequence[int],
+              ranks: Optional[Sequence[int]], tol: Optional[float], path: str, seed: int = 0, svd: str = "auto",
+              power_iters: int = 1, progress=None, whole=None, oversample: int = 10) -> TTDecomposition:
+    """TT-SVD of the rows ``reader(start, stop)`` gives, in memory (TensorLy; ``whole`` if the
+    caller has the table already) or streamed; ``progress(n)`` after each unit of work."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # clamped ranks show in the summary
+        if path == "stream":
+            return streaming_tt_svd(reader, rows, dim, row_factors, dim_factors, ranks=ranks, tol=tol,
+                                    max_rank=TOL_MAX_RANK, oversample=oversample, power_iters=power_iters, seed=seed,
+                                    progress=progress)
+        table = whole if whole is not None else reader(0, rows)
+        method = svd if svd != "auto" else ("randomized_svd" if rows * dim > RANDOMIZED_ABOVE else "truncated_svd")
+        kwargs = {"tol": tol} if tol is not None else {"rank": list(ranks)}
+        dec = decompose_table(table, row_factors=row_factors, dim_factors=dim_factors, svd=method,
+                              random_state=seed, **kwargs)
+        if progress:
+            progress(1)
+        return dec
+
+
 def run_plans(plans: Sequence[TablePlan], tables: Sequence[torch.Tensor], mapped: bool, tol: Optional[float] = None,
               workers: int = 1, seed: int = 0, svd: str = "auto", power_iters: int = 1, oversample: int = 10,
               progress: bool = True) -> List[TTDecomposition]:
@@ -105,20 +126,9 @@ def run_plans(plans: Sequence[TablePlan], tables: Sequence[torch.Tensor], mapped
                    else "table", unit_scale=True, desc=f"{plan.name} ({plan.path})", position=i % max(workers, 1),
                    leave=True, disable=True if not progress else None, file=sys.stderr)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                if plan.path == "stream":
-                    return streaming_tt_svd(row_reader(table, mapped), plan.rows, plan.dim, plan.row_factors,
-                                            plan.dim_factors, ranks=plan.ranks, tol=tol, max_rank=TOL_MAX_RANK,
-                                            oversample=oversample, power_iters=power_iters, seed=seed,
-                                            progress=bar.update)
-                method = svd if svd != "auto" else ("randomized_svd" if plan.rows * plan.dim > RANDOMIZED_ABOVE
-                                                    else "truncated_svd")
-                kwargs = {"tol": tol} if tol is not None else {"rank": plan.ranks}
-                dec = decompose_table(table.detach().float().numpy(), row_factors=plan.row_factors,
-                                      dim_factors=plan.dim_factors, svd=method, random_state=seed, **kwargs)
-                bar.update(1)
-                return dec
+            whole = None if plan.path == "stream" else table.detach().float().numpy()
+            return decompose(row_reader(table, mapped), plan.rows, plan.dim, plan.row_factors, plan.dim_factors,
+                             plan.ranks, tol, plan.path, seed, svd, power_iters, bar.update, whole, oversample)
         finally:
             bar.close()
 
