@@ -4,8 +4,8 @@ Default model: the step of ../shared/BENCHMARKS.md — the 26 Criteo-Terabyte ta
 (MLPerf DLRM v1 sizes) capped at ``rows_cap`` rows, d=128, bottom 13-512-256-128,
 top 1024-1024-512-256-1, dot interaction, SGD, bf16 autocast on CUDA; the
 ``tt_tables`` largest tables in TT of rank ``rank``.  With ``model=`` a compressed
-file's own architecture and TT tables are used, against the same model with dense
-tables.  Dense tables train with sparse gradients, as facebookresearch/dlrm does.
+file's own model is loaded (its TT tables with their row maps and exact rows) and timed
+against the same architecture with dense tables.  Dense tables train with sparse gradients, as facebookresearch/dlrm does.
 """
 from __future__ import annotations
 
@@ -93,8 +93,12 @@ def bench_dlrm_step(model: Optional[str] = None, rows_cap: Optional[int] = None,
     out = {"model": what, "batch": batch, "device": device_name(dev), "torch": torch.__version__,
            "tt_tables": len(shapes)}
     for name, tt in (("dense", None), ("tt", shapes)):
-        with dev:  # allocate and initialize the tables on the device itself
-            net = build_model(architecture, tt)
+        if name == "tt" and model is not None:  # the file's own tables: cores, row maps, exact rows
+            from ..convert.load import load
+            net = load(model)
+        else:
+            with dev:  # allocate and initialize the tables on the device itself
+                net = build_model(architecture, tt)
         out[f"{name}_embedding_bytes"] = _embedding_bytes(net)
         seconds = median_seconds(_step_fn(net, architecture, batch, zipf, dev, lr, seed), dev, reps)
         out[f"{name}_samples_s"] = batch / seconds

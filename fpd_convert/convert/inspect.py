@@ -66,9 +66,17 @@ def format_inspect(info: dict) -> str:
         lines.append("architecture: " + desc)
     rows = []
     for t in info["tables"]:
-        tt = (f"{'x'.join(map(str, t['row_factors']))} / {'x'.join(map(str, t['dim_factors']))} / "
-              f"r={','.join(map(str, t['ranks'][1:-1]))}, {t['ratio']:.1f}x, err {t['relative_error']:.4f}"
-              if t["kind"] == "tt" else "")
+        tt = ""
+        if t["kind"] == "tt":
+            tt = (f"{'x'.join(map(str, t['row_factors']))} / {'x'.join(map(str, t['dim_factors']))} / "
+                  f"r={','.join(map(str, t['ranks'][1:-1]))}, {t['ratio']:.1f}x, err {t['relative_error']:.4f}")
+            if t.get("weighted_error") is not None:
+                tt += f" (weighted {t['weighted_error']:.4f})"
+            extras = [f"map {t['row_map_rows']:,}" if t.get("row_map_rows") else "",
+                      f"exact {t['exact_rows']:,}" if t.get("exact_rows") else "",
+                      t["core_dtype"] if t.get("core_dtype", "float32") != "float32" else ""]
+            if any(extras):
+                tt += ", " + ", ".join(e for e in extras if e)
         rows.append([t.get("name", t["key"]), f"{t['rows']:,}", t["dim"], t["kind"], format_bytes(t["bytes"]), tt])
     lines.append(render_table(["table", "rows", "dim", "kind", "bytes", "TT (rows / dims / ranks, ratio, error)"],
                               rows))
