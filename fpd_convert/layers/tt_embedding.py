@@ -196,7 +196,7 @@ class _TTTable(nn.Module):
                                f"scalar types: Long, Int; but got {input.dtype} instead")
         if input.numel():
             lo, hi = torch.aminmax(input)
-            if lo < 0 or hi >= self.num_embeddings:
+            if bool((lo < 0) | (hi >= self.num_embeddings)):  # one host sync, not two, on a GPU
                 bad = int(lo) if lo < 0 else int(hi)
                 raise TTIndexError(f"index {bad} is out of range for a table of {self.num_embeddings} rows "
                                    f"(valid: 0..{self.num_embeddings - 1})")
