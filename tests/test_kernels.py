@@ -67,6 +67,15 @@ def test_prefix_table_equals_reference_and_follows_core_updates():
     assert not cpu_tt.PrefixTable(max_bytes=100).fits(cores)
 
 
+def assert_triton_matches_reference(cores, idx):
+    """Rows and core gradients of the Triton kernels equal the reference's."""
+    ref, ref_g = grads(tt_rows, cores, idx)
+    out, out_g = grads(triton_tt.tt3_rows, cores, idx)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(out_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
 @pytest.fixture(params=triton_tt.VARIANTS)
 def variant(request):
     """Each Triton variant in turn (fma: CUDA-core broadcasts; dot: tensor-core tiles)."""
@@ -83,11 +92,7 @@ def test_triton_kernels_equal_reference(row_factors, dim_factors, ranks, variant
     cores = [c.detach().to(device).requires_grad_() for c in make_cores(row_factors, dim_factors, ranks)]
     n = row_factors[0] * row_factors[1] * row_factors[2]
     idx = sample_indices(n, 80).to(device)
-    ref, ref_g = grads(tt_rows, cores, idx)
-    out, out_g = grads(triton_tt.tt3_rows, cores, idx)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    for a, b in zip(out_g, ref_g):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    assert_triton_matches_reference(cores, idx)
 
 
 @needs_triton
@@ -95,11 +100,7 @@ def test_triton_duplicates_and_unsorted_indices_add_up(variant):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cores = [c.detach().to(device).requires_grad_() for c in make_cores([4, 4, 5], [4, 4, 4], [1, 8, 8, 1])]
     idx = sample_indices(80, 60, unique=False).to(device)
-    ref, ref_g = grads(tt_rows, cores, idx)
-    out, out_g = grads(triton_tt.tt3_rows, cores, idx)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    for a, b in zip(out_g, ref_g):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    assert_triton_matches_reference(cores, idx)
 
 
 @needs_triton
