@@ -55,16 +55,41 @@ def test_cpu_path_two_and_four_cores():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
-def test_prefix_table_equals_reference_and_follows_core_updates():
-    cores = make_cores([5, 7, 6], [2, 3, 2], [1, 3, 4, 1])
-    idx = sample_indices(210, 100)
-    table = cpu_tt.PrefixTable()
-    assert table.fits(cores) and table.nbytes_for(cores) == 5 * 7 * 2 * 3 * 4 * 4
-    torch.testing.assert_close(table.rows(cores, idx), tt_rows(cores, idx).detach(), rtol=1e-5, atol=1e-5)
+# (row factors, dim factors, ranks, which end the table leaves out): 2, 3 and 4 cores, both ends
+END_TABLE_SHAPES = [
+    ([5, 7, 6], [2, 3, 2], [1, 3, 4, 1], "first"),
+    ([6, 5, 4], [8, 4, 4], [1, 5, 6, 1], "last"),
+    ([7, 9], [3, 5], [1, 4, 1], "first"),
+    ([3, 4, 5, 2], [2, 2, 3, 2], [1, 3, 4, 2, 1], "last"),
+]
+
+
+@pytest.mark.parametrize("row_factors,dim_factors,ranks,end", END_TABLE_SHAPES)
+def test_end_table_equals_reference_for_any_order_and_follows_core_updates(row_factors, dim_factors, ranks, end):
+    cores = make_cores(row_factors, dim_factors, ranks)
+    n = 1
+    for f in row_factors:
+        n *= f
+    idx = sample_indices(n, 150, unique=False)  # unsorted, with repeats
+    table = cpu_tt.EndTable()
+    assert table.fits(cores)
+    out = table.rows(cores, idx)
+    assert table._first == (end == "first")
+    assert table._table.numel() * 4 + table._bags.nbytes == table.nbytes_for(cores)
+    torch.testing.assert_close(out, tt_rows(cores, idx).detach(), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         cores[1].mul_(2.0)  # an optimizer step is an in-place update: the cache must notice
     torch.testing.assert_close(table.rows(cores, idx), tt_rows(cores, idx).detach(), rtol=1e-5, atol=1e-5)
-    assert not cpu_tt.PrefixTable(max_bytes=100).fits(cores)
+    assert not cpu_tt.EndTable(max_bytes=100).fits(cores)
+
+
+def test_end_table_in_bf16_is_close_to_the_fp32_reference():
+    cores = make_cores([5, 7, 6], [2, 3, 2], [1, 3, 4, 1], dtype=torch.bfloat16)
+    idx = sample_indices(210, 80)
+    out = cpu_tt.EndTable().rows(cores, idx)
+    assert out.dtype == torch.bfloat16
+    ref = tt_rows([c.float() for c in cores], idx).detach()
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
 
 
 def assert_triton_matches_reference(cores, idx):

@@ -1,5 +1,6 @@
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -152,7 +153,7 @@ def test_dedup_and_no_full_table():
     bag = TTEmbeddingBag(10 ** 9, 64, rank=8, mode="sum")
     seen = []
     original = tt_embedding_module.lookup_rows
-    tt_embedding_module.lookup_rows = lambda cores, idx, *a: seen.append(idx.numel()) or original(cores, idx, *a)
+    tt_embedding_module.lookup_rows = lambda cores, idx, *a, **k: seen.append(idx.numel()) or original(cores, idx, *a, **k)
     try:
         out = bag(torch.tensor([5, 10 ** 9 - 1, 5, 5, 123]), torch.tensor([0, 2]))
     finally:
@@ -160,6 +161,50 @@ def test_dedup_and_no_full_table():
     assert out.shape == (2, 64) and torch.isfinite(out).all()
     assert seen == [3]  # three unique ids, not five lookups
     assert bag.param_count() == sum(p.numel() for p in bag.parameters())
+
+
+def test_exact_rows_are_not_looked_up_in_the_tt():
+    bag = TTEmbeddingBag(1000, 8, rank=4, mode="sum")
+    bag.set_exact_rows(torch.tensor([7, 500]), torch.ones(2, 8))
+    seen = []
+    original = tt_embedding_module.lookup_rows
+    tt_embedding_module.lookup_rows = lambda cores, idx, *a, **k: seen.append(idx.tolist()) or original(cores, idx, *a, **k)
+    try:
+        only_exact = bag(torch.tensor([500, 7, 7]), torch.tensor([0, 1]))
+        mixed = bag(torch.tensor([500, 3, 7, 999]), torch.tensor([0, 2]))
+    finally:
+        tt_embedding_module.lookup_rows = original
+    assert seen == [[3, 999]]  # the first batch needed no TT row; the second only its two other ids
+    torch.testing.assert_close(only_exact, torch.stack([torch.ones(8), 2 * torch.ones(8)]))
+    dense = bag.to_dense()
+    torch.testing.assert_close(mixed, torch.stack([dense[500] + dense[3], dense[7] + dense[999]]))
+
+
+@pytest.mark.parametrize("int_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("n", [1, 2, 1000, 70_000])
+def test_packed_unique_equals_numpy_unique(n, int_dtype):
+    ids = torch.randint(0, 5000, (n,), generator=torch.Generator().manual_seed(n)).to(int_dtype)
+    uniq, inverse = tt_embedding_module._unique(ids, 5000)
+    ref_u, ref_inv = np.unique(ids.numpy(), return_inverse=True)
+    assert uniq.tolist() == ref_u.tolist() and inverse.tolist() == ref_inv.reshape(-1).tolist()
+    big = ids.long() * (10 ** 15)  # keys would overflow int64: falls back to np.unique
+    uniq, inverse = tt_embedding_module._unique(big, 5000 * 10 ** 15)
+    torch.testing.assert_close(uniq[inverse], big)
+
+
+@pytest.mark.parametrize("mode,include_last_offset", itertools.product(["sum", "mean", "max"], [False, True]))
+def test_one_hot_bags_equal_embedding_bag(mode, include_last_offset):
+    bag, ref = make_bag(mode, include_last_offset=include_last_offset)
+    x = torch.randint(0, N, (50,), generator=torch.Generator().manual_seed(3))
+    one_hot = torch.arange(51 if include_last_offset else 50)
+    torch.testing.assert_close(bag(x, one_hot), ref(x, one_hot), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bag(x.view(50, 1)), ref(x.view(50, 1)), atol=1e-5, rtol=1e-5)
+    # as many offsets as ids, but with an empty bag: not one-hot, pooled as usual
+    not_one_hot = one_hot.clone()
+    not_one_hot[5] = 4
+    torch.testing.assert_close(bag(x, not_one_hot), ref(x, not_one_hot), atol=1e-5, rtol=1e-5)
+    bag(x, one_hot).sum().backward()  # the gather path is differentiable
+    assert bag.cores[1].grad.abs().sum() > 0
 
 
 def test_random_init_has_requested_scale():

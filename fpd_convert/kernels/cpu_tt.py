@@ -6,16 +6,19 @@ distinct prefix (``unique_consecutive`` on sorted codes is a linear scan) with o
 batched GEMM, and the last level is done in the layout that CPU batched GEMM
 handles fastest (``(d_k x r) @ (r x D)``, measured 2.4x faster than the other way).
 
-:class:`PrefixTable` goes further for inference: it keeps the product of the
-first ``k-1`` cores for every prefix (``n_1..n_{k-1} x d_1..d_{k-1} x r``), so a row
-costs one gather and one small GEMM.  It is rebuilt when a core changes.
+:class:`EndTable` goes further for inference: it keeps the product of all cores
+but one end core for every digit combination (``n_2..n_k x r_1 x d_2..d_k`` for the
+first core as the end), so a row costs one weighted ``embedding_bag`` over ``d_1``
+bags of ``r_1`` cached rows, in any id order.  It is rebuilt when a core changes.
 """
 from __future__ import annotations
 
 import math
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def _levels(indices: torch.Tensor, row_factors: Sequence[int]):
@@ -58,47 +61,117 @@ def tt_rows_shared(cores: Sequence[torch.Tensor], indices: torch.Tensor) -> torc
     return acc.reshape(acc.shape[0], -1)  # a single core
 
 
-class PrefixTable:
-    """Cached product of the first ``k-1`` cores, for lookups without gradients.
+class EndTable:
+    """Cached product of all cores but one end core, for lookups without gradients.
 
-    ``rows(indices)`` equals the reference; the cache is rebuilt when any core has
-    been modified (in-place optimizer steps bump the tensor version) or replaced.
+    With the first core as the end: ``S[s] = G_2[i_2] ... G_k[i_k]`` (``r_1 x D/d_1``) for
+    every suffix ``s``, and a row is ``G_1[i_1] @ S[s]``: for each ``j_1``, a weighted sum of
+    ``r_1`` cached rows of ``D/d_1`` values with weights ``G_1[i_1, j_1, :]``.  That is exactly
+    a weighted ``embedding_bag`` (one bag per ``(row, j_1)``), whose CPU kernel gathers and
+    contracts in one pass with no per-row copy of a slice: measured 2.8x faster than
+    gathering a cached prefix and multiplying by ``bmm`` (1M x 64, rank 16, 3,300 rows).
+    With the last core as the end, the same with prefixes ``G_1 ... G_{k-1}`` and a transpose
+    of the small output.  The end with the fewer bag entries per row (``d r``) is used.
+
+    Ids may come in any order.  ``rows(cores, ids)`` equals the reference; the cache is
+    rebuilt when any core has been modified (in-place optimizer steps bump the tensor
+    version) or replaced.
     """
 
     def __init__(self, max_bytes: int = 256 << 20):
         self.max_bytes = max_bytes
         self._key = None
-        self._table: Optional[torch.Tensor] = None
+        self._table: Optional[torch.Tensor] = None  # (N_rest * r, D/d_end): rows of the product
+        self._bags: Optional[np.ndarray] = None  # (N_rest, d_end * r) int32: each product's bag rows
+        self._weights: Optional[torch.Tensor] = None  # (n_end, d_end * r): the end core's bag weights
+        self._first = True
+        self._offsets = torch.zeros(0, dtype=torch.int32)
 
     @staticmethod
-    def nbytes_for(cores: Sequence[torch.Tensor]) -> int:
-        """Bytes the cache would take for these cores."""
-        lead = cores[:-1]
-        return (math.prod(c.shape[1] for c in lead) * math.prod(c.shape[2] for c in lead)
-                * cores[-1].shape[0] * cores[0].element_size())
+    def _first_is_end(cores: Sequence[torch.Tensor]) -> bool:
+        return cores[0].shape[2] * cores[0].shape[3] <= cores[-1].shape[2] * cores[-1].shape[0]
+
+    @classmethod
+    def nbytes_for(cls, cores: Sequence[torch.Tensor]) -> int:
+        """Bytes the cache would take for these cores (the product table and its bag indices)."""
+        end = 0 if cls._first_is_end(cores) else len(cores) - 1
+        rest = [c for j, c in enumerate(cores) if j != end]
+        n_rest = math.prod(c.shape[1] for c in rest)
+        r = cores[0].shape[3] if end == 0 else cores[-1].shape[0]
+        width = math.prod(c.shape[2] for c in rest)
+        return n_rest * r * (width * cores[0].element_size() + cores[end].shape[2] * 4)
 
     def fits(self, cores: Sequence[torch.Tensor]) -> bool:
         return len(cores) >= 2 and self.nbytes_for(cores) <= self.max_bytes
 
+    @staticmethod
     @torch.no_grad()
-    def _build(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
-        """All prefixes at once, level by level as one GEMM each (no per-prefix copy of a core
-        slice): acc ``(P, D, r)`` times core ``(r, n, d, r')`` -> ``(P n, D d, r')``."""
-        lead = list(cores[:-1])
-        acc = cores[0][0]  # (n1, d1, r1)
-        for core in lead[1:]:
-            p, dd, r = acc.shape
-            _, n, d, r_out = core.shape
-            nxt = (acc.reshape(p * dd, r) @ core.reshape(r, n * d * r_out)).reshape(p, dd, n, d, r_out)
-            acc = nxt.permute(0, 2, 1, 3, 4).reshape(p * n, dd * d, r_out)
-        return acc.transpose(1, 2).contiguous()  # (n, r, D): rows' fast layout
+    def suffixes(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        """All products ``G_2[i_2] ... G_k[i_k]`` as ``(N_suffix, r_1, d_2..d_k)``, level by level
+        from the right as one GEMM each (no per-suffix copy of a core slice): core
+        ``(r', n, d, r)`` times acc ``(r, S, D)`` -> ``(r', n S, d D)``."""
+        acc = cores[-1][..., 0]  # (r_{k-1}, n_k, d_k)
+        for core in reversed(cores[1:-1]):
+            r_out, n, d, r = core.shape
+            _, s, dd = acc.shape
+            acc = (core.reshape(r_out * n * d, r) @ acc.reshape(r, s * dd)).reshape(r_out, n, d, s, dd)
+            acc = acc.permute(0, 1, 3, 2, 4).reshape(r_out, n * s, d * dd)
+        return acc.transpose(0, 1).contiguous()
+
+    @staticmethod
+    @torch.no_grad()
+    def prefixes(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        """All products ``G_1[i_1] ... G_{k-1}[i_{k-1}]`` as ``(N_prefix, r_{k-1}, d_1..d_{k-1})``:
+        the suffixes of the mirrored train (cores reversed, ``r`` and ``d`` roles kept)."""
+        mirrored = [c.permute(3, 1, 2, 0) for c in reversed(cores)]
+        # mirrored products run over reversed digits and dims: put both back in order
+        table = EndTable.suffixes(mirrored)  # (N, r, d_{k-1}..d_1) over digits (i_{k-1}..i_1)
+        lead = cores[:-1]
+        ns, ds = [c.shape[1] for c in lead], [c.shape[2] for c in lead]
+        r = table.shape[1]
+        t = table.reshape(*ns[::-1], r, *ds[::-1])
+        k = len(lead)
+        order = list(range(k - 1, -1, -1)) + [k] + list(range(2 * k, k, -1))
+        return t.permute(*order).reshape(math.prod(ns), r, math.prod(ds)).contiguous()
+
+    def _refresh(self, cores: Sequence[torch.Tensor]) -> None:
+        key = tuple((id(c), c._version, c.device, c.dtype) for c in cores)
+        if key == self._key:
+            return
+        self._first = self._first_is_end(cores)
+        if self._first:
+            table = self.suffixes(cores)
+            weights = cores[0][0]  # (n_1, d_1, r_1)
+        else:
+            table = self.prefixes(cores)
+            weights = cores[-1][..., 0].permute(1, 2, 0)  # (n_k, d_k, r_{k-1})
+        n_rest, r, width = table.shape
+        n_end, d_end, _ = weights.shape
+        self._table = table.reshape(n_rest * r, width)
+        self._weights = weights.detach().reshape(n_end, d_end * r).contiguous()
+        # product p's bag for each j: rows p*r .. p*r + r - 1 (int32: half the bytes to gather)
+        self._bags = np.ascontiguousarray(np.broadcast_to(
+            np.arange(n_rest * r, dtype=np.int32).reshape(n_rest, 1, r), (n_rest, d_end, r)).reshape(n_rest, -1))
+        self._key = key
 
     def rows(self, cores: Sequence[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
-        key = tuple((id(c), c._version, c.device, c.dtype) for c in cores)
-        if key != self._key:
-            self._table = self._build(cores)
-            self._key = key
-        n_last = cores[-1].shape[1]
-        prefix = torch.div(indices, n_last, rounding_mode="floor")
+        """Rows ``W[indices]`` (U, D) for CPU indices in any order."""
+        self._refresh(cores)
+        n_rest = self._bags.shape[0]
+        ids = indices.numpy()
+        if self._first:
+            end, rest = np.divmod(ids, n_rest)
+        else:
+            rest, end = np.divmod(ids, self._weights.shape[0])
+        bags = torch.from_numpy(self._bags.take(rest, axis=0).reshape(-1))
+        weights = self._weights.index_select(0, torch.from_numpy(end)).reshape(-1)
+        r = self._table.shape[0] // n_rest
+        count = bags.numel() // r
+        if self._offsets.numel() < count:
+            self._offsets = torch.arange(0, count * r, r, dtype=torch.int32)
         with torch.no_grad():
-            return _last_level(self._table.index_select(0, prefix), cores[-1], indices % n_last)
+            out = F.embedding_bag(bags, self._table, self._offsets[:count], mode="sum", per_sample_weights=weights)
+        if self._first:
+            return out.reshape(ids.size, -1)
+        d_end = self._weights.shape[1] // r
+        return out.reshape(ids.size, d_end, -1).transpose(1, 2).reshape(ids.size, -1)

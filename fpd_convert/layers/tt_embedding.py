@@ -18,16 +18,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, factor_dims, factor_rows
-from ..kernels.cpu_tt import PrefixTable
+from ..kernels.cpu_tt import EndTable
 from .tt_lookup import default_kernel, lookup_rows
 
 
-def _unique(flat: torch.Tensor):
-    """Sorted distinct values and the inverse map; numpy's sort is ~2.5x faster on the CPU."""
-    if flat.device.type == "cpu" and flat.numel() > 0:
-        uniq, inverse = np.unique(flat.numpy(), return_inverse=True)
+_POSITIONS = np.arange(1 << 16, dtype=np.int64)
+
+
+def _positions(n: int) -> np.ndarray:
+    """``np.arange(n)`` (int64), without a new array for the usual batch sizes."""
+    return _POSITIONS[:n] if n <= _POSITIONS.size else np.arange(n, dtype=np.int64)
+
+
+def _unique(flat: torch.Tensor, limit: int):
+    """Sorted distinct values and the inverse map, for ids already checked to be in ``[0, limit)``.
+
+    On the CPU, each id is packed with its position into one int64 key and the keys are
+    sorted by numpy (a vectorized sort: 2.3x faster than ``np.unique``'s argsort and 5x
+    faster than ``torch.unique`` for 8k ids); the positions then give the inverse.
+    """
+    if flat.device.type != "cpu" or flat.numel() == 0:
+        return torch.unique(flat, return_inverse=True)
+    ids = flat.numpy().astype(np.int64, copy=False)
+    n = ids.size
+    bits = max(1, (n - 1).bit_length())
+    if limit >= 1 << (62 - bits):  # the key would overflow: plain unique
+        uniq, inverse = np.unique(ids, return_inverse=True)
         return torch.from_numpy(uniq), torch.from_numpy(inverse.reshape(-1)).long()
-    return torch.unique(flat, return_inverse=True)
+    keys = np.left_shift(ids, bits)
+    keys |= _positions(n)
+    keys.sort()
+    values = keys >> bits
+    first = np.empty(n, dtype=bool)
+    first[0] = True
+    np.not_equal(values[1:], values[:-1], out=first[1:])
+    keys &= (1 << bits) - 1
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[keys] = first.cumsum() - 1
+    return torch.from_numpy(values[first]), torch.from_numpy(inverse)
 
 
 class TTIndexError(IndexError, RuntimeError):
@@ -82,7 +110,7 @@ class _TTTable(nn.Module):
         self.reconstruction_error: Optional[float] = None
         #: row path: "auto", "reference", "cpu" or "triton" (see layers.tt_lookup)
         self.kernel = default_kernel()
-        self._prefix_table = PrefixTable()
+        self._row_cache = EndTable()
         # fidelity options (docs/format.md): a hot-row map and rows kept exactly; set by
         # set_row_map / set_exact_rows, absent (and not in the state_dict) otherwise
         self.register_buffer("row_map", None)
@@ -134,33 +162,49 @@ class _TTTable(nn.Module):
         return torch.where(hit, self._map_to[at], ids)
 
     def _rows_for(self, uniq: torch.Tensor) -> torch.Tensor:
-        """Rows of sorted distinct ids, through the row map and exact rows when present."""
-        cores = list(self.cores)
-        pos = self._tt_positions(uniq)
-        if pos is uniq:
-            rows = lookup_rows(cores, uniq, self.kernel, self._prefix_table)
-        else:  # the fast paths take sorted ids: sort the TT positions and undo the order after
-            if pos.device.type == "cpu":
-                order = torch.from_numpy(np.argsort(pos.numpy(), kind="stable"))
-                sorted_pos = pos.index_select(0, order)
-            else:
-                sorted_pos, order = torch.sort(pos)
-            undo = torch.empty_like(order)
-            undo[order] = torch.arange(order.numel(), device=order.device)
-            rows = lookup_rows(cores, sorted_pos, self.kernel, self._prefix_table).index_select(0, undo)
-        if self.exact_ids is not None and self.exact_ids.numel():
-            if uniq.device.type == "cpu":
-                ex, idn = self.exact_ids.numpy(), uniq.numpy()
-                at = np.minimum(np.searchsorted(ex, idn), ex.size - 1)
-                where = np.flatnonzero(ex[at] == idn)
-                hits, src = torch.from_numpy(where), torch.from_numpy(at[where])
-            else:
-                at = torch.searchsorted(self.exact_ids, uniq).clamp_(max=self.exact_ids.numel() - 1)
-                hits = (self.exact_ids[at] == uniq).nonzero().reshape(-1)
-                src = at.index_select(0, hits)
-            if hits.numel():
-                rows = rows.index_put((hits,), self.exact_rows.index_select(0, src).to(rows.dtype))
-        return rows
+        """Rows of sorted distinct ids, through the row map and exact rows when present.
+
+        Ids with an exact row are not looked up in the TT at all: with exact rows for the
+        hottest ids, a batch computes TT rows only for the rest.
+        """
+        exact = self._exact_hits(uniq)
+        if exact is None:
+            return self._tt_rows_for(uniq)
+        hits, src, misses = exact
+        kept = self.exact_rows.index_select(0, src)
+        if misses.numel() == 0:
+            return kept
+        tt = self._tt_rows_for(uniq.index_select(0, misses))
+        # TT rows then exact rows, put in id order by one gather (3.5x faster than two index_put)
+        where = misses.new_empty(uniq.numel())
+        where[misses] = torch.arange(misses.numel(), device=misses.device)
+        where[hits] = torch.arange(misses.numel(), uniq.numel(), device=misses.device)
+        return torch.cat([tt, kept.to(tt.dtype)]).index_select(0, where)
+
+    def _tt_rows_for(self, ids: torch.Tensor) -> torch.Tensor:
+        """TT rows of sorted distinct ids (through the row map when present)."""
+        pos = self._tt_positions(ids)
+        return lookup_rows(list(self.cores), pos, self.kernel, self._row_cache, is_sorted=pos is ids)
+
+    def _exact_hits(self, uniq: torch.Tensor):
+        """(positions in ``uniq`` with an exact row, their exact-row indices, the other positions),
+        or None when no id of ``uniq`` has one."""
+        if self.exact_ids is None or self.exact_ids.numel() == 0 or uniq.numel() == 0:
+            return None
+        if uniq.device.type == "cpu":  # sorted needles: numpy's searchsorted is fast here
+            ex, idn = self.exact_ids.numpy(), uniq.numpy()
+            at = np.minimum(np.searchsorted(ex, idn), ex.size - 1)
+            hit = ex[at] == idn
+            if not hit.any():
+                return None
+            where = np.flatnonzero(hit)
+            return (torch.from_numpy(where), torch.from_numpy(at[where]), torch.from_numpy(np.flatnonzero(~hit)))
+        at = torch.searchsorted(self.exact_ids, uniq).clamp_(max=self.exact_ids.numel() - 1)
+        hit = self.exact_ids[at] == uniq
+        hits = hit.nonzero().reshape(-1)
+        if hits.numel() == 0:
+            return None
+        return hits, at.index_select(0, hits), (~hit).nonzero().reshape(-1)
 
     def load_table(self, table) -> None:
         """Cores, row map and exact rows of a decoded compressed table (``TableTensors``)."""
@@ -195,7 +239,11 @@ class _TTTable(nn.Module):
             raise RuntimeError("Expected tensor for argument #1 'indices' to have one of the following "
                                f"scalar types: Long, Int; but got {input.dtype} instead")
         if input.numel():
-            lo, hi = torch.aminmax(input)
+            if input.device.type == "cpu":  # numpy's min and max: a third of aminmax's time
+                flat = input.reshape(-1).numpy()
+                lo, hi = int(flat.min()), int(flat.max())
+            else:
+                lo, hi = torch.aminmax(input)
             if bool((lo < 0) | (hi >= self.num_embeddings)):  # one host sync, not two, on a GPU
                 bad = int(lo) if lo < 0 else int(hi)
                 raise TTIndexError(f"index {bad} is out of range for a table of {self.num_embeddings} rows "
@@ -203,7 +251,7 @@ class _TTTable(nn.Module):
 
     def _unique_rows(self, input: torch.Tensor):
         """(rows of the unique indices (U, d), inverse map shaped like input, padding position)."""
-        uniq, inverse = _unique(input.reshape(-1))
+        uniq, inverse = _unique(input.reshape(-1), self.num_embeddings)
         if uniq.numel() == 0:  # empty batch: one dummy row keeps the pooling ops happy
             rows = self.cores[0].new_zeros(1, self.embedding_dim)
         else:
@@ -225,10 +273,11 @@ class _TTTable(nn.Module):
         """Rows ``W[ids]`` (any order, duplicates allowed) in chunks of :meth:`safe_chunk`, without
         gradients: bounded memory however many ids (evaluation, export)."""
         ids = ids.reshape(-1).long()
+        self._check_indices(ids)
         out = []
         step = self.safe_chunk()
         for s in range(0, ids.numel(), step):
-            uniq, inverse = _unique(ids[s:s + step])
+            uniq, inverse = _unique(ids[s:s + step], self.num_embeddings)
             out.append(self._rows_for(uniq).index_select(0, inverse.to(uniq.device)))
         return torch.cat(out) if out else self.cores[0].new_zeros(0, self.embedding_dim)
 
@@ -295,16 +344,32 @@ class TTEmbeddingBag(_TTTable):
                          init_std, device, dtype, _cores)
         self.mode = mode
         self.include_last_offset = include_last_offset
+        self._arange = torch.zeros(0, dtype=torch.int64)  # cached 0..n-1 to recognize one-hot offsets
 
     def forward(self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None,
                 per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_indices(input)
         rows, inverse, pad = self._unique_rows(input)
+        if per_sample_weights is None and pad is None and self._one_hot(input, offsets):
+            return rows.index_select(0, inverse.reshape(-1))  # every mode gives the row itself
         if per_sample_weights is not None and per_sample_weights.dtype != rows.dtype:
             per_sample_weights = per_sample_weights.to(rows.dtype)  # rows may be bf16 under autocast
         return F.embedding_bag(inverse, rows, offsets.long() if offsets is not None else None,
                                mode=self.mode, per_sample_weights=per_sample_weights,
                                include_last_offset=self.include_last_offset, padding_idx=pad)
+
+    def _one_hot(self, input: torch.Tensor, offsets: Optional[torch.Tensor]) -> bool:
+        """Whether every bag holds exactly one index (DLRM's Criteo tables): then pooling is a gather."""
+        if input.dim() == 2:
+            return input.shape[1] == 1
+        if offsets is None or input.dim() != 1:
+            return False
+        n = input.numel()
+        if offsets.numel() != n + int(self.include_last_offset) or n == 0:
+            return False
+        if self._arange.numel() < offsets.numel() or self._arange.device != offsets.device:
+            self._arange = torch.arange(offsets.numel(), device=offsets.device)
+        return torch.equal(offsets, self._arange[:offsets.numel()].to(offsets.dtype))
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mode: str = "mean", padding_idx: Optional[int] = None,

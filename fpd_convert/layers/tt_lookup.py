@@ -1,7 +1,7 @@
 """Which TT row path a layer uses: the dispatch between the reference and fast kernels.
 
 ``kernel="auto"`` picks, for three float cores on a CUDA device with Triton, the
-Triton kernels; on the CPU, the shared-prefix path (and the cached prefix table
+Triton kernels; on the CPU, the shared-prefix path (and the cached end table
 when no gradient is needed and the table is small); otherwise the plain PyTorch
 reference, which every fast path is tested against.  ``FPD_TT_KERNEL`` in the
 environment sets the default for all layers (``reference``, ``cpu``, ``triton``, ``auto``).
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..kernels import cpu_tt, triton_tt
@@ -42,15 +43,34 @@ def choose_kernel(kernel: str, cores: Sequence[torch.Tensor]) -> str:
     return "reference"
 
 
-def lookup_rows(cores: Sequence[torch.Tensor], sorted_unique: torch.Tensor, kernel: str = "auto",
-                prefix_table: Optional[cpu_tt.PrefixTable] = None) -> torch.Tensor:
-    """Rows of the TT table for sorted, deduplicated indices, by the chosen path."""
+def lookup_rows(cores: Sequence[torch.Tensor], unique_ids: torch.Tensor, kernel: str = "auto",
+                row_cache: Optional[cpu_tt.EndTable] = None, is_sorted: bool = True) -> torch.Tensor:
+    """Rows of the TT table for deduplicated indices, by the chosen path.
+
+    The shared-prefix and Triton paths walk sorted ids: with ``is_sorted=False`` the ids are
+    sorted for them and the rows put back in the given order; the suffix-table path and the
+    reference take any order.
+    """
     path = choose_kernel(kernel, cores)
-    if path == "triton":
-        return triton_tt.tt3_rows(cores, sorted_unique)
     if path == "cpu":
         grad = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
-        if not grad and prefix_table is not None and prefix_table.fits(cores):
-            return prefix_table.rows(cores, sorted_unique)
-        return cpu_tt.tt_rows_shared(cores, sorted_unique)
-    return tt_rows(cores, sorted_unique)
+        if not grad and row_cache is not None and row_cache.fits(cores):
+            return row_cache.rows(cores, unique_ids)
+    if path == "reference":
+        return tt_rows(cores, unique_ids)
+    if is_sorted:
+        return _sorted_path(path, cores, unique_ids)
+    if unique_ids.device.type == "cpu":  # numpy's sort is several times faster on the CPU
+        order = torch.from_numpy(np.argsort(unique_ids.numpy(), kind="stable"))
+        sorted_ids = unique_ids.index_select(0, order)
+    else:
+        sorted_ids, order = torch.sort(unique_ids)
+    undo = torch.empty_like(order)
+    undo[order] = torch.arange(order.numel(), device=order.device)
+    return _sorted_path(path, cores, sorted_ids).index_select(0, undo)
+
+
+def _sorted_path(path: str, cores: Sequence[torch.Tensor], sorted_ids: torch.Tensor) -> torch.Tensor:
+    if path == "triton":
+        return triton_tt.tt3_rows(cores, sorted_ids)
+    return cpu_tt.tt_rows_shared(cores, sorted_ids)
