@@ -86,6 +86,7 @@ class EndTable:
         self._weights: Optional[torch.Tensor] = None  # (n_end, d_end * r): the end core's bag weights
         self._first = True
         self._offsets = torch.zeros(0, dtype=torch.int32)
+        self._fits_key, self._fits = None, False
 
     @staticmethod
     def _first_is_end(cores: Sequence[torch.Tensor]) -> bool:
@@ -102,7 +103,11 @@ class EndTable:
         return n_rest * r * (width * cores[0].element_size() + cores[end].shape[2] * 4)
 
     def fits(self, cores: Sequence[torch.Tensor]) -> bool:
-        return len(cores) >= 2 and self.nbytes_for(cores) <= self.max_bytes
+        shapes = tuple(c.shape for c in cores) + (cores[0].dtype, self.max_bytes)
+        if shapes != self._fits_key:  # asked on every lookup: answer from the last shapes
+            self._fits_key = shapes
+            self._fits = len(cores) >= 2 and self.nbytes_for(cores) <= self.max_bytes
+        return self._fits
 
     @staticmethod
     @torch.no_grad()

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, factor_dims, factor_rows
 from ..kernels.cpu_tt import EndTable
+from .row_index import BitRank, build_row_index, row_codes
 from .tt_lookup import default_kernel, lookup_rows
 
 
@@ -118,6 +119,10 @@ class _TTTable(nn.Module):
         self.exact_rows: Optional[nn.Parameter] = None
         self.register_buffer("_map_from", None, persistent=False)
         self.register_buffer("_map_to", None, persistent=False)
+        # both merged: the ids not at their own TT position and their codes (layers.row_index)
+        self.register_buffer("_index_ids", None, persistent=False)
+        self.register_buffer("_index_codes", None, persistent=False)
+        self._bit_rank = (None, None)  # (the _index_ids it was built from, BitRank) on the CPU
 
     # -- fidelity: row map and exact rows --------------------------------------------
     def set_row_map(self, hot_ids: torch.Tensor) -> None:
@@ -133,6 +138,7 @@ class _TTTable(nn.Module):
         self.row_map = hot.to(device)
         self._map_from = torch.from_numpy(rows[order]).to(device)
         self._map_to = torch.from_numpy(pos[order]).to(device)
+        self._index_ids, self._index_codes = build_row_index(self._map_from, self._map_to, self.exact_ids)
 
     def set_exact_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Rows ``ids`` are looked up from ``rows`` (a trainable parameter), not from the TT."""
@@ -148,18 +154,19 @@ class _TTTable(nn.Module):
         self.exact_ids = ids.to(device)
         self.exact_rows = nn.Parameter(rows.detach().to(device, self.cores[0].dtype).clone(),
                                        requires_grad=self.cores[0].requires_grad)
+        self._index_ids, self._index_codes = build_row_index(self._map_from, self._map_to, self.exact_ids)
 
-    def _tt_positions(self, ids: torch.Tensor) -> torch.Tensor:
-        if self._map_from is None or self._map_from.numel() == 0:
-            return ids
-        if ids.device.type == "cpu":  # numpy's searchsorted is several times faster on the CPU
-            frm, to = self._map_from.numpy(), self._map_to.numpy()
-            idn = ids.numpy()
-            at = np.minimum(np.searchsorted(frm, idn), frm.size - 1)
-            return torch.from_numpy(np.where(frm[at] == idn, to[at], idn))
-        at = torch.searchsorted(self._map_from, ids).clamp_(max=self._map_from.numel() - 1)
-        hit = self._map_from[at] == ids
-        return torch.where(hit, self._map_to[at], ids)
+    def _codes(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per id: its TT position (>= 0) or ``-1 - k`` for exact row k; None without map or exact rows."""
+        if self._index_ids is None or self._index_ids.numel() == 0:
+            return None
+        bit_rank = None
+        if ids.device.type == "cpu":
+            built_from, bit_rank = self._bit_rank
+            if built_from is not self._index_ids:
+                bit_rank = BitRank(self._index_ids.numpy(), self.num_embeddings)
+                self._bit_rank = (self._index_ids, bit_rank)
+        return row_codes(self._index_ids, self._index_codes, ids, bit_rank)
 
     def _rows_for(self, uniq: torch.Tensor) -> torch.Tensor:
         """Rows of sorted distinct ids, through the row map and exact rows when present.
@@ -167,44 +174,34 @@ class _TTTable(nn.Module):
         Ids with an exact row are not looked up in the TT at all: with exact rows for the
         hottest ids, a batch computes TT rows only for the rest.
         """
-        exact = self._exact_hits(uniq)
-        if exact is None:
-            return self._tt_rows_for(uniq)
-        hits, src, misses = exact
-        kept = self.exact_rows.index_select(0, src)
+        codes = self._codes(uniq)
+        if codes is None:
+            return self._tt_rows(uniq, is_sorted=True)
+        exact = codes < 0
+        if uniq.device.type == "cpu":
+            ex = exact.numpy()
+            hits, misses = torch.from_numpy(np.flatnonzero(ex)), torch.from_numpy(np.flatnonzero(~ex))
+        else:
+            hits, misses = exact.nonzero().reshape(-1), (~exact).nonzero().reshape(-1)
+        if hits.numel() == 0:
+            return self._tt_rows(codes, is_sorted=False)
+        kept = self.exact_rows.index_select(0, -1 - codes.index_select(0, hits))
         if misses.numel() == 0:
             return kept
-        tt = self._tt_rows_for(uniq.index_select(0, misses))
+        tt = self._tt_rows(codes.index_select(0, misses), is_sorted=False)
         # TT rows then exact rows, put in id order by one gather (3.5x faster than two index_put)
         where = misses.new_empty(uniq.numel())
         where[misses] = torch.arange(misses.numel(), device=misses.device)
         where[hits] = torch.arange(misses.numel(), uniq.numel(), device=misses.device)
         return torch.cat([tt, kept.to(tt.dtype)]).index_select(0, where)
 
-    def _tt_rows_for(self, ids: torch.Tensor) -> torch.Tensor:
-        """TT rows of sorted distinct ids (through the row map when present)."""
-        pos = self._tt_positions(ids)
-        return lookup_rows(list(self.cores), pos, self.kernel, self._row_cache, is_sorted=pos is ids)
+    def _core_list(self) -> list:
+        """The cores, in order (ParameterList's own iteration costs ~3 us a core on every lookup)."""
+        return list(self.cores._parameters.values())
 
-    def _exact_hits(self, uniq: torch.Tensor):
-        """(positions in ``uniq`` with an exact row, their exact-row indices, the other positions),
-        or None when no id of ``uniq`` has one."""
-        if self.exact_ids is None or self.exact_ids.numel() == 0 or uniq.numel() == 0:
-            return None
-        if uniq.device.type == "cpu":  # sorted needles: numpy's searchsorted is fast here
-            ex, idn = self.exact_ids.numpy(), uniq.numpy()
-            at = np.minimum(np.searchsorted(ex, idn), ex.size - 1)
-            hit = ex[at] == idn
-            if not hit.any():
-                return None
-            where = np.flatnonzero(hit)
-            return (torch.from_numpy(where), torch.from_numpy(at[where]), torch.from_numpy(np.flatnonzero(~hit)))
-        at = torch.searchsorted(self.exact_ids, uniq).clamp_(max=self.exact_ids.numel() - 1)
-        hit = self.exact_ids[at] == uniq
-        hits = hit.nonzero().reshape(-1)
-        if hits.numel() == 0:
-            return None
-        return hits, at.index_select(0, hits), (~hit).nonzero().reshape(-1)
+    def _tt_rows(self, positions: torch.Tensor, is_sorted: bool) -> torch.Tensor:
+        """Rows at distinct TT positions."""
+        return lookup_rows(self._core_list(), positions, self.kernel, self._row_cache, is_sorted=is_sorted)
 
     def load_table(self, table) -> None:
         """Cores, row map and exact rows of a decoded compressed table (``TableTensors``)."""
@@ -367,9 +364,10 @@ class TTEmbeddingBag(_TTTable):
         n = input.numel()
         if offsets.numel() != n + int(self.include_last_offset) or n == 0:
             return False
-        if self._arange.numel() < offsets.numel() or self._arange.device != offsets.device:
-            self._arange = torch.arange(offsets.numel(), device=offsets.device)
-        return torch.equal(offsets, self._arange[:offsets.numel()].to(offsets.dtype))
+        if (self._arange.numel() < offsets.numel() or self._arange.device != offsets.device
+                or self._arange.dtype != offsets.dtype):
+            self._arange = torch.arange(offsets.numel(), device=offsets.device, dtype=offsets.dtype)
+        return torch.equal(offsets, self._arange[:offsets.numel()])
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mode: str = "mean", padding_idx: Optional[int] = None,
