@@ -1,6 +1,7 @@
 """Lookup throughput of TTEmbeddingBag against nn.EmbeddingBag of the same shape, one run.
 
-Warm-up, several repetitions, median; ratios are TT / dense measured in the same process.
+Warm-up, several repetitions taken in turn by every layer, median; ratios are TT / dense
+measured in the same process.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from ..layers import TTEmbeddingBag, choose_kernel
-from .timing import device_name, median_seconds, resolve_device
+from .timing import device_name, interleaved_medians, resolve_device
 
 
 def zipf_ids(rows: int, n: int, exponent: float, device, generator=None) -> torch.Tensor:
@@ -69,17 +70,21 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
         layers["tt_reference"] = ref
     if dense is not False:
         layers["dense"] = nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=dev)
+    forward, fwd_bwd = {}, {}
     for name, layer in layers.items():
-        def fwd():
+        def fwd(layer=layer):
             with torch.no_grad():
                 layer(ids, offsets)
 
-        def fwd_bwd():
+        def train_step(layer=layer):
             layer(ids, offsets).sum().backward()
             for p in layer.parameters():
                 p.grad = None
-        out[f"{name}_forward_lookups_s"] = batch * pooling / median_seconds(fwd, dev, reps)
-        out[f"{name}_fwd_bwd_lookups_s"] = batch * pooling / median_seconds(fwd_bwd, dev, reps)
+        forward[f"{name}_forward_lookups_s"], fwd_bwd[f"{name}_fwd_bwd_lookups_s"] = fwd, train_step
+    # inference and training are timed apart: each in the steady state of its own loop
+    for fns in (forward, fwd_bwd):
+        for key, seconds in interleaved_medians(fns, dev, reps).items():
+            out[key] = batch * pooling / seconds
     if "dense" in layers:
         out["forward_ratio"] = out["tt_forward_lookups_s"] / out["dense_forward_lookups_s"]
         out["fwd_bwd_ratio"] = out["tt_fwd_bwd_lookups_s"] / out["dense_fwd_bwd_lookups_s"]
