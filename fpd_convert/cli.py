@@ -259,6 +259,8 @@ def demo(folder, train_rows, ratio):
 @click.option("--kernel", type=click.Choice(["auto", "reference", "cpu", "triton"]), default="auto",
               show_default=True, help="TT row path to time (the reference is timed beside it).")
 @click.option("--reps", type=int, default=10, show_default=True)
+@click.option("--batches", type=click.IntRange(1), default=1, show_default=True,
+              help="Lookups: cycle through this many distinct batches (1: the same batch every time).")
 @click.option("--step", is_flag=True, help="Also time a DLRM training step, dense vs TT tables.")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
               help="DLRM step on this compressed file's model (implies --step).")
@@ -279,7 +281,7 @@ def demo(folder, train_rows, ratio):
               help="--svd: where to write the table (default: the temp folder).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, step, model, tt_tables, rows_cap, hot_rows,
+def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, batches, step, model, tt_tables, rows_cap, hot_rows,
           exact_rows, svd, svd_paths, dtype, folder, as_json):
     """Lookups/s of TTEmbeddingBag vs nn.EmbeddingBag (and a DLRM step), or TT-SVD paths (--svd), in one run."""
     if svd:
@@ -290,7 +292,7 @@ def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, step, mod
         return
     from .bench.lookups import bench_lookups, format_lookups
     results = {"lookups": bench_lookups(rows, dim, rank, batch or 8192, pooling, zipf, device, reps, kernel=kernel,
-                                        hot_rows=hot_rows, exact_rows=exact_rows)}
+                                        hot_rows=hot_rows, exact_rows=exact_rows, batches=batches)}
     if not as_json:
         click.echo(format_lookups(results["lookups"]))
     if step or model:

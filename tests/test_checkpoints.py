@@ -326,6 +326,23 @@ def test_bench_command_runs_and_reports_ratios():
     d = json.loads(r.output)["lookups"]
     assert d["tt_forward_lookups_s"] > 0 and d["forward_ratio"] > 0 and 0 < d["unique_ids"] <= 256
     assert d["kernel"] in ("cpu", "triton") and d["tt_reference_fwd_bwd_lookups_s"] > 0 and d["speedup_forward_vs_reference"] > 0
+    r = CliRunner().invoke(main, ["bench", "--rows", "20000", "--dim", "16", "--rank", "4", "--batch", "256",
+                                  "--reps", "3", "--batches", "4"])
+    assert r.exit_code == 0, r.output
+    assert "4 batches in turn" in r.output and "ratio" in r.output
+    r = CliRunner().invoke(main, ["bench", "--rows", "2000", "--batches", "0"])
+    assert r.exit_code != 0 and "--batches" in r.output
+
+
+def test_interleaved_medians_time_every_function_in_turn():
+    from fpd_convert.bench.timing import interleaved_medians
+    calls = []
+    out = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                              torch.device("cpu"), reps=7, warmup=1, block=3, settle=1)
+    assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
+    # warm-up, then rounds of (1 settle + up to 3 timed) per function, in turn, until 7 timed each
+    assert calls[:2] == ["a", "b"] and calls[2:6] == ["a"] * 4 and calls[6:10] == ["b"] * 4
+    assert calls.count("a") == calls.count("b") == 1 + 3 + 7
 
 
 def test_bench_dlrm_step_default_model_and_compressed_file(tmp_path):

@@ -356,10 +356,13 @@ class TTEmbeddingBag(_TTTable):
                                include_last_offset=self.include_last_offset, padding_idx=pad)
 
     def _one_hot(self, input: torch.Tensor, offsets: Optional[torch.Tensor]) -> bool:
-        """Whether every bag holds exactly one index (DLRM's Criteo tables): then pooling is a gather."""
+        """Whether every bag holds exactly one index (DLRM's Criteo tables): then pooling is a gather.
+
+        Checked on the CPU only: comparing offsets on a GPU would cost a host sync, more than
+        the pooling it saves there."""
         if input.dim() == 2:
             return input.shape[1] == 1
-        if offsets is None or input.dim() != 1:
+        if offsets is None or input.dim() != 1 or offsets.device.type != "cpu":
             return False
         n = input.numel()
         if offsets.numel() != n + int(self.include_last_offset) or n == 0:
