@@ -326,6 +326,10 @@ def test_bench_command_runs_and_reports_ratios():
     d = json.loads(r.output)["lookups"]
     assert d["tt_forward_lookups_s"] > 0 and d["forward_ratio"] > 0 and 0 < d["unique_ids"] <= 256
     assert d["kernel"] in ("cpu", "triton") and d["tt_reference_fwd_bwd_lookups_s"] > 0 and d["speedup_forward_vs_reference"] > 0
+    if d["device"] == "cpu":  # the quantized alternatives: int8 keeps d bytes plus an fp32 scale and bias a row
+        assert d["int8_forward_ratio"] > 0 and d["int4_forward_ratio"] > 0
+        assert d["bytes"]["int8"] == 20000 * (16 + 8) and d["bytes"]["int4"] < d["bytes"]["int8"] < d["bytes"]["dense"]
+    assert d["bytes"]["tt"] < d["bytes"]["dense"] == 20000 * 16 * 4
     r = CliRunner().invoke(main, ["bench", "--rows", "20000", "--dim", "16", "--rank", "4", "--batch", "256",
                                   "--reps", "3", "--batches", "4"])
     assert r.exit_code == 0, r.output

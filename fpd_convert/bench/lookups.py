@@ -28,10 +28,32 @@ def zipf_ids(rows: int, n: int, exponent: float, device, generator=None) -> torc
     return ((ids * 2654435761) % rows).to(device)  # scatter hot ids over the table
 
 
+class RowwiseQuantizedBag:
+    """``nn.EmbeddingBag(mode="sum")`` lookups from an int8 or int4 row-wise quantized copy of a
+    table (FBGEMM's CPU kernels in torch): what users pick instead of a TT table.  Forward only."""
+
+    def __init__(self, weight: torch.Tensor, bits: int):
+        ops = torch.ops.quantized
+        if bits == 8:
+            self.packed, self._bag = ops.embedding_bag_byte_prepack(weight), ops.embedding_bag_byte_rowwise_offsets
+        elif bits == 4:
+            self.packed, self._bag = ops.embedding_bag_4bit_prepack(weight), ops.embedding_bag_4bit_rowwise_offsets
+        else:
+            raise ValueError(f"bits should be 8 or 4 but got {bits}")
+
+    @staticmethod
+    def available(device: torch.device) -> bool:
+        """FBGEMM's quantized bags exist in CPU builds of torch; CUDA ones need fbgemm_gpu."""
+        return device.type == "cpu" and hasattr(torch.ops.quantized, "embedding_bag_4bit_rowwise_offsets")
+
+    def __call__(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self._bag(self.packed, ids, offsets, False, 0, False, None, None, False)
+
+
 def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: int = 8192, pooling: int = 1,
                   zipf: float = 1.1, device: str = "auto", reps: int = 10, seed: int = 0,
                   dense: Optional[bool] = None, kernel: str = "auto", reference: bool = True,
-                  hot_rows: float = 0.0, exact_rows: float = 0.0, batches: int = 1) -> dict:
+                  hot_rows: float = 0.0, exact_rows: float = 0.0, batches: int = 1, quantized: bool = True) -> dict:
     """Lookups per second (forward, forward+backward) of TT and dense bags, and their ratios.
 
     ``kernel`` picks the TT path (see :mod:`fpd_convert.layers.tt_lookup`); with
@@ -40,6 +62,8 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
     and the same layer without them is timed beside it.  ``batches`` > 1 cycles through that
     many distinct batches from the same distribution, as real traffic does: one batch repeated
     keeps the dense table's few touched rows in the CPU caches, which flatters the baseline.
+    With ``quantized`` (CPU), int8 and int4 row-wise quantized copies of the dense table are
+    timed too (forward only): the usual alternative to a TT table.
     """
     if batches < 1:
         raise ValueError(f"batches should be >= 1 but got {batches}")
@@ -77,7 +101,13 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
         layers["tt_reference"] = ref
     if dense is not False:
         layers["dense"] = nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=dev)
+    out["bytes"] = {"tt": tt.param_count() * tt.cores[0].element_size(), "dense": rows * dim * 4}
     forward, fwd_bwd = {}, {}
+    if "dense" in layers and quantized and RowwiseQuantizedBag.available(dev):
+        for bits in (8, 4):
+            q = RowwiseQuantizedBag(layers["dense"].weight.detach(), bits)
+            out["bytes"][f"int{bits}"] = q.packed.numel() * q.packed.element_size()
+            forward[f"int{bits}_forward_lookups_s"] = lambda q=q: q(pool[next(turn) % batches], offsets)
     for name, layer in layers.items():
         def fwd(layer=layer):
             with torch.no_grad():
@@ -95,6 +125,9 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
     if "dense" in layers:
         out["forward_ratio"] = out["tt_forward_lookups_s"] / out["dense_forward_lookups_s"]
         out["fwd_bwd_ratio"] = out["tt_fwd_bwd_lookups_s"] / out["dense_fwd_bwd_lookups_s"]
+        for bits in (8, 4):
+            if f"int{bits}_forward_lookups_s" in out:
+                out[f"int{bits}_forward_ratio"] = out[f"int{bits}_forward_lookups_s"] / out["dense_forward_lookups_s"]
     if "tt_reference" in layers:
         out["speedup_forward_vs_reference"] = out["tt_forward_lookups_s"] / out["tt_reference_forward_lookups_s"]
         out["speedup_fwd_bwd_vs_reference"] = out["tt_fwd_bwd_lookups_s"] / out["tt_reference_fwd_bwd_lookups_s"]
@@ -117,4 +150,11 @@ def format_lookups(r: dict) -> str:
         if f"dense_{what}_lookups_s" in r:
             line += f"   nn.EmbeddingBag {r[f'dense_{what}_lookups_s'] / 1e6:8.2f} M/s   ratio {r[f'{what}_ratio']:.3f}x"
         lines.append(line)
+    size = r.get("bytes", {})
+    for bits in (8, 4):
+        if f"int{bits}_forward_lookups_s" in r:
+            lines.append(f"forward  int{bits} row-wise {r[f'int{bits}_forward_lookups_s'] / 1e6:8.2f} M lookups/s   "
+                         f"ratio {r[f'int{bits}_forward_ratio']:.3f}x   {size['dense'] / size[f'int{bits}']:.1f}x smaller")
+    if "tt" in size:
+        lines.append(f"bytes    TT {size['tt']:,} ({size['dense'] / size['tt']:.0f}x smaller than dense {size['dense']:,})")
     return "\n".join(lines)
