@@ -169,31 +169,40 @@ class _TTTable(nn.Module):
         return row_codes(self._index_ids, self._index_codes, ids, bit_rank)
 
     def _rows_for(self, uniq: torch.Tensor) -> torch.Tensor:
-        """Rows of sorted distinct ids, through the row map and exact rows when present.
+        """Rows of sorted distinct ids, through the row map and exact rows when present."""
+        rows, order = self._rows_and_order(uniq)
+        return rows if order is None else rows.index_select(0, order)
+
+    def _rows_and_order(self, uniq: torch.Tensor):
+        """``(rows, order)``: the rows of sorted distinct ids are ``rows[order]`` (order None: in id order).
 
         Ids with an exact row are not looked up in the TT at all: with exact rows for the
-        hottest ids, a batch computes TT rows only for the rest.
+        hottest ids, a batch computes TT rows only for the rest.  Their rows come after the
+        TT rows; a lookup folds ``order`` into its own gather instead of reordering them.
         """
         codes = self._codes(uniq)
         if codes is None:
-            return self._tt_rows(uniq, is_sorted=True)
+            return self._tt_rows(uniq, is_sorted=True), None
         exact = codes < 0
         if uniq.device.type == "cpu":
             ex = exact.numpy()
-            hits, misses = torch.from_numpy(np.flatnonzero(ex)), torch.from_numpy(np.flatnonzero(~ex))
+            hits, misses = np.flatnonzero(ex), np.flatnonzero(~ex)
+            order = np.empty(ex.size, dtype=np.int64)
+            order[misses] = np.arange(misses.size)
+            order[hits] = np.arange(misses.size, ex.size)
+            hits, misses, order = torch.from_numpy(hits), torch.from_numpy(misses), torch.from_numpy(order)
         else:
             hits, misses = exact.nonzero().reshape(-1), (~exact).nonzero().reshape(-1)
+            order = torch.empty_like(codes)
+            order[misses] = torch.arange(misses.numel(), device=codes.device)
+            order[hits] = torch.arange(misses.numel(), codes.numel(), device=codes.device)
         if hits.numel() == 0:
-            return self._tt_rows(codes, is_sorted=False)
+            return self._tt_rows(codes, is_sorted=False), None
         kept = self.exact_rows.index_select(0, -1 - codes.index_select(0, hits))
         if misses.numel() == 0:
-            return kept
+            return kept, None
         tt = self._tt_rows(codes.index_select(0, misses), is_sorted=False)
-        # TT rows then exact rows, put in id order by one gather (3.5x faster than two index_put)
-        where = misses.new_empty(uniq.numel())
-        where[misses] = torch.arange(misses.numel(), device=misses.device)
-        where[hits] = torch.arange(misses.numel(), uniq.numel(), device=misses.device)
-        return torch.cat([tt, kept.to(tt.dtype)]).index_select(0, where)
+        return torch.cat([tt, kept.to(tt.dtype)]), order
 
     def _core_list(self) -> list:
         """The cores, in order (ParameterList's own iteration costs ~3 us a core on every lookup)."""
@@ -249,14 +258,18 @@ class _TTTable(nn.Module):
     def _unique_rows(self, input: torch.Tensor):
         """(rows of the unique indices (U, d), inverse map shaped like input, padding position)."""
         uniq, inverse = _unique(input.reshape(-1), self.num_embeddings)
+        order = None
         if uniq.numel() == 0:  # empty batch: one dummy row keeps the pooling ops happy
             rows = self.cores[0].new_zeros(1, self.embedding_dim)
         else:
-            rows = self._rows_for(uniq.long())
+            rows, order = self._rows_and_order(uniq.long())
         pad = None
         if self.padding_idx is not None:
             hit = (uniq == self.padding_idx).nonzero()
             pad = int(hit[0, 0]) if hit.numel() else None
+        if order is not None:  # rows are not in id order: look them up where they are
+            inverse = order.index_select(0, inverse.reshape(-1))
+            pad = None if pad is None else int(order[pad])
         return rows, inverse.reshape(input.shape), pad
 
     def safe_chunk(self, budget_bytes: int = 64 << 20) -> int:
