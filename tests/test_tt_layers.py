@@ -163,6 +163,21 @@ def test_dedup_and_no_full_table():
     assert bag.param_count() == sum(p.numel() for p in bag.parameters())
 
 
+def test_row_cache_bytes_bounds_and_turns_off_the_inference_cache():
+    bag, ref = make_bag("sum")
+    x = torch.randint(0, N, (30,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cached = bag(x, torch.arange(30))
+        assert bag._row_cache._table is not None and bag.row_cache_bytes == 256 << 20
+        bag.row_cache_bytes = 0  # off: the shared-prefix path, same values
+        assert bag._row_cache._table is None
+        torch.testing.assert_close(bag(x, torch.arange(30)), cached, atol=1e-5, rtol=1e-5)
+        assert bag._row_cache._table is None
+    torch.testing.assert_close(cached, ref(x, torch.arange(30)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="row_cache_bytes"):
+        bag.row_cache_bytes = -1
+
+
 def test_exact_rows_are_not_looked_up_in_the_tt():
     bag = TTEmbeddingBag(1000, 8, rank=4, mode="sum")
     bag.set_exact_rows(torch.tensor([7, 500]), torch.ones(2, 8))

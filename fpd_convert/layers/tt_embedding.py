@@ -204,6 +204,20 @@ class _TTTable(nn.Module):
         tt = self._tt_rows(codes.index_select(0, misses), is_sorted=False)
         return torch.cat([tt, kept.to(tt.dtype)]), order
 
+    @property
+    def row_cache_bytes(self) -> int:
+        """Most bytes the inference cache of the CPU path may take (default 256 MB; 0 turns it off).
+
+        Without gradients, the CPU path keeps the product of all cores but one end core
+        (``fpd_convert.kernels.cpu_tt.EndTable``) while it fits in this many bytes."""
+        return self._row_cache.max_bytes
+
+    @row_cache_bytes.setter
+    def row_cache_bytes(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"row_cache_bytes should be >= 0 but got {value}")
+        self._row_cache = EndTable(max_bytes=int(value))  # a new, empty cache: memory is given back
+
     def _core_list(self) -> list:
         """The cores, in order (ParameterList's own iteration costs ~3 us a core on every lookup)."""
         return list(self.cores._parameters.values())
