@@ -34,6 +34,15 @@ def timed(fn, reps=20):
 
 
 print(json.dumps({"unique": uniq.numel(), "unique_ms": timed(lambda: torch.unique(ids, return_inverse=True))}))
+# inference alternative to the Triton forward: the cached end table + one weighted embedding_bag
+try:
+    from fpd_convert.kernels.cpu_tt import EndTable
+    table = EndTable(max_bytes=1 << 30)
+    with torch.no_grad():
+        ms = timed(lambda: table.rows(cores, uniq))
+    print(json.dumps({"end_table_fwd_ms": ms, "end_table_mb": table.nbytes_for(cores) / 1e6}), flush=True)
+except Exception as e:  # a failure here must not stop the sweep
+    print(json.dumps({"end_table_error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
 best = {}
 for variant, settings in (("fma", [(8, 1, 2)]), ("dot", [(8, 1, 1), (8, 1, 2), (16, 1, 2)])):
     triton_tt.VARIANT = variant

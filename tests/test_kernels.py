@@ -75,12 +75,23 @@ def test_end_table_equals_reference_for_any_order_and_follows_core_updates(row_f
     assert table.fits(cores)
     out = table.rows(cores, idx)
     assert table._first == (end == "first")
-    assert table._table.numel() * 4 + table._bags.nbytes == table.nbytes_for(cores)
+    assert (table._table.numel() + table._bags.numel()) * 4 == table.nbytes_for(cores)
     torch.testing.assert_close(out, tt_rows(cores, idx).detach(), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         cores[1].mul_(2.0)  # an optimizer step is an in-place update: the cache must notice
     torch.testing.assert_close(table.rows(cores, idx), tt_rows(cores, idx).detach(), rtol=1e-5, atol=1e-5)
     assert not cpu_tt.EndTable(max_bytes=100).fits(cores)
+
+
+@cuda
+@pytest.mark.parametrize("row_factors,dim_factors,ranks,end", END_TABLE_SHAPES)
+def test_cuda_end_table_equals_reference(row_factors, dim_factors, ranks, end):
+    cores = [c.detach().cuda() for c in make_cores(row_factors, dim_factors, ranks)]
+    n = 1
+    for f in row_factors:
+        n *= f
+    idx = sample_indices(n, 150, unique=False).cuda()
+    torch.testing.assert_close(cpu_tt.EndTable().rows(cores, idx), tt_rows(cores, idx), rtol=1e-4, atol=1e-5)
 
 
 def test_end_table_in_bf16_is_close_to_the_fp32_reference():

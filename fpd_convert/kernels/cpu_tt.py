@@ -9,7 +9,9 @@ handles fastest (``(d_k x r) @ (r x D)``, measured 2.4x faster than the other wa
 :class:`EndTable` goes further for inference: it keeps the product of all cores
 but one end core for every digit combination (``n_2..n_k x r_1 x d_2..d_k`` for the
 first core as the end), so a row costs one weighted ``embedding_bag`` over ``d_1``
-bags of ``r_1`` cached rows, in any id order.  It is rebuilt when a core changes.
+bags of ``r_1`` cached rows, in any id order.  It is rebuilt when a core changes.  It runs
+on any device (the layer uses it on the CPU; ``.ci/kernel-sweep.py`` times it on a GPU
+against the Triton forward).
 """
 from __future__ import annotations
 
@@ -82,7 +84,7 @@ class EndTable:
         self.max_bytes = max_bytes
         self._key = None
         self._table: Optional[torch.Tensor] = None  # (N_rest * r, D/d_end): rows of the product
-        self._bags: Optional[np.ndarray] = None  # (N_rest, d_end * r) int32: each product's bag rows
+        self._bags: Optional[torch.Tensor] = None  # (N_rest, d_end * r) int32: each product's bag rows
         self._weights: Optional[torch.Tensor] = None  # (n_end, d_end * r): the end core's bag weights
         self._first = True
         self._offsets = torch.zeros(0, dtype=torch.int32)
@@ -155,28 +157,40 @@ class EndTable:
         self._table = table.reshape(n_rest * r, width)
         self._weights = weights.detach().reshape(n_end, d_end * r).contiguous()
         # product p's bag for each j: rows p*r .. p*r + r - 1 (int32: half the bytes to gather)
-        self._bags = np.ascontiguousarray(np.broadcast_to(
-            np.arange(n_rest * r, dtype=np.int32).reshape(n_rest, 1, r), (n_rest, d_end, r)).reshape(n_rest, -1))
+        self._bags = (torch.arange(n_rest * r, dtype=torch.int32, device=table.device).reshape(n_rest, 1, r)
+                      .expand(n_rest, d_end, r).reshape(n_rest, d_end * r))
         self._key = key
 
     def rows(self, cores: Sequence[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
-        """Rows ``W[indices]`` (U, D) for CPU indices in any order."""
+        """Rows ``W[indices]`` (U, D) for indices in any order, on the cores' device.
+
+        On the CPU the digit split and the bag gather go through numpy (several times faster
+        than torch's for a few thousand ids); elsewhere through torch.
+        """
         self._refresh(cores)
-        n_rest = self._bags.shape[0]
-        ids = indices.numpy()
-        if self._first:
-            end, rest = np.divmod(ids, n_rest)
+        n_rest, n_end = self._bags.shape[0], self._weights.shape[0]
+        if indices.device.type == "cpu":
+            ids = indices.numpy()
+            end, rest = np.divmod(ids, n_rest) if self._first else np.divmod(ids, n_end)[::-1]
+            bags = torch.from_numpy(self._bags.numpy().take(rest, axis=0).reshape(-1))
+            end = torch.from_numpy(end)
         else:
-            rest, end = np.divmod(ids, self._weights.shape[0])
-        bags = torch.from_numpy(self._bags.take(rest, axis=0).reshape(-1))
-        weights = self._weights.index_select(0, torch.from_numpy(end)).reshape(-1)
+            if self._first:
+                end = torch.div(indices, n_rest, rounding_mode="floor")
+                rest = indices - end * n_rest
+            else:
+                rest = torch.div(indices, n_end, rounding_mode="floor")
+                end = indices - rest * n_end
+            bags = self._bags.index_select(0, rest).reshape(-1)
+        weights = self._weights.index_select(0, end).reshape(-1)
         r = self._table.shape[0] // n_rest
         count = bags.numel() // r
-        if self._offsets.numel() < count:
-            self._offsets = torch.arange(0, count * r, r, dtype=torch.int32)
+        if self._offsets.numel() < count or self._offsets.device != bags.device:
+            self._offsets = torch.arange(0, max(count, 1) * r, r, dtype=torch.int32, device=bags.device)
         with torch.no_grad():
             out = F.embedding_bag(bags, self._table, self._offsets[:count], mode="sum", per_sample_weights=weights)
+        u = indices.numel()
         if self._first:
-            return out.reshape(ids.size, -1)
+            return out.reshape(u, -1)
         d_end = self._weights.shape[1] // r
-        return out.reshape(ids.size, d_end, -1).transpose(1, 2).reshape(ids.size, -1)
+        return out.reshape(u, d_end, -1).transpose(1, 2).reshape(u, -1)
