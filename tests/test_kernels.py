@@ -44,8 +44,22 @@ def test_cpu_shared_prefix_path_equals_reference(row_factors, dim_factors, ranks
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("count", [3, 40, 2000])  # few prefixes (one GEMM each) to many (grouped by digit)
+def test_cpu_shared_path_grouped_and_per_prefix_levels_agree(count, monkeypatch):
+    cores = make_cores([6, 50, 7], [2, 3, 2], [1, 4, 5, 1])
+    idx = sample_indices(6 * 50 * 7, count)
+    ref, ref_g = grads(tt_rows, cores, idx)
+    for padding in (cpu_tt.GROUPED_MAX_PADDING, 0, 10 ** 9):  # as shipped, never grouped, always grouped
+        monkeypatch.setattr(cpu_tt, "GROUPED_MAX_PADDING", padding)
+        out, out_g = grads(cpu_tt.tt_rows_shared, cores, idx)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(out_g, ref_g):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
 def test_cpu_path_two_and_four_cores():
-    for rf, df, rk in (([20, 30], [4, 2], [1, 5, 1]), ([3, 4, 5, 6], [2, 2, 1, 2], [1, 3, 4, 2, 1])):
+    for rf, df, rk in (([20, 30], [4, 2], [1, 5, 1]), ([3, 4, 5, 6], [2, 2, 1, 2], [1, 3, 4, 2, 1]),
+                       ([2, 9, 8, 3], [2, 1, 2, 2], [1, 2, 3, 2, 1])):
         cores = make_cores(rf, df, rk)
         idx = sample_indices(int(torch.tensor(rf).prod()), 200)
         ref, ref_g = grads(tt_rows, cores, idx)
