@@ -35,9 +35,18 @@ def _levels(indices: torch.Tensor, row_factors: Sequence[int]):
     return codes, parents
 
 
+def _gather(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``rows[index]`` for a (N, a, b) tensor, gathered as 2D rows (N, a b): the 2D backward
+    (``index_add`` of whole rows) made the CPU path's forward+backward 1.15-1.4x faster
+    than 3D ``index_select`` (1M x 64, rank 16, 3,300 ids; A/B in one process)."""
+    n, a, b = rows.shape
+    return rows.reshape(n, a * b).index_select(0, index).reshape(index.numel(), a, b)
+
+
 def _last_level(acc_t: torch.Tensor, last: torch.Tensor, digit: torch.Tensor) -> torch.Tensor:
     """Rows ``acc @ G_k[:, digit, :, 0]`` from ``acc_t`` (P, r, D) and the last core (r, n, d, 1) -> (P, D * d)."""
-    g = last[:, :, :, 0].permute(1, 2, 0).contiguous().index_select(0, digit)  # (P, d_k, r)
+    n, d = last.shape[1], last.shape[2]
+    g = _gather(last[:, :, :, 0].permute(1, 2, 0).reshape(n, d, -1), digit)  # (P, d_k, r)
     out_t = torch.bmm(g, acc_t)  # (P, d_k, D): the fast layout
     return out_t.transpose(1, 2).reshape(acc_t.shape[0], -1)
 
@@ -80,21 +89,21 @@ def tt_rows_shared(cores: Sequence[torch.Tensor], indices: torch.Tensor) -> torc
         digit = codes[j] % row_factors[j]
         pick = pick.index_select(0, parents[j])
         if j == k - 1:
-            return _last_level(rows.index_select(0, pick).transpose(1, 2), cores[j], digit)
+            return _last_level(_gather(rows, pick).transpose(1, 2), cores[j], digit)
         r_in, n_j, d_j, r_out = cores[j].shape
         slices = cores[j].permute(1, 0, 2, 3).reshape(n_j, r_in, d_j * r_out)
         slot, m = _digit_slots(digit, n_j)
         if n_j * m <= GROUPED_MAX_PADDING * digit.numel():
             source = torch.zeros(n_j * m, dtype=pick.dtype, device=pick.device)  # padding: any row
             source[slot] = pick
-            acc = rows.index_select(0, source).reshape(n_j, m * rows.shape[1], r_in)
+            acc = _gather(rows, source).reshape(n_j, m * rows.shape[1], r_in)
             rows = torch.bmm(acc, slices).reshape(n_j * m, -1, r_out)
             pick = slot
         else:  # few prefixes spread over many digits: one small GEMM a prefix
-            acc = rows.index_select(0, pick)
-            rows = torch.bmm(acc, slices.index_select(0, digit)).reshape(acc.shape[0], -1, r_out)
+            acc = _gather(rows, pick)
+            rows = torch.bmm(acc, _gather(slices, digit)).reshape(acc.shape[0], -1, r_out)
             pick = torch.arange(acc.shape[0], device=pick.device)
-    return rows.index_select(0, pick).reshape(pick.numel(), -1)  # a single core
+    return _gather(rows, pick).reshape(pick.numel(), -1)  # a single core
 
 
 class EndTable:
