@@ -214,6 +214,8 @@ def test_one_hot_bags_equal_embedding_bag(mode, include_last_offset):
     one_hot = torch.arange(51 if include_last_offset else 50)
     torch.testing.assert_close(bag(x, one_hot), ref(x, one_hot), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(bag(x.view(50, 1)), ref(x.view(50, 1)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="offsets has to be None"):  # PyTorch's error, one-hot or not
+        bag(x.view(50, 1), one_hot)
     # as many offsets as ids, but with an empty bag: not one-hot, pooled as usual
     not_one_hot = one_hot.clone()
     not_one_hot[5] = 4

@@ -387,8 +387,8 @@ class TTEmbeddingBag(_TTTable):
 
         Checked on the CPU only: comparing offsets on a GPU would cost a host sync, more than
         the pooling it saves there."""
-        if input.dim() == 2:
-            return input.shape[1] == 1
+        if input.dim() == 2:  # with offsets, embedding_bag raises PyTorch's own error
+            return input.shape[1] == 1 and offsets is None
         if offsets is None or input.dim() != 1 or offsets.device.type != "cpu":
             return False
         n = input.numel()
