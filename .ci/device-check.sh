@@ -15,6 +15,10 @@ echo "variant: $BEST"
 timeout 120 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --step --json \
   > $OUT/bench_10m_r32.json 2>$OUT/bench_r32.err; tail -3 $OUT/bench_r32.err
 grep -E "ratio|lookups_s|samples_s|unique|speedup" $OUT/bench_10m_r32.json
+# the torch paths on the GPU (end table forward, grouped-GEMM training path), end to end
+timeout 60 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --kernel cpu --json \
+  > $OUT/bench_10m_r32_torch.json 2>$OUT/bench_torch.err; tail -3 $OUT/bench_torch.err
+grep -E "ratio|lookups_s" $OUT/bench_10m_r32_torch.json
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_tt_layers.py tests/test_row_index.py 2>&1 | tee $OUT/pytest.log | tail -4
 timeout 40 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 16 --batch 65536 --reps 10 --json \
   > $OUT/bench_10m_r16.json 2>$OUT/bench_r16.err

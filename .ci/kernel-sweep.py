@@ -15,21 +15,28 @@ from fpd_convert.kernels import triton_tt
 from fpd_convert.layers import TTEmbeddingBag
 
 rows, dim, rank, batch = (int(a) for a in (sys.argv[1:] or [10_000_000, 128, 32, 65_536]))
-bag = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device="cuda")
-ids = zipf_ids(rows, batch, 1.1, "cuda", torch.Generator().manual_seed(0))
+# on the CPU (with TRITON_INTERPRET=1 and a small shape) it is a dry run of this script
+device = "cuda" if torch.cuda.is_available() else "cpu"
+bag = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=device)
+ids = zipf_ids(rows, batch, 1.1, device, torch.Generator().manual_seed(0))
 uniq = torch.unique(ids)
 cores = list(bag.cores)
-grad = torch.randn(uniq.numel(), dim, device="cuda")
+grad = torch.randn(uniq.numel(), dim, device=device)
+
+
+def sync():
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(fn, reps=20):
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t) / reps * 1e3
 
 
@@ -43,6 +50,15 @@ try:
     print(json.dumps({"end_table_fwd_ms": ms, "end_table_mb": table.nbytes_for(cores) / 1e6}), flush=True)
 except Exception as e:  # a failure here must not stop the sweep
     print(json.dumps({"end_table_error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
+# training alternative to the Triton kernels: the torch path (prefixes grouped by digit, batched GEMMs)
+try:
+    from fpd_convert.kernels.cpu_tt import tt_rows_shared
+    fwd = timed(lambda: tt_rows_shared(cores, uniq))
+    out = tt_rows_shared(cores, uniq)
+    bwd = timed(lambda: torch.autograd.grad(out, cores, grad, retain_graph=True))
+    print(json.dumps({"variant": "torch-grouped", "fwd_ms": fwd, "bwd_ms": bwd}), flush=True)
+except Exception as e:
+    print(json.dumps({"variant": "torch-grouped", "error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
 best = {}
 for variant, settings in (("fma", [(8, 1, 2)]), ("dot", [(8, 1, 1), (8, 1, 2), (16, 1, 2)])):
     triton_tt.VARIANT = variant
