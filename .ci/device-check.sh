@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One prepared run on the device machine (GPU), most important first: the Triton kernel sweep
-# (both variants), the lookup + DLRM-step bench with the faster variant, the GPU tests
-# (CUDA and Triton ones included), the rank-16 bench. Needs the tensorly wheel in .whl/
+# One prepared run on the device machine (GPU), most important first: the kernel sweep (Triton
+# variants, the end-table forward, the grouped torch training path), the lookup + DLRM-step bench
+# with the faster Triton variant, the same bench on the torch paths (FPD_TT_KERNEL=cpu: the
+# layer's "cpu" path is plain torch and runs on CUDA too), the GPU tests (CUDA and Triton ones). Needs the tensorly wheel in .whl/
 # (the device image lacks tensorly); writes results to $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -15,11 +16,8 @@ echo "variant: $BEST"
 timeout 120 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --step --json \
   > $OUT/bench_10m_r32.json 2>$OUT/bench_r32.err; tail -3 $OUT/bench_r32.err
 grep -E "ratio|lookups_s|samples_s|unique|speedup" $OUT/bench_10m_r32.json
-# the torch paths on the GPU (end table forward, grouped-GEMM training path), end to end
-timeout 60 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --kernel cpu --json \
-  > $OUT/bench_10m_r32_torch.json 2>$OUT/bench_torch.err; tail -3 $OUT/bench_torch.err
-grep -E "ratio|lookups_s" $OUT/bench_10m_r32_torch.json
+# the torch paths on the GPU (end-table forward, grouped-GEMM training path), lookups and DLRM step
+FPD_TT_KERNEL=cpu timeout 120 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 \
+  --kernel cpu --step --json > $OUT/bench_10m_r32_torch.json 2>$OUT/bench_torch.err; tail -3 $OUT/bench_torch.err
+grep -E "ratio|lookups_s|samples_s" $OUT/bench_10m_r32_torch.json
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_tt_layers.py tests/test_row_index.py 2>&1 | tee $OUT/pytest.log | tail -4
-timeout 40 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 16 --batch 65536 --reps 10 --json \
-  > $OUT/bench_10m_r16.json 2>$OUT/bench_r16.err
-grep -E "ratio|speedup" $OUT/bench_10m_r16.json
