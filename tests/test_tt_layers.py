@@ -28,8 +28,8 @@ def batch(int_dtype=torch.int64, empty_bags=True):
 
 
 @pytest.mark.parametrize("mode,int_dtype,include_last_offset,padding_idx",
-                         itertools.product(["sum", "mean", "max"], [torch.int32, torch.int64], [False, True],
-                                           [None, 7]))
+                         list(itertools.product(["sum", "mean", "max"], [torch.int32, torch.int64], [False, True],
+                                                [None, 7])))
 def test_bag_parity_1d_offsets(mode, int_dtype, include_last_offset, padding_idx):
     bag, ref = make_bag(mode, include_last_offset=include_last_offset, padding_idx=padding_idx)
     x, offsets = batch(int_dtype)
@@ -207,7 +207,7 @@ def test_packed_unique_equals_numpy_unique(n, int_dtype):
     torch.testing.assert_close(uniq[inverse], big)
 
 
-@pytest.mark.parametrize("mode,include_last_offset", itertools.product(["sum", "mean", "max"], [False, True]))
+@pytest.mark.parametrize("mode,include_last_offset", list(itertools.product(["sum", "mean", "max"], [False, True])))
 def test_one_hot_bags_equal_embedding_bag(mode, include_last_offset):
     bag, ref = make_bag(mode, include_last_offset=include_last_offset)
     x = torch.randint(0, N, (50,), generator=torch.Generator().manual_seed(3))
