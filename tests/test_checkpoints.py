@@ -354,7 +354,7 @@ def test_bench_dlrm_step_default_model_and_compressed_file(tmp_path):
                                   "--reps", "1", "--step", "--rows-cap", "3000", "--json"])
     assert r.exit_code == 0, r.output
     step = json.loads(r.output)["dlrm_step"]
-    assert step["tt_tables"] == 5 and step["ratio"] > 0
+    assert step["tt_tables"] == 5 and step["ratio"] > 0 and step["inference_ratio"] > 0
     assert step["tt_embedding_bytes"] < step["dense_embedding_bytes"]
     torch.save(dlrm_checkpoint(dlrm_state()), tmp_path / "m.pt")
     fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=4, num_largest=2, progress=False)

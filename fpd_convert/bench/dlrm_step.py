@@ -70,10 +70,25 @@ def _step_fn(model: nn.Module, architecture: dict, batch: int, zipf: float, devi
     return step
 
 
+def _serve_fn(model: nn.Module, architecture: dict, batch: int, zipf: float, device, seed: int):
+    """One inference batch: the forward pass alone, without gradients (what serving runs)."""
+    model.to(device).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    dense = torch.rand(batch, 13, generator=g).to(device)
+    sparse = torch.stack([zipf_ids(t["rows"], batch, zipf, device, g) for t in architecture["tables"]], 1)
+    bf16 = device.type == "cuda"
+
+    def serve():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            model.logits(dense, sparse)
+    return serve
+
+
 def bench_dlrm_step(model: Optional[str] = None, rows_cap: Optional[int] = None, dim: int = 128,
                     tt_tables: int = 5, rank: int = 32, batch: Optional[int] = None, zipf: float = 1.1,
                     device: str = "auto", reps: int = 10, lr: float = 0.01, seed: int = 0) -> dict:
-    """Samples/s of the training step, dense vs TT, and their ratio."""
+    """Samples/s of the training step, dense vs TT, and their ratio; the same for inference
+    (forward alone, without gradients, after the training steps)."""
     dev = resolve_device(device)
     if batch is None:
         batch = 65_536 if dev.type == "cuda" else 2_048
@@ -102,10 +117,13 @@ def bench_dlrm_step(model: Optional[str] = None, rows_cap: Optional[int] = None,
         out[f"{name}_embedding_bytes"] = _embedding_bytes(net)
         seconds = median_seconds(_step_fn(net, architecture, batch, zipf, dev, lr, seed), dev, reps)
         out[f"{name}_samples_s"] = batch / seconds
+        seconds = median_seconds(_serve_fn(net, architecture, batch, zipf, dev, seed), dev, reps)
+        out[f"{name}_inference_samples_s"] = batch / seconds
         del net
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     out["ratio"] = out["tt_samples_s"] / out["dense_samples_s"]
+    out["inference_ratio"] = out["tt_inference_samples_s"] / out["dense_inference_samples_s"]
     return out
 
 
@@ -114,4 +132,7 @@ def format_dlrm_step(r: dict) -> str:
         f"DLRM training step: {r['model']}, batch {r['batch']:,}, {r['device']}, torch {r['torch']}",
         f"dense tables  {r['dense_samples_s'] / 1e6:8.3f} M samples/s   embeddings {r['dense_embedding_bytes'] / 1e9:7.2f} GB",
         f"TT tables     {r['tt_samples_s'] / 1e6:8.3f} M samples/s   embeddings {r['tt_embedding_bytes'] / 1e9:7.2f} GB",
-        f"ratio TT / dense: {r['ratio']:.3f}x"])
+        f"ratio TT / dense: {r['ratio']:.3f}x"]
+        + ([f"inference (forward only): dense {r['dense_inference_samples_s'] / 1e6:.3f}, TT "
+            f"{r['tt_inference_samples_s'] / 1e6:.3f} M samples/s, ratio {r['inference_ratio']:.3f}x"]
+           if "inference_ratio" in r else []))
