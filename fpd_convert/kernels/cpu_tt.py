@@ -159,30 +159,47 @@ class EndTable:
     def suffixes(cores: Sequence[torch.Tensor]) -> torch.Tensor:
         """All products ``G_2[i_2] ... G_k[i_k]`` as ``(N_suffix, r_1, d_2..d_k)``, level by level
         from the right as one GEMM each (no per-suffix copy of a core slice): core
-        ``(r', n, d, r)`` times acc ``(r, S, D)`` -> ``(r', n S, d D)``."""
+        ``(r', n, d, r)`` times acc ``(r, S, D)``.  Each level's one copy puts its result in the
+        layout the next needs, ``(r', n S, d D)``, and the last one straight in the table's
+        ``(n S, r', d D)`` (peak: the table and one GEMM result)."""
         acc = cores[-1][..., 0]  # (r_{k-1}, n_k, d_k)
-        for core in reversed(cores[1:-1]):
-            r_out, n, d, r = core.shape
+        if len(cores) == 2:
+            return acc.transpose(0, 1).contiguous()
+        for j in range(len(cores) - 2, 0, -1):
+            r_out, n, d, r = cores[j].shape
             _, s, dd = acc.shape
-            acc = (core.reshape(r_out * n * d, r) @ acc.reshape(r, s * dd)).reshape(r_out, n, d, s, dd)
-            acc = acc.permute(0, 1, 3, 2, 4).reshape(r_out, n * s, d * dd)
-        return acc.transpose(0, 1).contiguous()
+            prod = (cores[j].reshape(r_out * n * d, r) @ acc.reshape(r, s * dd)).reshape(r_out, n, d, s, dd)
+            if j > 1:
+                acc = prod.permute(0, 1, 3, 2, 4).reshape(r_out, n * s, d * dd)
+            else:
+                acc = prod.permute(1, 3, 0, 2, 4).reshape(n * s, r_out, d * dd)
+            del prod
+        return acc
 
     @staticmethod
     @torch.no_grad()
     def prefixes(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-        """All products ``G_1[i_1] ... G_{k-1}[i_{k-1}]`` as ``(N_prefix, r_{k-1}, d_1..d_{k-1})``:
-        the suffixes of the mirrored train (cores reversed, ``r`` and ``d`` roles kept)."""
-        mirrored = [c.permute(3, 1, 2, 0) for c in reversed(cores)]
-        # mirrored products run over reversed digits and dims: put both back in order
-        table = EndTable.suffixes(mirrored)  # (N, r, d_{k-1}..d_1) over digits (i_{k-1}..i_1)
-        lead = cores[:-1]
-        ns, ds = [c.shape[1] for c in lead], [c.shape[2] for c in lead]
-        r = table.shape[1]
-        t = table.reshape(*ns[::-1], r, *ds[::-1])
-        k = len(lead)
-        order = list(range(k - 1, -1, -1)) + [k] + list(range(2 * k, k, -1))
-        return t.permute(*order).reshape(math.prod(ns), r, math.prod(ds)).contiguous()
+        """All products ``G_1[i_1] ... G_{k-1}[i_{k-1}]`` as ``(N_prefix, r_{k-1}, d_1..d_{k-1})``,
+        level by level from the left as one GEMM each: acc ``(P, D, r)`` times core
+        ``(r, n, d, r')`` -> ``(P n, D d, r')``; the last level multiplies the other way round,
+        core ``(n r' d, r)`` by acc ``(r, P D)``, so that its one copy gives the table's
+        ``(P n, r', D d)`` directly."""
+        acc = cores[0][0]  # (n_1, d_1, r_1)
+        if len(cores) == 2:
+            return acc.transpose(1, 2).contiguous()
+        last = len(cores) - 2
+        for j in range(1, last + 1):
+            p, dd, r = acc.shape
+            _, n, d, r_out = cores[j].shape
+            if j < last:
+                prod = (acc.reshape(p * dd, r) @ cores[j].reshape(r, n * d * r_out)).reshape(p, dd, n, d, r_out)
+                acc = prod.permute(0, 2, 1, 3, 4).reshape(p * n, dd * d, r_out)
+            else:
+                lhs = cores[j].permute(1, 3, 2, 0).reshape(n * r_out * d, r)
+                prod = (lhs @ acc.reshape(p * dd, r).t()).reshape(n, r_out, d, p, dd)
+                acc = prod.permute(3, 0, 1, 4, 2).reshape(p * n, r_out, dd * d)
+            del prod
+        return acc
 
     def _refresh(self, cores: Sequence[torch.Tensor]) -> None:
         key = tuple((id(c), c._version, c.device, c.dtype) for c in cores)
