@@ -34,6 +34,16 @@ def data_options(fn):
     return click.option("--strict", is_flag=True, help="A malformed data line is an error, not a warning.")(fn)
 
 
+def _int_list(text, option: str):
+    """``"2,4,8"`` -> ``[2, 4, 8]`` (None stays None), with click's message for a bad value."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in str(text).split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers but got {text!r}", param_hint=option) from None
+
+
 def _rank_value(text):
     if text is None:
         return None
@@ -259,6 +269,8 @@ def demo(folder, train_rows, ratio):
 @click.option("--kernel", type=click.Choice(["auto", "reference", "cpu", "triton"]), default="auto",
               show_default=True, help="TT row path to time (the reference is timed beside it).")
 @click.option("--reps", type=int, default=10, show_default=True)
+@click.option("--dim-factors", default=None, help="Lookups: the TT's factors of --dim, e.g. 2,4,8 "
+              "[default: as balanced as possible].")
 @click.option("--batches", type=click.IntRange(1), default=1, show_default=True,
               help="Lookups: cycle through this many distinct batches (1: the same batch every time).")
 @click.option("--step", is_flag=True, help="Also time a DLRM training step, dense vs TT tables.")
@@ -281,7 +293,7 @@ def demo(folder, train_rows, ratio):
               help="--svd: where to write the table (default: the temp folder).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, batches, step, model, tt_tables, rows_cap, hot_rows,
+def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, dim_factors, batches, step, model, tt_tables, rows_cap, hot_rows,
           exact_rows, svd, svd_paths, dtype, folder, as_json):
     """Lookups/s of TTEmbeddingBag vs nn.EmbeddingBag (and a DLRM step), or TT-SVD paths (--svd), in one run."""
     if svd:
@@ -292,7 +304,8 @@ def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, batches, 
         return
     from .bench.lookups import bench_lookups, format_lookups
     results = {"lookups": bench_lookups(rows, dim, rank, batch or 8192, pooling, zipf, device, reps, kernel=kernel,
-                                        hot_rows=hot_rows, exact_rows=exact_rows, batches=batches)}
+                                        hot_rows=hot_rows, exact_rows=exact_rows, batches=batches,
+                                        dim_factors=_int_list(dim_factors, "--dim-factors"))}
     if not as_json:
         click.echo(format_lookups(results["lookups"]))
     if step or model:

@@ -336,6 +336,13 @@ def test_bench_command_runs_and_reports_ratios():
     assert "4 batches in turn" in r.output and "ratio" in r.output
     r = CliRunner().invoke(main, ["bench", "--rows", "2000", "--batches", "0"])
     assert r.exit_code != 0 and "--batches" in r.output
+    r = CliRunner().invoke(main, ["bench", "--rows", "20000", "--dim", "16", "--rank", "4", "--batch", "64",
+                                  "--reps", "1", "--dim-factors", "2,2,4", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["lookups"]["dim_factors"] == [2, 2, 4]
+    for bad in ("2,x", "3,3,3"):  # not integers; not a factorization of 16
+        r = CliRunner().invoke(main, ["bench", "--rows", "2000", "--dim", "16", "--dim-factors", bad])
+        assert r.exit_code != 0 and ("--dim-factors" in r.output or "multiply" in r.output), r.output
 
 
 def test_interleaved_medians_time_every_function_in_turn():

@@ -6,7 +6,7 @@ measured in the same process.
 from __future__ import annotations
 
 import itertools
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -53,7 +53,8 @@ class RowwiseQuantizedBag:
 def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: int = 8192, pooling: int = 1,
                   zipf: float = 1.1, device: str = "auto", reps: int = 10, seed: int = 0,
                   dense: Optional[bool] = None, kernel: str = "auto", reference: bool = True,
-                  hot_rows: float = 0.0, exact_rows: float = 0.0, batches: int = 1, quantized: bool = True) -> dict:
+                  hot_rows: float = 0.0, exact_rows: float = 0.0, batches: int = 1, quantized: bool = True,
+                  dim_factors: Optional[Sequence[int]] = None) -> dict:
     """Lookups per second (forward, forward+backward) of TT and dense bags, and their ratios.
 
     ``kernel`` picks the TT path (see :mod:`fpd_convert.layers.tt_lookup`); with
@@ -63,7 +64,8 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
     many distinct batches from the same distribution, as real traffic does: one batch repeated
     keeps the dense table's few touched rows in the CPU caches, which flatters the baseline.
     With ``quantized`` (CPU), int8 and int4 row-wise quantized copies of the dense table are
-    timed too (forward only): the usual alternative to a TT table.
+    timed too (forward only): the usual alternative to a TT table.  ``dim_factors`` sets the
+    TT's factorization of ``dim`` (default: :func:`fpd_convert.tt.factor_dims`).
     """
     if batches < 1:
         raise ValueError(f"batches should be >= 1 but got {batches}")
@@ -72,16 +74,18 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
     pool = [zipf_ids(rows, batch * pooling, zipf, dev, g) for _ in range(batches)]
     turn = itertools.count()
     offsets = torch.arange(0, batch * pooling, pooling, device=dev)
-    tt = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev)
+    shape = dict(dim_factors=list(dim_factors)) if dim_factors else {}
+    tt = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev, **shape)
     tt.kernel = kernel
-    out = {"rows": rows, "dim": dim, "rank": rank, "batch": batch, "pooling": pooling, "zipf": zipf,
+    out = {"rows": rows, "dim": dim, "rank": rank, "dim_factors": tt.tt_shape.dim_factors, "batch": batch, "pooling": pooling, "zipf": zipf,
            "device": device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "unique_ids": round(sum(int(b.unique().numel()) for b in pool) / batches), "lookups": batch * pooling,
            "batches": batches,
            "kernel": choose_kernel(kernel, list(tt.cores))}
     layers = {"tt": tt}
     if hot_rows or exact_rows:
-        plain = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev, _cores=[c.detach() for c in tt.cores])
+        plain = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev, _cores=[c.detach() for c in tt.cores],
+                               **shape)
         plain.kernel = kernel
         layers["tt_plain"] = plain
         hottest = (torch.arange(int((hot_rows + exact_rows) * rows)) * 2654435761) % rows  # zipf_ids' hot ids
@@ -92,7 +96,8 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
             tt.set_row_map(hottest[n_exact:])
         out.update(hot_rows=int(hot_rows * rows), exact_rows=n_exact)
     if reference and out["kernel"] != "reference":  # the same table (map, exact rows) on the reference path
-        ref = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev, _cores=[c.detach() for c in tt.cores])
+        ref = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev, _cores=[c.detach() for c in tt.cores],
+                             **shape)
         if tt.row_map is not None:
             ref.set_row_map(tt.row_map)
         if tt.exact_ids is not None:
@@ -135,7 +140,7 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
 
 
 def format_lookups(r: dict) -> str:
-    lines = [f"{r['rows']:,} x {r['dim']}, rank {r['rank']}, batch {r['batch']:,} x pooling {r['pooling']}, "
+    lines = [f"{r['rows']:,} x {r['dim']} (dims {r.get('dim_factors')}), rank {r['rank']}, batch {r['batch']:,} x pooling {r['pooling']}, "
              f"Zipf {r['zipf']} ({r['unique_ids']:,} unique ids"
              + (f" a batch, {r['batches']} batches in turn" if r.get("batches", 1) > 1 else "") + f"), {r['device']}, torch {r['torch']}, "
              f"TT path: {r['kernel']}" + (f", row map {r['hot_rows']:,} + exact {r['exact_rows']:,} rows"
