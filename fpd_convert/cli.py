@@ -62,6 +62,8 @@ def _rank_value(text):
 @click.option("--budget", help="Total size of the compressed tables, e.g. 3GB, 50MB.")
 @click.option("--tol", type=float, help="Relative reconstruction error per table (delta-truncated TT-SVD).")
 @click.option("--order", type=click.IntRange(2, 4), default=3, show_default=True, help="Number of TT cores.")
+@click.option("--dim-factors", help="Factors of the tables' dim, e.g. 2,4,8 (their count sets the order; default: "
+              "as balanced as possible). A first factor of 2 makes CPU lookups faster.")
 @click.option("--svd", type=click.Choice(["auto", "truncated_svd", "randomized_svd"]), default="auto",
               show_default=True, help="SVD of the in-memory (TensorLy) path.")
 @click.option("--svd-path", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
@@ -94,8 +96,8 @@ def _rank_value(text):
 @click.option("--keep-larger", is_flag=True, help="Keep a TT even when it is not smaller (full-rank checks).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
-def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, tol, order, svd, svd_path, workers,
-             power_iters, seed, importance, data_path, data_rows, hot_rows, exact_rows, core_dtype, exact_dtype,
+def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, tol, order, dim_factors, svd, svd_path,
+             workers, power_iters, seed, importance, data_path, data_rows, hot_rows, exact_rows, core_dtype, exact_dtype,
              layout, yes, force, allow_unsafe_pickle, keep_larger, as_json):
     """Replace the largest embedding tables of MODEL by TT cores (TT-SVD)."""
     from .convert import compress as run, inspect as describe
@@ -112,7 +114,8 @@ def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, 
                   allow_unsafe_pickle=allow_unsafe_pickle, progress=not as_json, keep_larger=keep_larger,
                   svd_path=svd_path, workers=workers, power_iters=power_iters, seed=seed,
                   log=lambda text: click.echo(text, err=True), data=data_path, data_rows=data_rows,
-                  fidelity=FidelityOptions(importance, hot_rows, exact_rows, core_dtype, exact_dtype))
+                  fidelity=FidelityOptions(importance, hot_rows, exact_rows, core_dtype, exact_dtype),
+                  dim_factors=_int_list(dim_factors, "--dim-factors"))
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.format())
 
 

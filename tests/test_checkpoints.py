@@ -117,6 +117,28 @@ def test_low_rank_compression_is_smaller_and_reports_error(tmp_path):
     assert os.path.getsize(tmp_path / "c.safetensors") < os.path.getsize(tmp_path / "m.pt") / 5
 
 
+def test_compress_with_chosen_dim_factors(tmp_path):
+    s = dlrm_state(rows=[20_000, 50, 8_000], m=16)
+    torch.save(dlrm_checkpoint(s), tmp_path / "m.pt")
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "c.safetensors"),
+                                  "--rank", "4", "--num-largest", "2", "--dim-factors", "2,2,4", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output[r.output.index("{"):])  # after the plan, which goes to stderr
+    assert [t["dim_factors"] for t in summary["tables"]] == [[2, 2, 4], [2, 2, 4]]
+    model = fpd_convert.load(tmp_path / "c.safetensors")
+    assert model.emb_l[0].tt_shape.dim_factors == [2, 2, 4]
+    dense, ids = batch()
+    assert torch.isfinite(model(dense, ids)).all()
+    two = fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c2.safetensors", rank=4, num_largest=1,
+                               dim_factors=[4, 4], progress=False)  # two factors: two cores
+    assert two.tables[0].dim_factors == [4, 4] and len(two.tables[0].row_factors) == 2
+    for bad in ("3,3,3", "2,x"):  # not a factorization of 16; not integers: nothing written
+        r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "bad.safetensors"),
+                                      "--dim-factors", bad])
+        assert r.exit_code != 0 and "dim" in r.output.lower(), r.output
+        assert not (tmp_path / "bad.safetensors").exists()
+
+
 @pytest.mark.parametrize("layout", ["dlrm", "torchrec"])
 def test_full_rank_decompress_round_trip(tmp_path, layout):
     if layout == "dlrm":

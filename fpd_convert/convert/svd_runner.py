@@ -9,6 +9,7 @@ would not fit in the memory available.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -57,11 +58,21 @@ def memory_available() -> int:
 
 def plan_table(key: str, name: str, rows: int, dim: int, order: int = 3, rank=None, ratio=None,
                budget_bytes=None, tol=None, svd_path: str = "auto", oversample: int = 10,
-               available: Optional[int] = None) -> TablePlan:
-    """Shape, ranks, path and expected peak memory of one table's TT-SVD."""
+               available: Optional[int] = None, dim_factors: Optional[Sequence[int]] = None) -> TablePlan:
+    """Shape, ranks, path and expected peak memory of one table's TT-SVD.
+
+    ``dim_factors`` (their count sets the order) replaces the most balanced factorization of
+    ``dim``; e.g. ``[2, 4, 8]`` for 64 makes CPU lookups ~1.5x faster (docs/benchmarks.md)."""
     if svd_path not in SVD_PATHS:
         raise ValueError(f"svd path should be one of {', '.join(SVD_PATHS)} but got {svd_path!r}")
-    rf, df = factor_rows(rows, order), factor_dims(dim, order)
+    if dim_factors is not None:
+        df = [int(f) for f in dim_factors]
+        if math.prod(df) != dim or min(df) < 1 or not 2 <= len(df) <= 4:
+            raise ValueError(f"dim factors {df} should be 2 to 4 positive ints whose product is the dim of "
+                             f"table {name} ({dim}) but multiply to {math.prod(df)}")
+        rf = factor_rows(rows, len(df))
+    else:
+        rf, df = factor_rows(rows, order), factor_dims(dim, order)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # clamped ranks show in the summary
         ranks = None if tol is not None else resolve_ranks(rows, dim, rf, df, rank, ratio, budget_bytes)
