@@ -186,22 +186,18 @@ class _TTTable(nn.Module):
         exact = codes < 0
         if uniq.device.type == "cpu":
             ex = exact.numpy()
-            hits, misses = np.flatnonzero(ex), np.flatnonzero(~ex)
-            order = np.empty(ex.size, dtype=np.int64)
-            order[misses] = np.arange(misses.size)
-            order[hits] = np.arange(misses.size, ex.size)
-            hits, misses, order = torch.from_numpy(hits), torch.from_numpy(misses), torch.from_numpy(order)
+            hits, misses = torch.from_numpy(np.flatnonzero(ex)), torch.from_numpy(np.flatnonzero(~ex))
         else:
             hits, misses = exact.nonzero().reshape(-1), (~exact).nonzero().reshape(-1)
-            order = torch.empty_like(codes)
-            order[misses] = torch.arange(misses.numel(), device=codes.device)
-            order[hits] = torch.arange(misses.numel(), codes.numel(), device=codes.device)
         if hits.numel() == 0:
             return self._tt_rows(codes, is_sorted=False), None
         kept = self.exact_rows.index_select(0, -1 - codes.index_select(0, hits))
         if misses.numel() == 0:
             return kept, None
         tt = self._tt_rows(codes.index_select(0, misses), is_sorted=False)
+        order = torch.empty_like(codes)  # TT rows first, then exact rows
+        order[misses] = torch.arange(misses.numel(), device=codes.device)
+        order[hits] = torch.arange(misses.numel(), codes.numel(), device=codes.device)
         return torch.cat([tt, kept.to(tt.dtype)]), order
 
     @property

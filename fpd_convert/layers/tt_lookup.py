@@ -48,7 +48,7 @@ def lookup_rows(cores: Sequence[torch.Tensor], unique_ids: torch.Tensor, kernel:
     """Rows of the TT table for deduplicated indices, by the chosen path.
 
     The shared-prefix and Triton paths walk sorted ids: with ``is_sorted=False`` the ids are
-    sorted for them and the rows put back in the given order; the suffix-table path and the
+    sorted for them and the rows put back in the given order; the end-table path and the
     reference take any order.
     """
     path = choose_kernel(kernel, cores)
