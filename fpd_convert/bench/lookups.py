@@ -77,7 +77,8 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
     shape = dict(dim_factors=list(dim_factors)) if dim_factors else {}
     tt = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev, **shape)
     tt.kernel = kernel
-    out = {"rows": rows, "dim": dim, "rank": rank, "dim_factors": tt.tt_shape.dim_factors, "batch": batch, "pooling": pooling, "zipf": zipf,
+    out = {"rows": rows, "dim": dim, "rank": rank, "dim_factors": tt.tt_shape.dim_factors, "batch": batch,
+           "pooling": pooling, "zipf": zipf,
            "device": device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "unique_ids": round(sum(int(b.unique().numel()) for b in pool) / batches), "lookups": batch * pooling,
            "batches": batches,
@@ -140,9 +141,11 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
 
 
 def format_lookups(r: dict) -> str:
-    lines = [f"{r['rows']:,} x {r['dim']} (dims {r.get('dim_factors')}), rank {r['rank']}, batch {r['batch']:,} x pooling {r['pooling']}, "
-             f"Zipf {r['zipf']} ({r['unique_ids']:,} unique ids"
-             + (f" a batch, {r['batches']} batches in turn" if r.get("batches", 1) > 1 else "") + f"), {r['device']}, torch {r['torch']}, "
+    batches = f" a batch, {r['batches']} batches in turn" if r.get("batches", 1) > 1 else ""
+    lines = [f"{r['rows']:,} x {r['dim']} (dims {r.get('dim_factors')}), rank {r['rank']}, "
+             f"batch {r['batch']:,} x pooling {r['pooling']}, "
+             f"Zipf {r['zipf']} ({r['unique_ids']:,} unique ids{batches}), "
+             f"{r['device']}, torch {r['torch']}, "
              f"TT path: {r['kernel']}" + (f", row map {r['hot_rows']:,} + exact {r['exact_rows']:,} rows"
                                           if "hot_rows" in r else "")]
     for what in ("forward", "fwd_bwd"):
@@ -157,9 +160,11 @@ def format_lookups(r: dict) -> str:
         lines.append(line)
     size = r.get("bytes", {})
     for bits in (8, 4):
-        if f"int{bits}_forward_lookups_s" in r:
-            lines.append(f"forward  int{bits} row-wise {r[f'int{bits}_forward_lookups_s'] / 1e6:8.2f} M lookups/s   "
-                         f"ratio {r[f'int{bits}_forward_ratio']:.3f}x   {size['dense'] / size[f'int{bits}']:.1f}x smaller")
+        name = f"int{bits}"
+        if f"{name}_forward_lookups_s" in r:
+            lines.append(f"forward  {name} row-wise {r[f'{name}_forward_lookups_s'] / 1e6:8.2f} M lookups/s   "
+                         f"ratio {r[f'{name}_forward_ratio']:.3f}x   {size['dense'] / size[name]:.1f}x smaller")
     if "tt" in size:
-        lines.append(f"bytes    TT {size['tt']:,} ({size['dense'] / size['tt']:.0f}x smaller than dense {size['dense']:,})")
+        lines.append(f"bytes    TT {size['tt']:,} "
+                     f"({size['dense'] / size['tt']:.0f}x smaller than dense {size['dense']:,})")
     return "\n".join(lines)
