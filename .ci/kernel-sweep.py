@@ -80,4 +80,37 @@ for variant, settings in (("fma", [(8, 1, 2)]), ("dot", [(8, 1, 1), (8, 1, 2), (
             traceback.print_exc()
         print(json.dumps(r), flush=True)
 winner = min(best, key=lambda v: best[v][0]) if best else "fma"
+
+
+def profile(name, step, n=5):
+    """Kernel-by-kernel time of ``n`` steps (after two untimed ones), top 15, into $OUT/profile.txt."""
+    import os
+    for _ in range(2):
+        step()
+    sync()
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), "profile.txt"), "a") as f:
+        f.write(f"== {name}, {n} steps of fwd+bwd, batch {batch}\n{table}\n")
+
+
+try:  # where the whole layer's time goes (dedup, index check, rows, pooling, backward), per path
+    triton_tt.VARIANT = winner
+    offsets = torch.arange(batch, device=device)
+    for kernel in ("triton", "cpu"):
+        bag.kernel = kernel
+        profile(f"TTEmbeddingBag kernel={kernel}", lambda: bag(ids, offsets).sum().backward())
+    dense = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device)
+    profile("nn.EmbeddingBag sparse", lambda: dense(ids, offsets).sum().backward())
+except Exception as e:
+    print(json.dumps({"profile_error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
+for dtype in (torch.int64, torch.int32):  # dedup: the layer's torch.unique on the batch's ids
+    x = ids.to(dtype)
+    print(json.dumps({"unique_dtype": str(dtype), "ms": timed(lambda: torch.unique(x, return_inverse=True)),
+                      "sort_ms": timed(lambda: torch.sort(x))}), flush=True)
 print(json.dumps({"best": winner, "settings": best}))
