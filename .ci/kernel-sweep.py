@@ -1,4 +1,6 @@
-"""Device-side tuning run: times the Triton TT kernels (both variants) forward and backward.
+"""Device-side tuning run: times the TT row kernels forward and backward (the suffix-table
+kernels against the per-index ones at three batch sizes, both per-index variants, the torch
+paths), profiles the whole layer per path, and times the dedup.
 
 Usage: python3 .ci/kernel-sweep.py [rows dim rank batch]; prints one JSON line per setting and
 finally {"best": variant} (the variant with the lowest forward + backward time).
@@ -59,8 +61,28 @@ try:
     print(json.dumps({"variant": "torch-grouped", "fwd_ms": fwd, "bwd_ms": bwd}), flush=True)
 except Exception as e:
     print(json.dumps({"variant": "torch-grouped", "error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
+# the suffix-table kernels (training and cached inference) against the per-index ones, at several
+# batch sizes: where they cross sets triton_suffix.FACTOR
+from fpd_convert.kernels import triton_suffix  # noqa: E402
+for b in (batch // 32, batch // 8, batch):
+    try:
+        u_ids = torch.unique(zipf_ids(rows, b, 1.1, device, torch.Generator().manual_seed(1)))
+        g_u = torch.randn(u_ids.numel(), dim, device=device)
+        r = {"suffix_batch": b, "unique": u_ids.numel(), "worthwhile": triton_suffix.worthwhile(cores, u_ids.numel())}
+        for name, fn in (("suffix", triton_suffix.suffix_rows), ("per_index_dot", triton_tt.tt3_rows)):
+            triton_tt.VARIANT = "dot"
+            r[f"{name}_fwd_ms"] = timed(lambda: fn(cores, u_ids))
+            out = fn(cores, u_ids)
+            r[f"{name}_bwd_ms"] = timed(lambda: torch.autograd.grad(out, cores, g_u, retain_graph=True))
+        cache = triton_suffix.SuffixCache(1 << 30)
+        with torch.no_grad():
+            r["suffix_cached_fwd_ms"] = timed(lambda: triton_suffix.suffix_rows(cores, u_ids, cache))
+    except Exception as e:
+        r = {"suffix_batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        traceback.print_exc()
+    print(json.dumps(r), flush=True)
 best = {}
-for variant, settings in (("fma", [(8, 1, 2)]), ("dot", [(8, 1, 1), (8, 1, 2), (16, 1, 2)])):
+for variant, settings in (("fma", [(8, 1, 2)]), ("dot", [(8, 1, 1), (8, 1, 2)])):
     triton_tt.VARIANT = variant
     for chunk, fwd_warps, warps in settings:
         triton_tt.CHUNK, triton_tt.FWD_WARPS = chunk, fwd_warps
@@ -80,6 +102,12 @@ for variant, settings in (("fma", [(8, 1, 2)]), ("dot", [(8, 1, 1), (8, 1, 2), (
             traceback.print_exc()
         print(json.dumps(r), flush=True)
 winner = min(best, key=lambda v: best[v][0]) if best else "fma"
+if best:  # the profile below runs the winner with its best settings
+    triton_tt.CHUNK = best[winner][1]
+    if winner == "dot":
+        triton_tt.DOT_WARPS = best[winner][2]
+    else:
+        triton_tt.BWD_WARPS = best[winner][2]
 
 
 def profile(name, step, n=5):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import cuda, needs_triton
-from fpd_convert.kernels import cpu_tt, triton_tt
+from fpd_convert.kernels import cpu_tt, triton_suffix, triton_tt
 from fpd_convert.kernels.reference import tt_rows
 from fpd_convert.layers import TTEmbeddingBag, TTEmbedding, choose_kernel
 
@@ -167,6 +167,76 @@ def test_triton_bf16_cores(variant):
         torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
+
+
+@needs_triton
+@pytest.mark.parametrize("row_factors,dim_factors,ranks", SHAPES + [([4, 5, 6], [8, 4, 4], [1, 8, 8, 1])])
+@pytest.mark.parametrize("ids", ["sorted", "duplicates", "unsorted"])
+def test_triton_suffix_path_equals_reference(row_factors, dim_factors, ranks, ids):
+    cores = [c.detach().to(_device()).requires_grad_() for c in make_cores(row_factors, dim_factors, ranks)]
+    n = row_factors[0] * row_factors[1] * row_factors[2]
+    idx = sample_indices(n, 80, unique=ids == "sorted")
+    idx = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(5))] if ids == "unsorted" \
+        else torch.sort(idx).values
+    idx = idx.to(_device())
+    ref, ref_g = grads(tt_rows, cores, idx)
+    out, out_g = grads(triton_suffix.suffix_rows, cores, idx)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(out_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+def test_triton_suffix_path_frozen_cores_and_bf16():
+    cores = [c.detach().to(_device()) for c in make_cores([4, 5, 6], [8, 4, 4], [1, 8, 8, 1])]
+    idx = sample_indices(120, 50).to(_device())
+    for frozen in range(3):  # gradients for the other two cores only
+        cs = [c.clone().requires_grad_(j != frozen) for j, c in enumerate(cores)]
+        out = triton_suffix.suffix_rows(cs, idx)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(frozen)).to(out.device)
+        got = torch.autograd.grad(out, [c for c in cs if c.requires_grad], g)
+        ref = [c.detach().clone().requires_grad_(j != frozen) for j, c in enumerate(cores)]
+        want = torch.autograd.grad(tt_rows(ref, idx), [c for c in ref if c.requires_grad], g)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    bf = [c.to(torch.bfloat16).requires_grad_() for c in cores]
+    out, out_g = grads(triton_suffix.suffix_rows, bf, idx)
+    ref, ref_g = grads(tt_rows, [c.detach().float().requires_grad_() for c in bf], idx)
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in out_g)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    for a, b in zip(out_g, ref_g):
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+@needs_triton
+def test_suffix_cache_serves_without_gradients_and_follows_core_updates():
+    cores = [c.detach().to(_device()) for c in make_cores([4, 5, 6], [8, 4, 4], [1, 8, 8, 1])]
+    idx = sample_indices(120, 50).to(_device())
+    cache = triton_suffix.SuffixCache()
+    with torch.no_grad():
+        torch.testing.assert_close(triton_suffix.suffix_rows(cores, idx, cache), tt_rows(cores, idx))
+        table = cache.table(cores)
+        assert cache.table(cores) is table  # kept between calls
+        cores[2].mul_(-0.5)  # an in-place update (an optimizer step) is seen
+        torch.testing.assert_close(triton_suffix.suffix_rows(cores, idx, cache), tt_rows(cores, idx))
+        assert cache.table(cores) is not table
+    assert triton_suffix.suffix_bytes(cores) == 4 * 8 * 5 * 4 * 6 * 4
+    assert not triton_suffix.SuffixCache(max_bytes=100).fits(cores)
+
+
+def test_suffix_path_is_chosen_by_distinct_ids_per_digit_pair(monkeypatch):
+    cores = make_cores([4, 5, 6], [8, 4, 4], [1, 8, 8, 1])  # 30 digit pairs x d3 4 vs ids x r2 8
+    if not triton_tt.available():
+        assert not triton_suffix.worthwhile(cores, 10 ** 6)
+        return
+    assert triton_suffix.worthwhile(cores, 15) and not triton_suffix.worthwhile(cores, 14)
+    monkeypatch.setattr(triton_suffix, "MAX_BYTES", 1000)  # too big a table: never
+    assert not triton_suffix.worthwhile(cores, 10 ** 6)
+    assert not triton_suffix.worthwhile(cores[:2], 10 ** 6)
+
+
 def test_dispatch_choices():
     cpu_cores = make_cores([5, 7, 6], [2, 3, 2], [1, 3, 4, 1])
     assert choose_kernel("auto", cpu_cores) == "cpu"
@@ -175,10 +245,12 @@ def test_dispatch_choices():
         choose_kernel("cuda", cpu_cores)
 
 
-@pytest.mark.parametrize("kernel", ["reference", "cpu"] + (["triton"] if triton_tt.available() else []))
-def test_layer_paths_agree_through_pooling_and_training(kernel):
+@pytest.mark.parametrize("kernel", ["reference", "cpu"] + (["triton", "triton-suffix"] if triton_tt.available() else []))
+def test_layer_paths_agree_through_pooling_and_training(kernel, monkeypatch):
     # the Triton kernels run on CUDA where there is a GPU, in the interpreter on the CPU otherwise
-    device = "cuda" if kernel == "triton" and torch.cuda.is_available() else "cpu"
+    device = "cuda" if kernel.startswith("triton") and torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(triton_suffix, "FACTOR", 1e9 if kernel == "triton-suffix" else 0.0)
+    kernel = kernel.split("-")[0]
     torch.manual_seed(0)
     ref = TTEmbeddingBag(210, 12, rank=4, row_factors=[5, 7, 6], dim_factors=[2, 3, 2], mode="mean")
     ref.kernel = "reference"
@@ -208,7 +280,9 @@ def test_embedding_auto_path_matches_dense_reconstruction():
 
 
 @cuda
-def test_cuda_auto_path_is_triton_and_matches_reference(variant):
+@pytest.mark.parametrize("suffix", [False, True])
+def test_cuda_auto_path_is_triton_and_matches_reference(variant, suffix, monkeypatch):
+    monkeypatch.setattr(triton_suffix, "FACTOR", 1e9 if suffix else 0.0)
     bag = TTEmbeddingBag(100_000, 64, rank=16, mode="sum", device="cuda")
     assert choose_kernel("auto", list(bag.cores)) == "triton"
     ids = torch.randint(0, 100_000, (4096,), device="cuda")

@@ -224,6 +224,31 @@ def test_one_hot_bags_equal_embedding_bag(mode, include_last_offset):
     assert bag.cores[1].grad.abs().sum() > 0
 
 
+@cuda
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_cuda_one_hot_bags_gather_and_train_like_embedding_bag(mode):
+    bag, ref = make_bag(mode)
+    bag, ref = bag.cuda(), ref.cuda()
+    x = torch.randint(0, N, (50,), generator=torch.Generator().manual_seed(3)).cuda()
+    for offsets in (torch.arange(50, device="cuda"), torch.tensor([0, 0, 7, 9], device="cuda")):  # one-hot, not
+        torch.testing.assert_close(bag(x, offsets), ref(x, offsets), atol=1e-5, rtol=1e-5)
+        bag.zero_grad()
+        bag(x, offsets).square().sum().backward()
+        want = [g.clone() for g in torch.autograd.grad(_reference_loss(bag, x, offsets), list(bag.cores))]
+        for c, w in zip(bag.cores, want):
+            torch.testing.assert_close(c.grad, w, atol=1e-4, rtol=1e-3)
+    with pytest.raises(IndexError, match="out of range"):  # the range check reads the one-hot probe too
+        bag(torch.tensor([1, N], device="cuda"), torch.tensor([0, 1], device="cuda"))
+
+
+def _reference_loss(bag, x, offsets):
+    kernel, bag.kernel = bag.kernel, "reference"
+    try:
+        return bag(x, offsets).square().sum()
+    finally:
+        bag.kernel = kernel
+
+
 def test_random_init_has_requested_scale():
     bag = TTEmbeddingBag(100_000, 32, rank=16, init_std=0.05)
     rows = tt_rows(list(bag.cores), torch.arange(0, 100_000, 7))

@@ -1,7 +1,9 @@
 """Which TT row path a layer uses: the dispatch between the reference and fast kernels.
 
 ``kernel="auto"`` picks, for three float cores on a CUDA device with Triton, the
-Triton kernels; on the CPU, the shared-prefix path (and the cached end table
+Triton kernels (the suffix-table kernels when the batch's distinct ids are many enough for
+the table's digit pairs, see :mod:`fpd_convert.kernels.triton_suffix`, else the per-index
+ones); on the CPU, the shared-prefix path (and the cached end table
 when no gradient is needed and the table is small); otherwise the plain PyTorch
 reference, which every fast path is tested against.  ``FPD_TT_KERNEL`` in the
 environment sets the default for all layers (``reference``, ``cpu``, ``triton``, ``auto``).
@@ -14,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..kernels import cpu_tt, triton_tt
+from ..kernels import cpu_tt, triton_suffix, triton_tt
 from ..kernels.reference import row_digits, tt_rows
 
 KERNELS = ("auto", "reference", "cpu", "triton")
@@ -44,18 +46,24 @@ def choose_kernel(kernel: str, cores: Sequence[torch.Tensor]) -> str:
 
 
 def lookup_rows(cores: Sequence[torch.Tensor], unique_ids: torch.Tensor, kernel: str = "auto",
-                row_cache: Optional[cpu_tt.EndTable] = None, is_sorted: bool = True) -> torch.Tensor:
+                row_cache: Optional[cpu_tt.EndTable] = None, is_sorted: bool = True,
+                suffix_cache: Optional[triton_suffix.SuffixCache] = None) -> torch.Tensor:
     """Rows of the TT table for deduplicated indices, by the chosen path.
 
-    The shared-prefix and Triton paths walk sorted ids: with ``is_sorted=False`` the ids are
-    sorted for them and the rows put back in the given order; the end-table path and the
-    reference take any order.
+    The shared-prefix and per-index Triton paths walk sorted ids: with ``is_sorted=False`` the
+    ids are sorted for them and the rows put back in the given order; the end-table, suffix
+    and reference paths take any order.  Without gradients, ``row_cache`` (CPU path) and
+    ``suffix_cache`` (Triton path) keep a product of cores between calls while it fits.
     """
     path = choose_kernel(kernel, cores)
-    if path == "cpu":
-        grad = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
-        if not grad and row_cache is not None and row_cache.fits(cores):
-            return row_cache.rows(cores, unique_ids)
+    grad = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+    if path == "cpu" and not grad and row_cache is not None and row_cache.fits(cores):
+        return row_cache.rows(cores, unique_ids)
+    if path == "triton":
+        if not grad and suffix_cache is not None and suffix_cache.fits(cores):
+            return triton_suffix.suffix_rows(cores, unique_ids, suffix_cache)
+        if triton_suffix.worthwhile(cores, unique_ids.numel()):
+            return triton_suffix.suffix_rows(cores, unique_ids)
     if path == "reference":
         return tt_rows(cores, unique_ids)
     if is_sorted:

@@ -1,0 +1,244 @@
+"""Rows of a 3-core TT table through its suffix table: two Triton kernels and three GEMMs.
+
+The per-index kernels of :mod:`triton_tt` contract ``G1[i1] G2[i2] G3[i3]`` for every
+index, so each index pays for the ``r1 x d2 x r2`` middle slice (twice in the backward),
+in small, latency-bound products.  Here the middle work is done once per step for all
+digit pairs, as one dense GEMM:
+
+    S = G2 (r1 n2 d2, r2) @ G3 (r2, n3 d3)     rows (a, i2, p2), columns (i3, p3)
+
+and a row is ``G1[i1] (d1 x r1) @ S[:, i2, :, i3, :] (r1 x d2 d3)``, a 4 k-flop product per
+index (one kernel).  The backward is the same in reverse: one kernel walks the sorted
+indices, sums ``dG1[i1] += g S^T`` over runs of equal ``i1`` in registers and adds
+``dS[.., i2, .., i3, ..] += G1[i1]^T g`` (mostly distinct places, one atomic add each);
+then ``dG2 = dS @ G3^T`` and ``dG3 = G2^T @ dS`` are two GEMMs.  Nothing is sorted
+by digit and no core slice is copied per index.
+
+It pays when the digit pairs are not many more than the indices of a batch
+(:func:`worthwhile`), e.g. 10M x 128 rows, rank 32: 40,000 pairs of 2 KB for a batch
+of 21,500 distinct ids.  Without gradients, :class:`SuffixCache` keeps ``S`` between
+calls (rebuilt when a core changes), so a lookup is the one row kernel.
+
+Works under ``TRITON_INTERPRET=1`` on CPU tensors (how the tests run it without a GPU).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .triton_tt import _pow2, available, supports, triton, tl
+
+if triton is not None:
+
+    @triton.jit
+    def _suffix_offsets(i2, i3, N2, N3, R1, D2, D3, BR1: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr):
+        """Offsets into S (and dS) of ``S[:, i2, :, i3, :]`` as a (BR1, BD2*BD3) tile, and its mask."""
+        a = tl.arange(0, BR1)
+        q = tl.arange(0, BD2 * BD3)
+        p2 = q // BD3
+        p3 = q % BD3
+        offs = ((a[:, None] * N2 + i2) * D2 + p2[None, :]) * (N3 * D3) + i3 * D3 + p3[None, :]
+        mask = (a[:, None] < R1) & (p2[None, :] < D2) & (p3[None, :] < D3)
+        return offs, mask
+
+    @triton.jit
+    def _row_tile(D1, D2, D3, BD1: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr):
+        """Offsets inside a row (p1, p2, p3) as a (BD1, BD2*BD3) tile, and its mask."""
+        p1 = tl.arange(0, BD1)
+        q = tl.arange(0, BD2 * BD3)
+        p2 = q // BD3
+        p3 = q % BD3
+        offs = p1[:, None] * (D2 * D3) + p2[None, :] * D3 + p3[None, :]
+        mask = (p1[:, None] < D1) & (p2[None, :] < D2) & (p3[None, :] < D3)
+        return offs, mask
+
+    @triton.jit
+    def _first_tile(c1, i1, R1, D1, BD1: tl.constexpr, BR1: tl.constexpr):
+        """``G1[0, i1]`` as a (BD1, BR1) fp32 tile."""
+        p1 = tl.arange(0, BD1)
+        a = tl.arange(0, BR1)
+        return tl.load(c1 + (i1 * D1 + p1[:, None]) * R1 + a[None, :],
+                       mask=(p1[:, None] < D1) & (a[None, :] < R1), other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _suffix_fwd_kernel(idx_ptr, c1, s_ptr, out_ptr, N2, N3, R1, D1, D2, D3,
+                           BD1: tl.constexpr, BR1: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        row = tl.load(idx_ptr + pid).to(tl.int64)
+        i3 = row % N3
+        rest = row // N3
+        i2 = rest % N2
+        i1 = rest // N2
+        g1 = _first_tile(c1, i1, R1, D1, BD1, BR1)
+        s_offs, s_mask = _suffix_offsets(i2, i3, N2, N3, R1, D2, D3, BR1, BD2, BD3)
+        s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
+        out = tl.sum(g1[:, :, None] * s[None, :, :], axis=1)  # (BD1, BQ)
+        offs, mask = _row_tile(D1, D2, D3, BD1, BD2, BD3)
+        tl.store(out_ptr + pid * (D1 * D2 * D3) + offs, out, mask=mask)
+
+    @triton.jit
+    def _suffix_bwd_kernel(idx_ptr, grad_ptr, c1, s_ptr, d1_ptr, ds_ptr, U, CH, N2, N3, R1, D1, D2, D3,
+                           NEED1: tl.constexpr, NEEDS: tl.constexpr, BD1: tl.constexpr, BR1: tl.constexpr,
+                           BD2: tl.constexpr, BD3: tl.constexpr):
+        """Over a chunk of sorted ids: dG1[i1] += g S^T (summed over runs of equal i1), dS += G1^T g."""
+        start = tl.program_id(0).to(tl.int64) * CH
+        end = tl.minimum(start + CH, U)
+        D = D1 * D2 * D3
+        p1 = tl.arange(0, BD1)
+        a = tl.arange(0, BR1)
+        out_mask = (p1[:, None] < D1) & (a[None, :] < R1)
+        offs, mask = _row_tile(D1, D2, D3, BD1, BD2, BD3)
+        cur = tl.load(idx_ptr + start).to(tl.int64) // (N2 * N3)
+        acc = tl.zeros((BD1, BR1), dtype=tl.float32)
+        for s in range(start, end):
+            row = tl.load(idx_ptr + s).to(tl.int64)
+            i3 = row % N3
+            rest = row // N3
+            i2 = rest % N2
+            i1 = rest // N2
+            g = tl.load(grad_ptr + s * D + offs, mask=mask, other=0.0).to(tl.float32)  # (BD1, BQ)
+            s_offs, s_mask = _suffix_offsets(i2, i3, N2, N3, R1, D2, D3, BR1, BD2, BD3)
+            if NEEDS:
+                g1 = _first_tile(c1, i1, R1, D1, BD1, BR1)
+                tl.atomic_add(ds_ptr + s_offs, tl.sum(g1[:, :, None] * g[:, None, :], axis=0), mask=s_mask)
+            if NEED1:
+                if i1 != cur:
+                    tl.atomic_add(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
+                    acc = tl.zeros((BD1, BR1), dtype=tl.float32)
+                    cur = i1
+                sl = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
+                acc += tl.sum(g[:, None, :] * sl[None, :, :], axis=2)
+        if NEED1:
+            tl.atomic_add(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
+
+
+#: the suffix path is used while ``n2 n3 d3 <= FACTOR * ids * r2``: per distinct id the
+#: per-index kernels move ~3 middle slices (``r1 d2 r2``), the suffix path ~6 passes over
+#: ``r1 d2 d3`` values per digit pair (bandwidth estimate; the sweep on the device checks it)
+FACTOR = 1.0
+MAX_BYTES = 1 << 30  # nor while S (and dS) would take more than this
+CHUNK = 8  # ids per backward program
+FWD_WARPS = 1
+BWD_WARPS = 2
+
+
+def _shapes(cores):
+    c1, c2, c3 = cores
+    _, n1, d1, r1 = c1.shape
+    _, n2, d2, r2 = c2.shape
+    _, n3, d3, _ = c3.shape
+    return n1, n2, n3, d1, d2, d3, r1, r2
+
+
+def suffix_bytes(cores: Sequence[torch.Tensor]) -> int:
+    """Bytes of the fp32 suffix table ``S`` (``r1 n2 d2 x n3 d3``)."""
+    _, n2, n3, _, d2, d3, r1, _ = _shapes(cores)
+    return 4 * r1 * n2 * d2 * n3 * d3
+
+
+def worthwhile(cores: Sequence[torch.Tensor], num_ids: int) -> bool:
+    """Whether this batch of distinct ids is better served by the suffix path (see ``FACTOR``)."""
+    if not supports(cores):
+        return False
+    _, n2, n3, _, _, d3, _, r2 = _shapes(cores)
+    return n2 * n3 * d3 <= FACTOR * num_ids * r2 and suffix_bytes(cores) <= MAX_BYTES
+
+
+def _mats(c2, c3):
+    """The middle and last cores as GEMM operands: (r1 n2 d2, r2) and (r2, n3 d3)."""
+    return c2.reshape(-1, c2.shape[3]), c3.reshape(c3.shape[0], -1)
+
+
+def suffix_table(c2: torch.Tensor, c3: torch.Tensor) -> torch.Tensor:
+    """``S = G2 @ G3`` in fp32, rows ``(a, i2, p2)`` and columns ``(i3, p3)``."""
+    with torch.autocast(device_type=c2.device.type, enabled=False):
+        m2, m3 = _mats(c2.float(), c3.float())
+        return m2 @ m3
+
+
+def _blocks(cores):
+    n1, n2, n3, d1, d2, d3, r1, r2 = _shapes(cores)
+    return (dict(N2=n2, N3=n3, R1=r1, D1=d1, D2=d2, D3=d3),
+            dict(BD1=_pow2(d1), BR1=_pow2(r1), BD2=_pow2(d2), BD3=_pow2(d3)))
+
+
+def _rows_from(c1: torch.Tensor, s: torch.Tensor, ids: torch.Tensor, cores) -> torch.Tensor:
+    sizes, blocks = _blocks(cores)
+    out = torch.empty(ids.numel(), sizes["D1"] * sizes["D2"] * sizes["D3"], device=c1.device, dtype=torch.float32)
+    if ids.numel():
+        _suffix_fwd_kernel[(ids.numel(),)](ids, c1, s, out, *sizes.values(), **blocks, num_warps=FWD_WARPS)
+    return out
+
+
+class _SuffixRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, c1, c2, c3):
+        c1 = c1.contiguous()
+        s = suffix_table(c2, c3)
+        ctx.save_for_backward(ids, c1, c2, c3, s)
+        return _rows_from(c1, s, ids, (c1, c2, c3))
+
+    @staticmethod
+    def backward(ctx, grad):
+        ids, c1, c2, c3, s = ctx.saved_tensors
+        need1, need2, need3 = ctx.needs_input_grad[1:]
+        sizes, blocks = _blocks((c1, c2, c3))
+        u = ids.numel()
+        d1 = torch.zeros(c1.shape, device=c1.device, dtype=torch.float32) if need1 else None
+        ds = torch.zeros(s.shape, device=s.device, dtype=torch.float32) if (need2 or need3) else None
+        if u and (need1 or ds is not None):
+            _suffix_bwd_kernel[(triton.cdiv(u, CHUNK),)](
+                ids, grad.float().contiguous(), c1, s, d1 if need1 else s, ds if ds is not None else s, u, CHUNK,
+                *sizes.values(), NEED1=bool(need1), NEEDS=ds is not None, **blocks, num_warps=BWD_WARPS)
+        grads = [d1, None, None]
+        if ds is not None:
+            with torch.autocast(device_type=ds.device.type, enabled=False):
+                m2, m3 = _mats(c2.float(), c3.float())
+                if need2:
+                    grads[1] = (ds @ m3.t()).reshape(c2.shape)
+                if need3:
+                    grads[2] = (m2.t() @ ds).reshape(c3.shape)
+        return (None, *[None if g is None else g.to(c.dtype) for g, c in zip(grads, (c1, c2, c3))])
+
+
+class SuffixCache:
+    """``S`` kept between lookups without gradients; rebuilt when the middle or last core changes
+    (in-place optimizer steps bump the tensor version) or when it would exceed ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self._key = None
+        self._table: Optional[torch.Tensor] = None
+
+    def fits(self, cores: Sequence[torch.Tensor]) -> bool:
+        return supports(cores) and suffix_bytes(cores) <= self.max_bytes
+
+    def table(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        c2, c3 = cores[1], cores[2]
+        key = tuple((c.data_ptr(), c._version, c.shape, c.dtype, c.device) for c in (c2, c3))
+        if key != self._key or self._table is None:
+            self._table = None  # free the old table before the new one is made
+            self._table = suffix_table(c2.detach(), c3.detach())
+            self._key = key
+        return self._table
+
+
+def suffix_rows(cores: Sequence[torch.Tensor], sorted_ids: torch.Tensor,
+                cache: Optional[SuffixCache] = None) -> torch.Tensor:
+    """Rows ``W[sorted_ids]`` of a 3-core TT table (differentiable; values and gradients as the
+    reference).  ``sorted_ids`` (U,) ascending (the backward sums runs of equal first digits);
+    duplicates are allowed.  Without gradients and with ``cache``, ``S`` is reused between calls."""
+    if not supports(cores):
+        raise ValueError("the Triton TT kernels take exactly three float cores")
+    dtype = cores[0].dtype
+    ids = sorted_ids.contiguous()
+    if cache is not None and not (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
+        with torch.no_grad():
+            out = _rows_from(cores[0].detach().float().contiguous(), cache.table(cores), ids, cores)
+    else:
+        out = _SuffixRows.apply(ids, *cores)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+__all__ = ["available", "worthwhile", "suffix_rows", "suffix_table", "suffix_bytes", "SuffixCache"]
