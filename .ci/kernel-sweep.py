@@ -81,6 +81,23 @@ for b in (batch // 32, batch // 8, batch):
         r = {"suffix_batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         traceback.print_exc()
     print(json.dumps(r), flush=True)
+# launch settings of the suffix kernels at the full batch: ids per backward program, warps
+suffix_best = None
+u_ids = torch.unique(ids)
+for chunk, fwd_warps, bwd_warps in ((8, 1, 2), (1, 1, 1), (1, 2, 2), (1, 1, 4), (2, 2, 2), (4, 1, 2), (8, 4, 4)):
+    triton_suffix.CHUNK, triton_suffix.FWD_WARPS, triton_suffix.BWD_WARPS = chunk, fwd_warps, bwd_warps
+    try:
+        fwd = timed(lambda: triton_suffix.suffix_rows(cores, u_ids))
+        out = triton_suffix.suffix_rows(cores, u_ids)
+        bwd = timed(lambda: torch.autograd.grad(out, cores, grad, retain_graph=True))
+        r = {"suffix_launch": [chunk, fwd_warps, bwd_warps], "fwd_ms": fwd, "bwd_ms": bwd}
+        if suffix_best is None or fwd + bwd < suffix_best[0]:
+            suffix_best = (fwd + bwd, chunk, fwd_warps, bwd_warps)
+    except Exception as e:
+        r = {"suffix_launch": [chunk, fwd_warps, bwd_warps], "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    print(json.dumps(r), flush=True)
+if suffix_best:
+    _, triton_suffix.CHUNK, triton_suffix.FWD_WARPS, triton_suffix.BWD_WARPS = suffix_best
 best = {}
 for variant, settings in (("fma", [(8, 1, 2)]), ("dot", [(8, 1, 1), (8, 1, 2)])):
     triton_tt.VARIANT = variant
@@ -122,11 +139,38 @@ def profile(name, step, n=5):
             step()
         sync()
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "profile.txt"), "a") as f:
         f.write(f"== {name}, {n} steps of fwd+bwd, batch {batch}\n{table}\n")
 
 
+# the whole layer in one process, suffix path vs per-index kernels (and the dense bag): inference
+# (no gradients; the suffix path serves from its cached table) and a training fwd+bwd
+try:
+    offsets = torch.arange(batch, device=device)
+    dense_bag = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device)
+
+    def infer(layer):
+        with torch.no_grad():
+            layer(ids, offsets)
+
+    def train(layer):
+        layer(ids, offsets).sum().backward()
+        for p in layer.parameters():
+            p.grad = None
+    r = {"layer_ab": batch, "dense_infer_ms": timed(lambda: infer(dense_bag)),
+         "dense_train_ms": timed(lambda: train(dense_bag))}
+    bag.kernel = "triton"
+    for name, factor, cache_bytes in (("suffix", 1.0, 256 << 20), ("per_index", 0.0, 0)):
+        triton_suffix.FACTOR, bag.row_cache_bytes = factor, cache_bytes
+        r[f"{name}_infer_ms"] = timed(lambda: infer(bag))
+        r[f"{name}_train_ms"] = timed(lambda: train(bag))
+    triton_suffix.FACTOR, bag.row_cache_bytes = 1.0, 256 << 20
+    dense_bag = None  # free its 5 GB before the profile
+    print(json.dumps(r), flush=True)
+except Exception as e:
+    print(json.dumps({"layer_ab_error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
+    traceback.print_exc()
 try:  # where the whole layer's time goes (dedup, index check, rows, pooling, backward), per path
     triton_tt.VARIANT = winner
     offsets = torch.arange(batch, device=device)
@@ -141,4 +185,5 @@ for dtype in (torch.int64, torch.int32):  # dedup: the layer's torch.unique on t
     x = ids.to(dtype)
     print(json.dumps({"unique_dtype": str(dtype), "ms": timed(lambda: torch.unique(x, return_inverse=True)),
                       "sort_ms": timed(lambda: torch.sort(x))}), flush=True)
-print(json.dumps({"best": winner, "settings": best}))
+print(json.dumps({"best": winner, "settings": best,
+                  "suffix_launch": ",".join(str(v) for v in suffix_best[1:]) if suffix_best else "8,1,2"}))

@@ -207,6 +207,17 @@ def test_packed_unique_equals_numpy_unique(n, int_dtype):
     torch.testing.assert_close(uniq[inverse], big)
 
 
+@pytest.mark.parametrize("n", [1, 7, 3000])
+def test_one_sync_device_dedup_equals_numpy_unique(n):
+    # the GPU's dedup (sort, runs, one read of count/range/probe) is plain torch: checked here on CPU tensors
+    ids = torch.randint(3, 900, (n,), generator=torch.Generator().manual_seed(n))
+    uniq, inverse, lo, hi, probe = tt_embedding_module._unique_device(ids, 1000, torch.tensor(n > 5))
+    ref_u, ref_inv = np.unique(ids.numpy(), return_inverse=True)
+    assert uniq.tolist() == ref_u.tolist() and inverse.tolist() == ref_inv.reshape(-1).tolist()
+    assert (lo, hi, probe) == (int(ids.min()), int(ids.max()), n > 5)
+    assert tt_embedding_module._unique_device(ids, 1000)[4] is None
+
+
 @pytest.mark.parametrize("mode,include_last_offset", list(itertools.product(["sum", "mean", "max"], [False, True])))
 def test_one_hot_bags_equal_embedding_bag(mode, include_last_offset):
     bag, ref = make_bag(mode, include_last_offset=include_last_offset)

@@ -23,6 +23,7 @@ Works under ``TRITON_INTERPRET=1`` on CPU tensors (how the tests run it without 
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -118,9 +119,11 @@ if triton is not None:
 #: ``r1 d2 d3`` values per digit pair (bandwidth estimate; the sweep on the device checks it)
 FACTOR = 1.0
 MAX_BYTES = 1 << 30  # nor while S (and dS) would take more than this
-CHUNK = 8  # ids per backward program
-FWD_WARPS = 1
-BWD_WARPS = 2
+# launch settings: ids per backward program (runs of equal i1 are summed within one), warps
+# per program; FPD_TT_SUFFIX_LAUNCH="chunk,fwd_warps,bwd_warps" overrides them (the device sweep)
+CHUNK, FWD_WARPS, BWD_WARPS = 8, 1, 2
+if os.environ.get("FPD_TT_SUFFIX_LAUNCH"):
+    CHUNK, FWD_WARPS, BWD_WARPS = (int(v) for v in os.environ["FPD_TT_SUFFIX_LAUNCH"].split(","))
 
 
 def _shapes(cores):

@@ -40,9 +40,7 @@ def _unique(flat: torch.Tensor, limit: int):
     faster than ``torch.unique`` for 8k ids); the positions then give the inverse.
     """
     if flat.device.type != "cpu" or flat.numel() == 0:
-        if flat.device.type != "cpu" and limit <= 1 << 31 and flat.dtype == torch.int64:
-            flat = flat.int()  # GPU radix sort: half the passes of int64 (65k ids on an H100: 0.19 vs 0.24 ms)
-        return torch.unique(flat, return_inverse=True)
+        return torch.unique(_sort_keys(flat, limit), return_inverse=True)
     ids = flat.numpy().astype(np.int64, copy=False)
     n = ids.size
     bits = max(1, (n - 1).bit_length())
@@ -60,6 +58,36 @@ def _unique(flat: torch.Tensor, limit: int):
     inverse = np.empty(n, dtype=np.int64)
     inverse[keys] = first.cumsum() - 1
     return torch.from_numpy(values[first]), torch.from_numpy(inverse)
+
+
+def _sort_keys(flat: torch.Tensor, limit: int) -> torch.Tensor:
+    """Ids as sort keys: int32 on a GPU where they fit (a radix sort of half the passes of int64;
+    65k ids on an H100: ``torch.unique`` 0.14 vs 0.18 ms)."""
+    if flat.device.type != "cpu" and limit <= 1 << 31 and flat.dtype == torch.int64:
+        return flat.int()
+    return flat
+
+
+def _unique_device(flat: torch.Tensor, limit: int, probe: Optional[torch.Tensor] = None):
+    """GPU dedup with a single host sync, which also reads the ids' range and ``probe``.
+
+    ``torch.unique`` syncs to learn the count, and the range check would sync again: here the
+    ids are sorted, the first of each run marked and counted, and the count, min, max and probe
+    come back in one read.  Returns ``(uniq, inverse, lo, hi, probe value)``; the caller checks
+    the range before using ``uniq`` (ids out of int32 range were sorted wrapped, so the results
+    are only meaningful once ``lo``/``hi`` are checked)."""
+    lo, hi = torch.aminmax(flat)
+    keys, perm = torch.sort(_sort_keys(flat, limit))
+    first = torch.empty(keys.shape, dtype=torch.bool, device=keys.device)
+    first[:1] = True
+    torch.ne(keys[1:], keys[:-1], out=first[1:])
+    run = torch.cumsum(first, 0)  # 1-based run of each sorted id
+    head = [lo.long().view(1), hi.long().view(1), run[-1:]]
+    values = torch.cat(head + ([probe.long().view(1)] if probe is not None else [])).tolist()  # the one sync
+    run -= 1
+    inverse = torch.empty_like(run).scatter_(0, perm, run)
+    uniq = keys.new_empty(values[2]).scatter_(0, run, keys)  # each run writes its own id
+    return uniq, inverse, values[0], values[1], (bool(values[3]) if probe is not None else None)
 
 
 class TTIndexError(IndexError, RuntimeError):
@@ -258,32 +286,44 @@ class _TTTable(nn.Module):
         return module.to(weight.device)
 
     # -- lookup -----------------------------------------------------------------------
-    def _check_indices(self, input: torch.Tensor, probe: Optional[torch.Tensor] = None):
-        """Raise on ids of a wrong type or out of range.  On a GPU, with ``probe`` (a 0-dim tensor),
-        the range and the probe are read in one host sync, and the probe's value is returned."""
+    def _check_type(self, input: torch.Tensor) -> None:
         if input.dtype not in (torch.int32, torch.int64):
             raise RuntimeError("Expected tensor for argument #1 'indices' to have one of the following "
                                f"scalar types: Long, Int; but got {input.dtype} instead")
-        if not input.numel():
-            return None if probe is None else bool(probe)
-        if input.device.type == "cpu":  # numpy's min and max: a third of aminmax's time
-            flat = input.reshape(-1).numpy()
-            lo, hi, value = int(flat.min()), int(flat.max()), None if probe is None else bool(probe)
-        else:
-            lo, hi = torch.aminmax(input)
-            if probe is None:
-                lo, hi, value = *torch.stack([lo.long(), hi.long()]).tolist(), None
-            else:
-                lo, hi, value = torch.stack([lo.long(), hi.long(), probe.long()]).tolist()
+
+    def _check_range(self, lo: int, hi: int) -> None:
         if lo < 0 or hi >= self.num_embeddings:
             bad = lo if lo < 0 else hi
             raise TTIndexError(f"index {bad} is out of range for a table of {self.num_embeddings} rows "
                                f"(valid: 0..{self.num_embeddings - 1})")
-        return None if value is None else bool(value)
 
-    def _unique_rows(self, input: torch.Tensor):
-        """(rows of the unique indices (U, d), inverse map shaped like input, padding position)."""
-        uniq, inverse = _unique(input.reshape(-1), self.num_embeddings)
+    def _check_indices(self, input: torch.Tensor) -> None:
+        """Raise on ids of a wrong type or out of range."""
+        self._check_type(input)
+        if input.numel():
+            if input.device.type == "cpu":  # numpy's min and max: a third of aminmax's time
+                flat = input.reshape(-1).numpy()
+                self._check_range(int(flat.min()), int(flat.max()))
+            else:
+                self._check_range(*torch.stack(torch.aminmax(input)).tolist())
+
+    def _checked_unique(self, input: torch.Tensor, probe: Optional[torch.Tensor] = None):
+        """``(uniq, inverse, probe value)`` of checked ids; on a GPU in one host sync (see
+        :func:`_unique_device`), where ``probe`` (a 0-dim tensor) is read in the same sync."""
+        flat = input.reshape(-1)
+        if flat.device.type == "cpu" or flat.numel() == 0:
+            self._check_indices(input)
+            uniq, inverse = _unique(flat, self.num_embeddings)
+            return uniq, inverse, None if probe is None else bool(probe)
+        self._check_type(input)
+        uniq, inverse, lo, hi, value = _unique_device(flat, self.num_embeddings, probe)
+        self._check_range(lo, hi)
+        return uniq, inverse, value
+
+    def _unique_rows(self, input: torch.Tensor, probe: Optional[torch.Tensor] = None):
+        """(rows of the unique indices (U, d), inverse map shaped like input, padding position,
+        probe value)."""
+        uniq, inverse, value = self._checked_unique(input, probe)
         order = None
         if uniq.numel() == 0:  # empty batch: one dummy row keeps the pooling ops happy
             rows = self.cores[0].new_zeros(1, self.embedding_dim)
@@ -296,7 +336,7 @@ class _TTTable(nn.Module):
         if order is not None:  # rows are not in id order: look them up where they are
             inverse = order.index_select(0, inverse.reshape(-1))
             pad = None if pad is None else int(order[pad])
-        return rows, inverse.reshape(input.shape), pad
+        return rows, inverse.reshape(input.shape), pad, value
 
     def safe_chunk(self, budget_bytes: int = 64 << 20) -> int:
         """Ids per lookup call that keep the per-index core-slice copies of the plain paths
@@ -385,11 +425,9 @@ class TTEmbeddingBag(_TTTable):
     def forward(self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None,
                 per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         one_hot = self._one_hot(input, offsets)
-        if isinstance(one_hot, torch.Tensor):  # a GPU probe: read with the range check, one host sync
-            one_hot = self._check_indices(input, one_hot)
-        else:
-            self._check_indices(input)
-        rows, inverse, pad = self._unique_rows(input)
+        probe = one_hot if isinstance(one_hot, torch.Tensor) else None  # a GPU probe: read with the dedup
+        rows, inverse, pad, value = self._unique_rows(input, probe)
+        one_hot = value if probe is not None else one_hot
         if per_sample_weights is None and pad is None and one_hot:
             return rows.index_select(0, inverse.reshape(-1))  # every mode gives the row itself
         if per_sample_weights is not None and per_sample_weights.dtype != rows.dtype:
@@ -402,7 +440,7 @@ class TTEmbeddingBag(_TTTable):
         """Whether every bag holds exactly one index (DLRM's Criteo tables): then pooling is a gather.
 
         On a GPU, offsets are compared there and the answer is a 0-dim tensor (a probe) that the
-        caller reads together with the range check, so it costs no host sync of its own; the
+        caller reads in the dedup's one host sync, so it costs no sync of its own; the
         gather and its backward (``index_add``) then replace ``embedding_bag``, whose dense
         backward sorts the batch again (0.21 ms for 65k ids on an H100)."""
         if input.dim() == 2:  # with offsets, embedding_bag raises PyTorch's own error
@@ -461,8 +499,7 @@ class TTEmbedding(_TTTable):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_indices(input)
-        rows, inverse, pad = self._unique_rows(input)
+        rows, inverse, pad, _ = self._unique_rows(input)
         return F.embedding(inverse, rows, padding_idx=pad)
 
     @classmethod
