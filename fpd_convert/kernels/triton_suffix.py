@@ -5,13 +5,13 @@ index, so each index pays for the ``r1 x d2 x r2`` middle slice (twice in the ba
 in small, latency-bound products.  Here the middle work is done once per step for all
 digit pairs, as one dense GEMM:
 
-    S = G2 (r1 n2 d2, r2) @ G3 (r2, n3 d3)     rows (a, i2, p2), columns (i3, p3)
+    S = G3^T (n3 d3, r2) @ G2 (r2, n2 r1 d2)     rows (i3, p3), columns (i2, a, p2)
 
-and a row is ``G1[i1] (d1 x r1) @ S[:, i2, :, i3, :] (r1 x d2 d3)``, a 4 k-flop product per
-index (one kernel).  The backward is the same in reverse: one kernel walks the sorted
+and a row is ``G1[i1] (d1 x r1)`` times the ``r1 x d2 d3`` values of its digit pair (i2, i3),
+a 4 k-flop product per index (one kernel).  The backward is the same in reverse: one kernel walks the sorted
 indices, sums ``dG1[i1] += g S^T`` over runs of equal ``i1`` in registers and adds
-``dS[.., i2, .., i3, ..] += G1[i1]^T g`` (mostly distinct places, one atomic add each);
-then ``dG2 = dS @ G3^T`` and ``dG3 = G2^T @ dS`` are two GEMMs.  Nothing is sorted
+``dS[(i3, .), (i2, ., .)] += G1[i1]^T g`` (mostly distinct places, coalesced atomic adds);
+then ``dG2 = G3 dS`` and ``dG3 = (dS G2^T)^T`` are two GEMMs.  Nothing is sorted
 by digit and no core slice is copied per index.
 
 It pays when the digit pairs are not many more than the indices of a batch
@@ -33,26 +33,21 @@ from .triton_tt import _pow2, available, supports, triton, tl
 if triton is not None:
 
     @triton.jit
-    def _suffix_offsets(i2, i3, N2, N3, R1, D2, D3, BR1: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr):
-        """Offsets into S (and dS) of ``S[:, i2, :, i3, :]`` as a (BR1, BD2*BD3) tile, and its mask."""
+    def _suffix_block(i2, i3, p3, N2, R1, D2, D3, BR1: tl.constexpr, BD2: tl.constexpr):
+        """Offsets into S (and dS) of the block ``(a, p2)`` of digit pair (i2, i3) at ``p3``, a
+        (BR1, BD2) tile of ``r1 d2`` consecutive values, and its mask."""
         a = tl.arange(0, BR1)
-        q = tl.arange(0, BD2 * BD3)
-        p2 = q // BD3
-        p3 = q % BD3
-        offs = ((a[:, None] * N2 + i2) * D2 + p2[None, :]) * (N3 * D3) + i3 * D3 + p3[None, :]
-        mask = (a[:, None] < R1) & (p2[None, :] < D2) & (p3[None, :] < D3)
-        return offs, mask
+        p2 = tl.arange(0, BD2)
+        offs = (i3 * D3 + p3) * (N2 * R1 * D2) + i2 * (R1 * D2) + a[:, None] * D2 + p2[None, :]
+        return offs, (a[:, None] < R1) & (p2[None, :] < D2) & (a[:, None] * 0 + p3 < D3)
 
     @triton.jit
-    def _row_tile(D1, D2, D3, BD1: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr):
-        """Offsets inside a row (p1, p2, p3) as a (BD1, BD2*BD3) tile, and its mask."""
+    def _row_block(p3, D1, D2, D3, BD1: tl.constexpr, BD2: tl.constexpr):
+        """Offsets inside a row (p1, p2, p3) of the (BD1, BD2) values at ``p3``, and their mask."""
         p1 = tl.arange(0, BD1)
-        q = tl.arange(0, BD2 * BD3)
-        p2 = q // BD3
-        p3 = q % BD3
-        offs = p1[:, None] * (D2 * D3) + p2[None, :] * D3 + p3[None, :]
-        mask = (p1[:, None] < D1) & (p2[None, :] < D2) & (p3[None, :] < D3)
-        return offs, mask
+        p2 = tl.arange(0, BD2)
+        return (p1[:, None] * (D2 * D3) + p2[None, :] * D3 + p3,
+                (p1[:, None] < D1) & (p2[None, :] < D2) & (p1[:, None] * 0 + p3 < D3))
 
     @triton.jit
     def _first_tile(c1, i1, R1, D1, BD1: tl.constexpr, BR1: tl.constexpr):
@@ -72,11 +67,12 @@ if triton is not None:
         i2 = rest % N2
         i1 = rest // N2
         g1 = _first_tile(c1, i1, R1, D1, BD1, BR1)
-        s_offs, s_mask = _suffix_offsets(i2, i3, N2, N3, R1, D2, D3, BR1, BD2, BD3)
-        s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
-        out = tl.sum(g1[:, :, None] * s[None, :, :], axis=1)  # (BD1, BQ)
-        offs, mask = _row_tile(D1, D2, D3, BD1, BD2, BD3)
-        tl.store(out_ptr + pid * (D1 * D2 * D3) + offs, out, mask=mask)
+        for p3 in tl.static_range(BD3):  # row[:, :, p3] = G1[i1] @ S[(i3, p3), (i2, :, :)]
+            s_offs, s_mask = _suffix_block(i2, i3, p3, N2, R1, D2, D3, BR1, BD2)
+            s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
+            out = tl.sum(g1[:, :, None] * s[None, :, :], axis=1)  # (BD1, BD2)
+            offs, mask = _row_block(p3, D1, D2, D3, BD1, BD2)
+            tl.store(out_ptr + pid * (D1 * D2 * D3) + offs, out, mask=mask)
 
     @triton.jit
     def _suffix_bwd_kernel(idx_ptr, grad_ptr, c1, s_ptr, d1_ptr, ds_ptr, U, CH, N2, N3, R1, D1, D2, D3,
@@ -89,7 +85,6 @@ if triton is not None:
         p1 = tl.arange(0, BD1)
         a = tl.arange(0, BR1)
         out_mask = (p1[:, None] < D1) & (a[None, :] < R1)
-        offs, mask = _row_tile(D1, D2, D3, BD1, BD2, BD3)
         cur = tl.load(idx_ptr + start).to(tl.int64) // (N2 * N3)
         acc = tl.zeros((BD1, BR1), dtype=tl.float32)
         for s in range(start, end):
@@ -98,18 +93,21 @@ if triton is not None:
             rest = row // N3
             i2 = rest % N2
             i1 = rest // N2
-            g = tl.load(grad_ptr + s * D + offs, mask=mask, other=0.0).to(tl.float32)  # (BD1, BQ)
-            s_offs, s_mask = _suffix_offsets(i2, i3, N2, N3, R1, D2, D3, BR1, BD2, BD3)
-            if NEEDS:
-                g1 = _first_tile(c1, i1, R1, D1, BD1, BR1)
-                tl.atomic_add(ds_ptr + s_offs, tl.sum(g1[:, :, None] * g[:, None, :], axis=0), mask=s_mask)
             if NEED1:
                 if i1 != cur:
                     tl.atomic_add(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
                     acc = tl.zeros((BD1, BR1), dtype=tl.float32)
                     cur = i1
-                sl = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
-                acc += tl.sum(g[:, None, :] * sl[None, :, :], axis=2)
+            g1 = _first_tile(c1, i1, R1, D1, BD1, BR1)
+            for p3 in tl.static_range(BD3):
+                offs, mask = _row_block(p3, D1, D2, D3, BD1, BD2)
+                g = tl.load(grad_ptr + s * D + offs, mask=mask, other=0.0).to(tl.float32)  # (BD1, BD2)
+                s_offs, s_mask = _suffix_block(i2, i3, p3, N2, R1, D2, D3, BR1, BD2)
+                if NEEDS:  # r1 d2 consecutive values: coalesced atomic adds
+                    tl.atomic_add(ds_ptr + s_offs, tl.sum(g1[:, :, None] * g[:, None, :], axis=0), mask=s_mask)
+                if NEED1:
+                    sl = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
+                    acc += tl.sum(g[:, None, :] * sl[None, :, :], axis=2)
         if NEED1:
             tl.atomic_add(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
 
@@ -127,10 +125,8 @@ if os.environ.get("FPD_TT_SUFFIX_LAUNCH"):
 
 
 def _shapes(cores):
-    c1, c2, c3 = cores
-    _, n1, d1, r1 = c1.shape
-    _, n2, d2, r2 = c2.shape
-    _, n3, d3, _ = c3.shape
+    """``n1, n2, n3, d1, d2, d3, r1, r2`` of three cores (or of their shapes)."""
+    (_, n1, d1, r1), (_, n2, d2, r2), (_, n3, d3, _) = (getattr(c, "shape", c) for c in cores)
     return n1, n2, n3, d1, d2, d3, r1, r2
 
 
@@ -149,15 +145,23 @@ def worthwhile(cores: Sequence[torch.Tensor], num_ids: int) -> bool:
 
 
 def _mats(c2, c3):
-    """The middle and last cores as GEMM operands: (r1 n2 d2, r2) and (r2, n3 d3)."""
-    return c2.reshape(-1, c2.shape[3]), c3.reshape(c3.shape[0], -1)
+    """The cores as GEMM operands: G2 as (r2, n2 r1 d2) (a copy, columns (i2, a, p2)) and G3 as
+    (r2, n3 d3) (a view)."""
+    r1, n2, d2, r2 = c2.shape
+    return c2.permute(3, 1, 0, 2).reshape(r2, n2 * r1 * d2), c3.reshape(c3.shape[0], -1)
 
 
 def suffix_table(c2: torch.Tensor, c3: torch.Tensor) -> torch.Tensor:
-    """``S = G2 @ G3`` in fp32, rows ``(a, i2, p2)`` and columns ``(i3, p3)``."""
+    """``S = G3^T G2`` in fp32, rows ``(i3, p3)`` and columns ``(i2, a, p2)``: the ``r1 d2 d3``
+    values of a digit pair are ``d3`` runs of ``r1 d2`` consecutive ones (coalesced loads and
+    atomic adds in the kernels)."""
+    return _table_and_operands(c2, c3)[0]
+
+
+def _table_and_operands(c2, c3):
     with torch.autocast(device_type=c2.device.type, enabled=False):
         m2, m3 = _mats(c2.float(), c3.float())
-        return m2 @ m3
+        return m3.t() @ m2, m2, m3
 
 
 def _blocks(cores):
@@ -178,15 +182,18 @@ class _SuffixRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids, c1, c2, c3):
         c1 = c1.contiguous()
-        s = suffix_table(c2, c3)
-        ctx.save_for_backward(ids, c1, c2, c3, s)
+        s, m2, m3 = _table_and_operands(c2, c3)
+        ctx.save_for_backward(ids, c1, s, m2, m3)
+        ctx.shapes = (c2.shape, c3.shape)
+        ctx.dtypes = (c1.dtype, c2.dtype, c3.dtype)
         return _rows_from(c1, s, ids, (c1, c2, c3))
 
     @staticmethod
     def backward(ctx, grad):
-        ids, c1, c2, c3, s = ctx.saved_tensors
+        ids, c1, s, m2, m3 = ctx.saved_tensors
         need1, need2, need3 = ctx.needs_input_grad[1:]
-        sizes, blocks = _blocks((c1, c2, c3))
+        shape2, shape3 = ctx.shapes
+        sizes, blocks = _blocks((c1, shape2, shape3))
         u = ids.numel()
         d1 = torch.zeros(c1.shape, device=c1.device, dtype=torch.float32) if need1 else None
         ds = torch.zeros(s.shape, device=s.device, dtype=torch.float32) if (need2 or need3) else None
@@ -197,12 +204,12 @@ class _SuffixRows(torch.autograd.Function):
         grads = [d1, None, None]
         if ds is not None:
             with torch.autocast(device_type=ds.device.type, enabled=False):
-                m2, m3 = _mats(c2.float(), c3.float())
-                if need2:
-                    grads[1] = (ds @ m3.t()).reshape(c2.shape)
+                if need2:  # (r2, n2 r1 d2) back to (r1, n2, d2, r2)
+                    r1, n2, d2, r2 = shape2
+                    grads[1] = (m3 @ ds).reshape(r2, n2, r1, d2).permute(2, 1, 3, 0)
                 if need3:
-                    grads[2] = (m2.t() @ ds).reshape(c3.shape)
-        return (None, *[None if g is None else g.to(c.dtype) for g, c in zip(grads, (c1, c2, c3))])
+                    grads[2] = (ds @ m2.t()).t().reshape(shape3)
+        return (None, *[None if g is None else g.to(t) for g, t in zip(grads, ctx.dtypes)])
 
 
 class SuffixCache:
