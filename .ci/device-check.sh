@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on the device machine (GPU), most important first: the kernel sweep (Triton
 # variants, the end-table forward, the grouped torch training path), the lookup + DLRM-step bench
-# with the faster Triton variant, the same bench on the torch paths (FPD_TT_KERNEL=cpu: the
-# layer's "cpu" path is plain torch and runs on CUDA too), the GPU tests (CUDA and Triton ones). Needs the tensorly wheel in .whl/
+# with the faster Triton variant and suffix launch settings, a lookup bench with dims 2,8,8, the
+# GPU tests (CUDA and Triton ones). Needs the tensorly wheel in .whl/
 # (the device image lacks tensorly); writes results to $OUT (kernel profiles in profile.txt). SKIP_TESTS=1 skips the tests.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -17,10 +17,6 @@ echo "variant: $BEST, suffix launch: $FPD_TT_SUFFIX_LAUNCH"
 timeout 120 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --step --json \
   > $OUT/bench_10m_r32.json 2>>$OUT/err.log
 grep -E "ratio|lookups_s|samples_s|unique|speedup" $OUT/bench_10m_r32.json
-# the torch paths on the GPU (end-table forward, grouped-GEMM training path), lookups only (the sweep times its training rows)
-FPD_TT_KERNEL=cpu timeout 75 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 \
-  --kernel cpu --json > $OUT/bench_10m_r32_torch.json 2>>$OUT/err.log
-grep -E "ratio|lookups_s|samples_s" $OUT/bench_10m_r32_torch.json
 # a first dim factor of 2 (faster on the CPU): does it cost the Triton kernels on the GPU?
 timeout 60 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --dim-factors 2,8,8 \
   --json > $OUT/bench_dims_288.json 2>>$OUT/err.log

@@ -227,10 +227,11 @@ def test_suffix_cache_serves_without_gradients_and_follows_core_updates():
 
 
 def test_suffix_path_is_chosen_by_distinct_ids_per_digit_pair(monkeypatch):
-    cores = make_cores([4, 5, 6], [8, 4, 4], [1, 8, 8, 1])  # 30 digit pairs x d3 4 vs ids x r2 8
+    cores = make_cores([4, 5, 6], [8, 4, 4], [1, 8, 8, 1])  # 30 digit pairs x d3 4 vs FACTOR x ids x r2 8
     if not triton_tt.available():
         assert not triton_suffix.worthwhile(cores, 10 ** 6)
         return
+    monkeypatch.setattr(triton_suffix, "FACTOR", 1.0)
     assert triton_suffix.worthwhile(cores, 15) and not triton_suffix.worthwhile(cores, 14)
     monkeypatch.setattr(triton_suffix, "MAX_BYTES", 1000)  # too big a table: never
     assert not triton_suffix.worthwhile(cores, 10 ** 6)

@@ -114,8 +114,10 @@ if triton is not None:
 
 #: the suffix path is used while ``n2 n3 d3 <= FACTOR * ids * r2``: per distinct id the
 #: per-index kernels move ~3 middle slices (``r1 d2 r2``), the suffix path ~6 passes over
-#: ``r1 d2 d3`` values per digit pair (bandwidth estimate; the sweep on the device checks it)
-FACTOR = 1.0
+#: ``r1 d2 d3`` values per digit pair (a bandwidth estimate, FACTOR 1).  Measured on an H100
+#: (10M x 128, rank 32: 40,000 pairs), forward+backward: suffix 0.50 vs per-index 0.67 ms at
+#: 3,653 ids, 0.85 vs 0.75 ms at 1,105 ids: the paths cross near 2,500 ids, FACTOR 2.
+FACTOR = 2.0
 MAX_BYTES = 1 << 30  # nor while S (and dS) would take more than this
 # launch settings: ids per backward program (runs of equal i1 are summed within one), warps
 # per program; FPD_TT_SUFFIX_LAUNCH="chunk,fwd_warps,bwd_warps" overrides them (the device sweep)
