@@ -13,7 +13,8 @@ timeout 150 python3 .ci/kernel-sweep.py > $OUT/sweep.jsonl 2>> $OUT/err.log; cat
 BEST=$(tail -1 $OUT/sweep.jsonl | python3 -c "import json,sys; print(json.load(sys.stdin).get('best','fma'))" 2>/dev/null || echo fma)
 export FPD_TT_TRITON_VARIANT=$BEST
 export FPD_TT_SUFFIX_LAUNCH=$(tail -1 $OUT/sweep.jsonl | python3 -c "import json,sys; print(json.load(sys.stdin).get('suffix_launch','8,1,2'))" 2>/dev/null || echo 8,1,2)
-echo "variant: $BEST, suffix launch: $FPD_TT_SUFFIX_LAUNCH"
+export FPD_TT_SUFFIX_VARIANT=$(tail -1 $OUT/sweep.jsonl | python3 -c "import json,sys; print(json.load(sys.stdin).get('suffix_variant','fma'))" 2>/dev/null || echo fma)
+echo "variant: $BEST, suffix: $FPD_TT_SUFFIX_VARIANT $FPD_TT_SUFFIX_LAUNCH"
 timeout 120 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --step --json \
   > $OUT/bench_10m_r32.json 2>>$OUT/err.log
 grep -E "ratio|lookups_s|samples_s|unique|speedup" $OUT/bench_10m_r32.json

@@ -84,20 +84,24 @@ for b in (batch // 32, batch // 8, batch):
 # launch settings of the suffix kernels at the full batch: ids per backward program, warps
 suffix_best = None
 u_ids = torch.unique(ids)
-for chunk, fwd_warps, bwd_warps in ((8, 1, 2), (1, 1, 1), (1, 2, 2), (1, 1, 4), (2, 2, 2), (4, 1, 2), (8, 4, 4)):
-    triton_suffix.CHUNK, triton_suffix.FWD_WARPS, triton_suffix.BWD_WARPS = chunk, fwd_warps, bwd_warps
-    try:
-        fwd = timed(lambda: triton_suffix.suffix_rows(cores, u_ids))
-        out = triton_suffix.suffix_rows(cores, u_ids)
-        bwd = timed(lambda: torch.autograd.grad(out, cores, grad, retain_graph=True))
-        r = {"suffix_launch": [chunk, fwd_warps, bwd_warps], "fwd_ms": fwd, "bwd_ms": bwd}
-        if suffix_best is None or fwd + bwd < suffix_best[0]:
-            suffix_best = (fwd + bwd, chunk, fwd_warps, bwd_warps)
-    except Exception as e:
-        r = {"suffix_launch": [chunk, fwd_warps, bwd_warps], "error": f"{type(e).__name__}: {str(e)[:300]}"}
-    print(json.dumps(r), flush=True)
+for variant, launches in (("fma", ((8, 1, 2), (1, 2, 2), (4, 1, 2))),
+                          ("dot", ((8, 1, 2), (1, 1, 1), (1, 2, 2), (1, 4, 4), (4, 2, 2)))):
+    triton_suffix.VARIANT = variant
+    for chunk, fwd_warps, bwd_warps in launches:
+        triton_suffix.CHUNK, triton_suffix.FWD_WARPS, triton_suffix.BWD_WARPS = chunk, fwd_warps, bwd_warps
+        r = {"suffix_variant": variant, "suffix_launch": [chunk, fwd_warps, bwd_warps]}
+        try:
+            fwd = timed(lambda: triton_suffix.suffix_rows(cores, u_ids))
+            out = triton_suffix.suffix_rows(cores, u_ids)
+            bwd = timed(lambda: torch.autograd.grad(out, cores, grad, retain_graph=True))
+            r.update(fwd_ms=fwd, bwd_ms=bwd)
+            if suffix_best is None or fwd + bwd < suffix_best[0]:
+                suffix_best = (fwd + bwd, variant, chunk, fwd_warps, bwd_warps)
+        except Exception as e:  # a compile failure of one variant must not stop the sweep
+            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(json.dumps(r), flush=True)
 if suffix_best:
-    _, triton_suffix.CHUNK, triton_suffix.FWD_WARPS, triton_suffix.BWD_WARPS = suffix_best
+    _, triton_suffix.VARIANT, triton_suffix.CHUNK, triton_suffix.FWD_WARPS, triton_suffix.BWD_WARPS = suffix_best
 best = {}
 for variant, settings in (("fma", [(8, 1, 2)]), ("dot", [(8, 1, 1), (8, 1, 2)])):
     triton_tt.VARIANT = variant
@@ -187,4 +191,5 @@ for dtype in (torch.int64, torch.int32):  # dedup: the layer's torch.unique on t
     print(json.dumps({"unique_dtype": str(dtype), "ms": timed(lambda: torch.unique(x, return_inverse=True)),
                       "sort_ms": timed(lambda: torch.sort(x))}), flush=True)
 print(json.dumps({"best": winner, "settings": best,
-                  "suffix_launch": ",".join(str(v) for v in suffix_best[1:]) if suffix_best else "8,1,2"}))
+                  "suffix_variant": suffix_best[1] if suffix_best else "fma",
+                  "suffix_launch": ",".join(str(v) for v in suffix_best[2:]) if suffix_best else "8,1,2"}))

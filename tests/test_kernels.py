@@ -171,10 +171,17 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
 
 
+@pytest.fixture(params=triton_suffix.VARIANTS)
+def suffix_variant(request, monkeypatch):
+    """Each suffix-kernel variant in turn (fma: register broadcasts; dot: tl.dot tiles)."""
+    monkeypatch.setattr(triton_suffix, "VARIANT", request.param)
+    return request.param
+
+
 @needs_triton
 @pytest.mark.parametrize("row_factors,dim_factors,ranks", SHAPES + [([4, 5, 6], [8, 4, 4], [1, 8, 8, 1])])
 @pytest.mark.parametrize("ids", ["sorted", "duplicates", "unsorted"])
-def test_triton_suffix_path_equals_reference(row_factors, dim_factors, ranks, ids):
+def test_triton_suffix_path_equals_reference(row_factors, dim_factors, ranks, ids, suffix_variant):
     cores = [c.detach().to(_device()).requires_grad_() for c in make_cores(row_factors, dim_factors, ranks)]
     n = row_factors[0] * row_factors[1] * row_factors[2]
     idx = sample_indices(n, 80, unique=ids == "sorted")
@@ -189,7 +196,7 @@ def test_triton_suffix_path_equals_reference(row_factors, dim_factors, ranks, id
 
 
 @needs_triton
-def test_triton_suffix_path_frozen_cores_and_bf16():
+def test_triton_suffix_path_frozen_cores_and_bf16(suffix_variant):
     cores = [c.detach().to(_device()) for c in make_cores([4, 5, 6], [8, 4, 4], [1, 8, 8, 1])]
     idx = sample_indices(120, 50).to(_device())
     for frozen in range(3):  # gradients for the other two cores only
@@ -211,7 +218,7 @@ def test_triton_suffix_path_frozen_cores_and_bf16():
 
 
 @needs_triton
-def test_suffix_cache_serves_without_gradients_and_follows_core_updates():
+def test_suffix_cache_serves_without_gradients_and_follows_core_updates(suffix_variant):
     cores = [c.detach().to(_device()) for c in make_cores([4, 5, 6], [8, 4, 4], [1, 8, 8, 1])]
     idx = sample_indices(120, 50).to(_device())
     cache = triton_suffix.SuffixCache()

@@ -112,6 +112,79 @@ if triton is not None:
             tl.atomic_add(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
 
 
+    # -- "dot" variant: the same products as tl.dot tiles (every side padded to >= 16), the
+    # r1 x d2 d3 values of a digit pair as one (Q1, QC) tile with columns (p3, p2)
+
+    @triton.jit
+    def _pair_tile(i2, i3, N2, R1, D2, D3, Q1: tl.constexpr, BD2: tl.constexpr, QC: tl.constexpr):
+        """Offsets into S (and dS) of digit pair (i2, i3) as a (Q1, QC) tile (rows a, columns
+        (p3, p2)), and its mask."""
+        a = tl.arange(0, Q1)
+        c = tl.arange(0, QC)
+        p3 = c // BD2
+        p2 = c % BD2
+        offs = (i3 * D3 + p3[None, :]) * (N2 * R1 * D2) + i2 * (R1 * D2) + a[:, None] * D2 + p2[None, :]
+        return offs, (a[:, None] < R1) & (p2[None, :] < D2) & (p3[None, :] < D3)
+
+    @triton.jit
+    def _row_pt(D1, D2, D3, P1: tl.constexpr, BD2: tl.constexpr, QC: tl.constexpr):
+        """Offsets inside a row (p1, p2, p3) as a (P1, QC) tile (columns (p3, p2)), and its mask."""
+        p1 = tl.arange(0, P1)
+        c = tl.arange(0, QC)
+        p3 = c // BD2
+        p2 = c % BD2
+        return (p1[:, None] * (D2 * D3) + p2[None, :] * D3 + p3[None, :],
+                (p1[:, None] < D1) & (p2[None, :] < D2) & (p3[None, :] < D3))
+
+    @triton.jit
+    def _suffix_fwd_dot_kernel(idx_ptr, c1, s_ptr, out_ptr, N2, N3, R1, D1, D2, D3, P1: tl.constexpr,
+                               Q1: tl.constexpr, BD2: tl.constexpr, QC: tl.constexpr, PREC: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        row = tl.load(idx_ptr + pid).to(tl.int64)
+        i3 = row % N3
+        rest = row // N3
+        i2 = rest % N2
+        i1 = rest // N2
+        g1 = _first_tile(c1, i1, R1, D1, P1, Q1)
+        s_offs, s_mask = _pair_tile(i2, i3, N2, R1, D2, D3, Q1, BD2, QC)
+        out = tl.dot(g1, tl.load(s_ptr + s_offs, mask=s_mask, other=0.0), input_precision=PREC)  # (P1, QC)
+        offs, mask = _row_pt(D1, D2, D3, P1, BD2, QC)
+        tl.store(out_ptr + pid * (D1 * D2 * D3) + offs, out, mask=mask)
+
+    @triton.jit
+    def _suffix_bwd_dot_kernel(idx_ptr, grad_ptr, c1, s_ptr, d1_ptr, ds_ptr, U, CH, N2, N3, R1, D1, D2, D3,
+                               NEED1: tl.constexpr, NEEDS: tl.constexpr, P1: tl.constexpr, Q1: tl.constexpr,
+                               BD2: tl.constexpr, QC: tl.constexpr, PREC: tl.constexpr):
+        start = tl.program_id(0).to(tl.int64) * CH
+        end = tl.minimum(start + CH, U)
+        p1 = tl.arange(0, P1)
+        a = tl.arange(0, Q1)
+        out_mask = (p1[:, None] < D1) & (a[None, :] < R1)
+        offs, mask = _row_pt(D1, D2, D3, P1, BD2, QC)
+        cur = tl.load(idx_ptr + start).to(tl.int64) // (N2 * N3)
+        acc = tl.zeros((P1, Q1), dtype=tl.float32)
+        for s in range(start, end):
+            row = tl.load(idx_ptr + s).to(tl.int64)
+            i3 = row % N3
+            rest = row // N3
+            i2 = rest % N2
+            i1 = rest // N2
+            g = tl.load(grad_ptr + s * (D1 * D2 * D3) + offs, mask=mask, other=0.0).to(tl.float32)  # (P1, QC)
+            s_offs, s_mask = _pair_tile(i2, i3, N2, R1, D2, D3, Q1, BD2, QC)
+            if NEEDS:
+                g1 = _first_tile(c1, i1, R1, D1, P1, Q1)
+                tl.atomic_add(ds_ptr + s_offs, tl.dot(tl.trans(g1), g, input_precision=PREC), mask=s_mask)
+            if NEED1:
+                if i1 != cur:
+                    tl.atomic_add(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
+                    acc = tl.zeros((P1, Q1), dtype=tl.float32)
+                    cur = i1
+                sl = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
+                acc += tl.dot(g, tl.trans(sl), input_precision=PREC)
+        if NEED1:
+            tl.atomic_add(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
+
+
 #: the suffix path is used while ``n2 n3 d3 <= FACTOR * ids * r2``: per distinct id the
 #: per-index kernels move ~3 middle slices (``r1 d2 r2``), the suffix path ~6 passes over
 #: ``r1 d2 d3`` values per digit pair (a bandwidth estimate, FACTOR 1).  Measured on an H100
@@ -124,6 +197,11 @@ MAX_BYTES = 1 << 30  # nor while S (and dS) would take more than this
 CHUNK, FWD_WARPS, BWD_WARPS = 8, 1, 2
 if os.environ.get("FPD_TT_SUFFIX_LAUNCH"):
     CHUNK, FWD_WARPS, BWD_WARPS = (int(v) for v in os.environ["FPD_TT_SUFFIX_LAUNCH"].split(","))
+VARIANTS = ("fma", "dot")
+#: "fma": broadcast-and-reduce products in registers, one p3 at a time; "dot": a digit pair's
+#: values as one tile through tl.dot (DOT_PRECISION).  FPD_TT_SUFFIX_VARIANT sets it.
+VARIANT = os.environ.get("FPD_TT_SUFFIX_VARIANT", "fma")
+DOT_PRECISION = "tf32x3"  # three TF32 products: float32-level accuracy on tensor cores
 
 
 def _shapes(cores):
@@ -167,16 +245,28 @@ def _table_and_operands(c2, c3):
 
 
 def _blocks(cores):
+    """Sizes and the chosen variant's tile sizes."""
     n1, n2, n3, d1, d2, d3, r1, r2 = _shapes(cores)
-    return (dict(N2=n2, N3=n3, R1=r1, D1=d1, D2=d2, D3=d3),
-            dict(BD1=_pow2(d1), BR1=_pow2(r1), BD2=_pow2(d2), BD3=_pow2(d3)))
+    sizes = dict(N2=n2, N3=n3, R1=r1, D1=d1, D2=d2, D3=d3)
+    if _variant() == "dot":
+        return sizes, dict(P1=max(16, _pow2(d1)), Q1=max(16, _pow2(r1)), BD2=_pow2(d2),
+                           QC=max(16, _pow2(d2) * _pow2(d3)),
+                           PREC="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else DOT_PRECISION)
+    return sizes, dict(BD1=_pow2(d1), BR1=_pow2(r1), BD2=_pow2(d2), BD3=_pow2(d3))
+
+
+def _variant() -> str:
+    if VARIANT not in VARIANTS:
+        raise ValueError(f"suffix kernel variant should be one of {VARIANTS} but is {VARIANT!r}")
+    return VARIANT
 
 
 def _rows_from(c1: torch.Tensor, s: torch.Tensor, ids: torch.Tensor, cores) -> torch.Tensor:
     sizes, blocks = _blocks(cores)
     out = torch.empty(ids.numel(), sizes["D1"] * sizes["D2"] * sizes["D3"], device=c1.device, dtype=torch.float32)
     if ids.numel():
-        _suffix_fwd_kernel[(ids.numel(),)](ids, c1, s, out, *sizes.values(), **blocks, num_warps=FWD_WARPS)
+        kernel = _suffix_fwd_dot_kernel if _variant() == "dot" else _suffix_fwd_kernel
+        kernel[(ids.numel(),)](ids, c1, s, out, *sizes.values(), **blocks, num_warps=FWD_WARPS)
     return out
 
 
@@ -200,7 +290,8 @@ class _SuffixRows(torch.autograd.Function):
         d1 = torch.zeros(c1.shape, device=c1.device, dtype=torch.float32) if need1 else None
         ds = torch.zeros(s.shape, device=s.device, dtype=torch.float32) if (need2 or need3) else None
         if u and (need1 or ds is not None):
-            _suffix_bwd_kernel[(triton.cdiv(u, CHUNK),)](
+            kernel = _suffix_bwd_dot_kernel if _variant() == "dot" else _suffix_bwd_kernel
+            kernel[(triton.cdiv(u, CHUNK),)](
                 ids, grad.float().contiguous(), c1, s, d1 if need1 else s, ds if ds is not None else s, u, CHUNK,
                 *sizes.values(), NEED1=bool(need1), NEEDS=ds is not None, **blocks, num_warps=BWD_WARPS)
         grads = [d1, None, None]
