@@ -193,14 +193,16 @@ if triton is not None:
 FACTOR = 2.0
 MAX_BYTES = 1 << 30  # nor while S (and dS) would take more than this
 # launch settings: ids per backward program (runs of equal i1 are summed within one), warps
-# per program; FPD_TT_SUFFIX_LAUNCH="chunk,fwd_warps,bwd_warps" overrides them (the device sweep)
-CHUNK, FWD_WARPS, BWD_WARPS = 8, 1, 2
+# per program; FPD_TT_SUFFIX_LAUNCH="chunk,fwd_warps,bwd_warps" overrides them (the device sweep).
+# H100, 10M x 128 rank 32, 21.6k ids: one id a program, 2 warps, backward 0.44 ms against 0.52-0.62
+# for 8 ids a program (dot variant; fma 0.45 vs 0.52); the two variants within noise of each other.
+CHUNK, FWD_WARPS, BWD_WARPS = 1, 2, 2
 if os.environ.get("FPD_TT_SUFFIX_LAUNCH"):
     CHUNK, FWD_WARPS, BWD_WARPS = (int(v) for v in os.environ["FPD_TT_SUFFIX_LAUNCH"].split(","))
 VARIANTS = ("fma", "dot")
 #: "fma": broadcast-and-reduce products in registers, one p3 at a time; "dot": a digit pair's
 #: values as one tile through tl.dot (DOT_PRECISION).  FPD_TT_SUFFIX_VARIANT sets it.
-VARIANT = os.environ.get("FPD_TT_SUFFIX_VARIANT", "fma")
+VARIANT = os.environ.get("FPD_TT_SUFFIX_VARIANT", "dot")
 DOT_PRECISION = "tf32x3"  # three TF32 products: float32-level accuracy on tensor cores
 
 
