@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on the device machine (GPU), most important first: the kernel sweep (Triton
 # variants, the end-table forward, the grouped torch training path), the lookup + DLRM-step bench
-# with the faster Triton variant and suffix launch settings, a lookup bench with dims 2,8,8, the
+# with the faster Triton variant and suffix launch settings, the whole layer's A/B, the
 # GPU tests (CUDA and Triton ones). Needs the tensorly wheel in .whl/
 # (the device image lacks tensorly); writes results to $OUT (kernel profiles in profile.txt). SKIP_TESTS=1 skips the tests.
 set -uo pipefail
@@ -15,12 +15,9 @@ export FPD_TT_TRITON_VARIANT=$BEST
 export FPD_TT_SUFFIX_LAUNCH=$(tail -1 $OUT/sweep.jsonl | python3 -c "import json,sys; print(json.load(sys.stdin).get('suffix_launch','8,1,2'))" 2>/dev/null || echo 8,1,2)
 export FPD_TT_SUFFIX_VARIANT=$(tail -1 $OUT/sweep.jsonl | python3 -c "import json,sys; print(json.load(sys.stdin).get('suffix_variant','fma'))" 2>/dev/null || echo fma)
 echo "variant: $BEST, suffix: $FPD_TT_SUFFIX_VARIANT $FPD_TT_SUFFIX_LAUNCH"
+timeout 90 python3 .ci/layer-ab.py | tee $OUT/layer_ab.json  # the whole layer: suffix vs per-index vs dense
 timeout 120 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --step --json \
   > $OUT/bench_10m_r32.json 2>>$OUT/err.log
 grep -E "ratio|lookups_s|samples_s|unique|speedup" $OUT/bench_10m_r32.json
-# a first dim factor of 2 (faster on the CPU): does it cost the Triton kernels on the GPU?
-timeout 60 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --dim-factors 2,8,8 \
-  --json > $OUT/bench_dims_288.json 2>>$OUT/err.log
-grep -E "ratio|lookups_s" $OUT/bench_dims_288.json
 tail -5 $OUT/err.log
 [ "${SKIP_TESTS:-0}" = 1 ] || timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_tt_layers.py tests/test_row_index.py 2>&1 | tee $OUT/pytest.log | tail -4

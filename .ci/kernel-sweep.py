@@ -148,34 +148,6 @@ def profile(name, step, n=5):
         f.write(f"== {name}, {n} steps of fwd+bwd, batch {batch}\n{table}\n")
 
 
-# the whole layer in one process, suffix path vs per-index kernels (and the dense bag): inference
-# (no gradients; the suffix path serves from its cached table) and a training fwd+bwd
-try:
-    offsets = torch.arange(batch, device=device)
-    dense_bag = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device)
-
-    def infer(layer):
-        with torch.no_grad():
-            layer(ids, offsets)
-
-    def train(layer):
-        layer(ids, offsets).sum().backward()
-        for p in layer.parameters():
-            p.grad = None
-    r = {"layer_ab": batch, "dense_infer_ms": timed(lambda: infer(dense_bag)),
-         "dense_train_ms": timed(lambda: train(dense_bag))}
-    bag.kernel = "triton"
-    factor0 = triton_suffix.FACTOR
-    for name, factor, cache_bytes in (("suffix", factor0, 256 << 20), ("per_index", 0.0, 0)):
-        triton_suffix.FACTOR, bag.row_cache_bytes = factor, cache_bytes
-        r[f"{name}_infer_ms"] = timed(lambda: infer(bag))
-        r[f"{name}_train_ms"] = timed(lambda: train(bag))
-    triton_suffix.FACTOR, bag.row_cache_bytes = factor0, 256 << 20
-    dense_bag = None  # free its 5 GB before the profile
-    print(json.dumps(r), flush=True)
-except Exception as e:
-    print(json.dumps({"layer_ab_error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
-    traceback.print_exc()
 try:  # where the whole layer's time goes (dedup, index check, rows, pooling, backward), per path
     triton_tt.VARIANT = winner
     offsets = torch.arange(batch, device=device)

@@ -58,7 +58,9 @@ if triton is not None:
                        mask=(p1[:, None] < D1) & (a[None, :] < R1), other=0.0).to(tl.float32)
 
     @triton.jit
-    def _suffix_fwd_kernel(idx_ptr, c1, s_ptr, out_ptr, N2, N3, R1, D1, D2, D3,
+    def _suffix_fwd_kernel(idx_ptr, c1, s_ptr, out_ptr,
+                           N2: tl.constexpr, N3: tl.constexpr, R1: tl.constexpr,
+                           D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                            BD1: tl.constexpr, BR1: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         row = tl.load(idx_ptr + pid).to(tl.int64)
@@ -75,7 +77,9 @@ if triton is not None:
             tl.store(out_ptr + pid * (D1 * D2 * D3) + offs, out, mask=mask)
 
     @triton.jit
-    def _suffix_bwd_kernel(idx_ptr, grad_ptr, c1, s_ptr, d1_ptr, ds_ptr, U, CH, N2, N3, R1, D1, D2, D3,
+    def _suffix_bwd_kernel(idx_ptr, grad_ptr, c1, s_ptr, d1_ptr, ds_ptr, U, CH,
+                           N2: tl.constexpr, N3: tl.constexpr, R1: tl.constexpr,
+                           D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                            NEED1: tl.constexpr, NEEDS: tl.constexpr, BD1: tl.constexpr, BR1: tl.constexpr,
                            BD2: tl.constexpr, BD3: tl.constexpr):
         """Over a chunk of sorted ids: dG1[i1] += g S^T (summed over runs of equal i1), dS += G1^T g."""
@@ -137,7 +141,9 @@ if triton is not None:
                 (p1[:, None] < D1) & (p2[None, :] < D2) & (p3[None, :] < D3))
 
     @triton.jit
-    def _suffix_fwd_dot_kernel(idx_ptr, c1, s_ptr, out_ptr, N2, N3, R1, D1, D2, D3, P1: tl.constexpr,
+    def _suffix_fwd_dot_kernel(idx_ptr, c1, s_ptr, out_ptr,
+                               N2: tl.constexpr, N3: tl.constexpr, R1: tl.constexpr,
+                               D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, P1: tl.constexpr,
                                Q1: tl.constexpr, BD2: tl.constexpr, QC: tl.constexpr, PREC: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         row = tl.load(idx_ptr + pid).to(tl.int64)
@@ -152,7 +158,9 @@ if triton is not None:
         tl.store(out_ptr + pid * (D1 * D2 * D3) + offs, out, mask=mask)
 
     @triton.jit
-    def _suffix_bwd_dot_kernel(idx_ptr, grad_ptr, c1, s_ptr, d1_ptr, ds_ptr, U, CH, N2, N3, R1, D1, D2, D3,
+    def _suffix_bwd_dot_kernel(idx_ptr, grad_ptr, c1, s_ptr, d1_ptr, ds_ptr, U, CH,
+                               N2: tl.constexpr, N3: tl.constexpr, R1: tl.constexpr,
+                               D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                                NEED1: tl.constexpr, NEEDS: tl.constexpr, P1: tl.constexpr, Q1: tl.constexpr,
                                BD2: tl.constexpr, QC: tl.constexpr, PREC: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * CH
@@ -247,7 +255,9 @@ def _table_and_operands(c2, c3):
 
 
 def _blocks(cores):
-    """Sizes and the chosen variant's tile sizes."""
+    """Sizes (compile-time constants of the kernels: a division by a known digit base is a
+    multiply, not a 64-bit division; one compilation per table shape) and the chosen variant's
+    tile sizes."""
     n1, n2, n3, d1, d2, d3, r1, r2 = _shapes(cores)
     sizes = dict(N2=n2, N3=n3, R1=r1, D1=d1, D2=d2, D3=d3)
     if _variant() == "dot":

@@ -1,0 +1,59 @@
+"""The whole TT layer on the GPU in one process: suffix path vs per-index kernels vs nn.EmbeddingBag.
+
+Usage: python3 .ci/layer-ab.py [rows dim rank batch]; prints one JSON line of milliseconds per
+training step (fwd+bwd) and per inference call (no gradients), median of 20 after 3 warm-ups.
+"""
+import json
+import sys
+import time
+
+import torch
+
+from fpd_convert.bench.lookups import zipf_ids
+from fpd_convert.kernels import triton_suffix
+from fpd_convert.layers import TTEmbeddingBag
+
+rows, dim, rank, batch = (int(a) for a in (sys.argv[1:] or [10_000_000, 128, 32, 65_536]))
+device = "cuda" if torch.cuda.is_available() else "cpu"
+ids = zipf_ids(rows, batch, 1.1, device, torch.Generator().manual_seed(0))
+offsets = torch.arange(batch, device=device)
+
+
+def median_ms(fn, reps=20):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[reps // 2] * 1e3
+
+
+def infer(layer):
+    with torch.no_grad():
+        layer(ids, offsets)
+
+
+def train(layer):
+    layer(ids, offsets).sum().backward()
+    for p in layer.parameters():
+        p.grad = None
+
+
+out = {"rows": rows, "dim": dim, "rank": rank, "batch": batch, "unique": torch.unique(ids).numel()}
+dense = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device)
+out.update(dense_infer_ms=median_ms(lambda: infer(dense)), dense_train_ms=median_ms(lambda: train(dense)))
+dense = None  # its 5 GB freed before the TT layer
+bag = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=device)
+bag.kernel = "triton"
+factor = triton_suffix.FACTOR
+for name, f, cache in (("suffix", factor, 256 << 20), ("per_index", 0.0, 0)):
+    triton_suffix.FACTOR, bag.row_cache_bytes = f, cache
+    out[f"{name}_infer_ms"] = median_ms(lambda: infer(bag))
+    out[f"{name}_train_ms"] = median_ms(lambda: train(bag))
+print(json.dumps(out))
