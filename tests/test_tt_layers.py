@@ -214,7 +214,7 @@ def test_one_sync_device_dedup_equals_numpy_unique(n):
     uniq, inverse, lo, hi, probe = tt_embedding_module._unique_device(ids, 1000, torch.tensor(n > 5))
     ref_u, ref_inv = np.unique(ids.numpy(), return_inverse=True)
     assert uniq.tolist() == ref_u.tolist() and inverse.tolist() == ref_inv.reshape(-1).tolist()
-    assert (lo, hi, probe) == (int(ids.min()), int(ids.max()), n > 5)
+    assert uniq.dtype == ids.dtype and (lo, hi, probe) == (int(ids.min()), int(ids.max()), n > 5)
     assert tt_embedding_module._unique_device(ids, 1000)[4] is None
 
 

@@ -7,12 +7,13 @@ digit pairs, as one dense GEMM:
 
     S = G3^T (n3 d3, r2) @ G2 (r2, n2 r1 d2)     rows (i3, p3), columns (i2, a, p2)
 
-and a row is ``G1[i1] (d1 x r1)`` times the ``r1 x d2 d3`` values of its digit pair (i2, i3),
-a 4 k-flop product per index (one kernel).  The backward is the same in reverse: one kernel walks the sorted
-indices, sums ``dG1[i1] += g S^T`` over runs of equal ``i1`` in registers and adds
-``dS[(i3, .), (i2, ., .)] += G1[i1]^T g`` (mostly distinct places, coalesced atomic adds);
-then ``dG2 = G3 dS`` and ``dG3 = (dS G2^T)^T`` are two GEMMs.  Nothing is sorted
-by digit and no core slice is copied per index.
+and a row is ``G1[i1] (d1 x r1)`` times the ``r1 x d2 d3`` values of its digit pair
+(i2, i3), a 4 k-flop product per index (one kernel).  The backward is the same in reverse:
+one kernel walks the sorted indices, sums ``dG1[i1] += g S^T`` over runs of equal ``i1`` and
+adds ``dS[(i3, .), (i2, ., .)] += G1[i1]^T g`` (mostly distinct places, coalesced atomic
+adds); then ``dG2 = G3 dS`` and ``dG3 = (dS G2^T)^T`` are two GEMMs.  Nothing is sorted by
+digit and no core slice is copied per index.  The kernels come in two variants (``VARIANT``):
+products in registers (``fma``) or through ``tl.dot`` tiles (``dot``).
 
 It pays when the digit pairs are not many more than the indices of a batch
 (:func:`worthwhile`), e.g. 10M x 128 rows, rank 32: 40,000 pairs of 2 KB for a batch
@@ -196,9 +197,10 @@ if triton is not None:
 #: the suffix path is used while ``n2 n3 d3 <= FACTOR * ids * r2``: per distinct id the
 #: per-index kernels move ~3 middle slices (``r1 d2 r2``), the suffix path ~6 passes over
 #: ``r1 d2 d3`` values per digit pair (a bandwidth estimate, FACTOR 1).  Measured on an H100
-#: (10M x 128, rank 32: 40,000 pairs), forward+backward: suffix 0.50 vs per-index 0.67 ms at
-#: 3,653 ids, 0.85 vs 0.75 ms at 1,105 ids: the paths cross near 2,500 ids, FACTOR 2.
-FACTOR = 2.0
+#: (10M x 128, rank 32: 40,000 pairs), forward+backward, suffix vs per-index: 0.36 vs 0.49 ms at
+#: 3,653 ids and 0.44 vs 0.62 ms at 1,105 ids (with the first layout of S: 0.85 vs 0.75 ms at
+#: 1,105).  FACTOR 4 takes the suffix path from 1,250 ids there; smaller batches were not measured.
+FACTOR = 4.0
 MAX_BYTES = 1 << 30  # nor while S (and dS) would take more than this
 # launch settings: ids per backward program (runs of equal i1 are summed within one), warps
 # per program; FPD_TT_SUFFIX_LAUNCH="chunk,fwd_warps,bwd_warps" overrides them (the device sweep).
@@ -318,8 +320,8 @@ class _SuffixRows(torch.autograd.Function):
 
 
 class SuffixCache:
-    """``S`` kept between lookups without gradients; rebuilt when the middle or last core changes
-    (in-place optimizer steps bump the tensor version) or when it would exceed ``max_bytes``."""
+    """``S`` kept between lookups without gradients, while it fits in ``max_bytes``; rebuilt when
+    the middle or last core changes (in-place optimizer steps bump the tensor version)."""
 
     def __init__(self, max_bytes: int = 256 << 20):
         self.max_bytes = max_bytes

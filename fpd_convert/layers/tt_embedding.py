@@ -40,7 +40,8 @@ def _unique(flat: torch.Tensor, limit: int):
     faster than ``torch.unique`` for 8k ids); the positions then give the inverse.
     """
     if flat.device.type != "cpu" or flat.numel() == 0:
-        return torch.unique(_sort_keys(flat, limit), return_inverse=True)
+        uniq, inverse = torch.unique(_sort_keys(flat, limit), return_inverse=True)
+        return uniq.to(flat.dtype), inverse
     ids = flat.numpy().astype(np.int64, copy=False)
     n = ids.size
     bits = max(1, (n - 1).bit_length())
@@ -86,7 +87,7 @@ def _unique_device(flat: torch.Tensor, limit: int, probe: Optional[torch.Tensor]
     values = torch.cat(head + ([probe.long().view(1)] if probe is not None else [])).tolist()  # the one sync
     run -= 1
     inverse = torch.empty_like(run).scatter_(0, perm, run)
-    uniq = keys.new_empty(values[2]).scatter_(0, run, keys)  # each run writes its own id
+    uniq = keys.new_empty(values[2]).scatter_(0, run, keys).to(flat.dtype)  # each run writes its own id
     return uniq, inverse, values[0], values[1], (bool(values[3]) if probe is not None else None)
 
 
