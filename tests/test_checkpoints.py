@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fpd_convert
+from conftest import needs_triton
 from fpd_convert.convert.fidelity import FidelityOptions
 from fpd_convert.checkpoints import CheckpointError, OutputError, read_compressed_meta, read_source
 from fpd_convert.cli import main
@@ -376,6 +377,18 @@ def test_interleaved_medians_time_every_function_in_turn():
     # warm-up, then rounds of (1 settle + up to 3 timed) per function, in turn, until 7 timed each
     assert calls[:2] == ["a", "b"] and calls[2:6] == ["a"] * 4 and calls[6:10] == ["b"] * 4
     assert calls.count("a") == calls.count("b") == 1 + 3 + 7
+
+
+@needs_triton
+def test_bench_reports_which_triton_kernels_a_batch_takes():
+    from fpd_convert.bench.lookups import bench_lookups, format_lookups
+    from fpd_convert.kernels import triton_suffix
+    from fpd_convert.layers import TTEmbeddingBag
+    r = bench_lookups(rows=512, dim=8, rank=2, batch=64, kernel="triton", device="cpu", reps=1, reference=False,
+                      dense=False)  # on the CPU: Triton's interpreter
+    cores = list(TTEmbeddingBag(512, 8, rank=2).cores)
+    want = "suffix" if triton_suffix.worthwhile(cores, r["unique_ids"]) else "per-index"
+    assert r["triton_rows"] == want and f"TT path: triton ({want} kernels)" in format_lookups(r)
 
 
 def test_bench_dlrm_step_default_model_and_compressed_file(tmp_path):

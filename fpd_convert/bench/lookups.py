@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..kernels import triton_suffix
 from ..layers import TTEmbeddingBag, choose_kernel
 from .timing import device_name, interleaved_medians, resolve_device
 
@@ -83,6 +84,8 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
            "unique_ids": round(sum(int(b.unique().numel()) for b in pool) / batches), "lookups": batch * pooling,
            "batches": batches,
            "kernel": choose_kernel(kernel, list(tt.cores))}
+    if out["kernel"] == "triton":  # which Triton kernels a training batch of this size takes
+        out["triton_rows"] = "suffix" if triton_suffix.worthwhile(list(tt.cores), out["unique_ids"]) else "per-index"
     layers = {"tt": tt}
     if hot_rows or exact_rows:
         plain = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev, _cores=[c.detach() for c in tt.cores],
@@ -146,7 +149,8 @@ def format_lookups(r: dict) -> str:
              f"batch {r['batch']:,} x pooling {r['pooling']}, "
              f"Zipf {r['zipf']} ({r['unique_ids']:,} unique ids{batches}), "
              f"{r['device']}, torch {r['torch']}, "
-             f"TT path: {r['kernel']}" + (f", row map {r['hot_rows']:,} + exact {r['exact_rows']:,} rows"
+             f"TT path: {r['kernel']}" + (f" ({r['triton_rows']} kernels)" if "triton_rows" in r else "")
+             + (f", row map {r['hot_rows']:,} + exact {r['exact_rows']:,} rows"
                                           if "hot_rows" in r else "")]
     for what in ("forward", "fwd_bwd"):
         tt = r[f"tt_{what}_lookups_s"]
