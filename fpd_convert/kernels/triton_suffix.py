@@ -32,6 +32,7 @@ import torch
 from .triton_tt import _pow2, available, supports, triton, tl
 
 if triton is not None:
+    from .triton_tt import _digits, _slice_first  # shared with the per-index kernels
 
     @triton.jit
     def _suffix_block(i2, i3, p3, N2, R1, D2, D3, BR1: tl.constexpr, BD2: tl.constexpr):
@@ -51,25 +52,14 @@ if triton is not None:
                 (p1[:, None] < D1) & (p2[None, :] < D2) & (p1[:, None] * 0 + p3 < D3))
 
     @triton.jit
-    def _first_tile(c1, i1, R1, D1, BD1: tl.constexpr, BR1: tl.constexpr):
-        """``G1[0, i1]`` as a (BD1, BR1) fp32 tile."""
-        p1 = tl.arange(0, BD1)
-        a = tl.arange(0, BR1)
-        return tl.load(c1 + (i1 * D1 + p1[:, None]) * R1 + a[None, :],
-                       mask=(p1[:, None] < D1) & (a[None, :] < R1), other=0.0).to(tl.float32)
-
-    @triton.jit
     def _suffix_fwd_kernel(idx_ptr, c1, s_ptr, out_ptr,
                            N2: tl.constexpr, N3: tl.constexpr, R1: tl.constexpr,
                            D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                            BD1: tl.constexpr, BR1: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         row = tl.load(idx_ptr + pid).to(tl.int64)
-        i3 = row % N3
-        rest = row // N3
-        i2 = rest % N2
-        i1 = rest // N2
-        g1 = _first_tile(c1, i1, R1, D1, BD1, BR1)
+        i1, i2, i3 = _digits(row, N2, N3)
+        g1 = _slice_first(c1, i1, R1, D1, BD1, BR1)
         for p3 in tl.static_range(BD3):  # row[:, :, p3] = G1[i1] @ S[(i3, p3), (i2, :, :)]
             s_offs, s_mask = _suffix_block(i2, i3, p3, N2, R1, D2, D3, BR1, BD2)
             s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
@@ -94,16 +84,13 @@ if triton is not None:
         acc = tl.zeros((BD1, BR1), dtype=tl.float32)
         for s in range(start, end):
             row = tl.load(idx_ptr + s).to(tl.int64)
-            i3 = row % N3
-            rest = row // N3
-            i2 = rest % N2
-            i1 = rest // N2
+            i1, i2, i3 = _digits(row, N2, N3)
             if NEED1:
                 if i1 != cur:
                     tl.atomic_add(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
                     acc = tl.zeros((BD1, BR1), dtype=tl.float32)
                     cur = i1
-            g1 = _first_tile(c1, i1, R1, D1, BD1, BR1)
+            g1 = _slice_first(c1, i1, R1, D1, BD1, BR1)
             for p3 in tl.static_range(BD3):
                 offs, mask = _row_block(p3, D1, D2, D3, BD1, BD2)
                 g = tl.load(grad_ptr + s * D + offs, mask=mask, other=0.0).to(tl.float32)  # (BD1, BD2)
@@ -148,11 +135,8 @@ if triton is not None:
                                Q1: tl.constexpr, BD2: tl.constexpr, QC: tl.constexpr, PREC: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         row = tl.load(idx_ptr + pid).to(tl.int64)
-        i3 = row % N3
-        rest = row // N3
-        i2 = rest % N2
-        i1 = rest // N2
-        g1 = _first_tile(c1, i1, R1, D1, P1, Q1)
+        i1, i2, i3 = _digits(row, N2, N3)
+        g1 = _slice_first(c1, i1, R1, D1, P1, Q1)
         s_offs, s_mask = _pair_tile(i2, i3, N2, R1, D2, D3, Q1, BD2, QC)
         out = tl.dot(g1, tl.load(s_ptr + s_offs, mask=s_mask, other=0.0), input_precision=PREC)  # (P1, QC)
         offs, mask = _row_pt(D1, D2, D3, P1, BD2, QC)
@@ -174,14 +158,11 @@ if triton is not None:
         acc = tl.zeros((P1, Q1), dtype=tl.float32)
         for s in range(start, end):
             row = tl.load(idx_ptr + s).to(tl.int64)
-            i3 = row % N3
-            rest = row // N3
-            i2 = rest % N2
-            i1 = rest // N2
+            i1, i2, i3 = _digits(row, N2, N3)
             g = tl.load(grad_ptr + s * (D1 * D2 * D3) + offs, mask=mask, other=0.0).to(tl.float32)  # (P1, QC)
             s_offs, s_mask = _pair_tile(i2, i3, N2, R1, D2, D3, Q1, BD2, QC)
             if NEEDS:
-                g1 = _first_tile(c1, i1, R1, D1, P1, Q1)
+                g1 = _slice_first(c1, i1, R1, D1, P1, Q1)
                 tl.atomic_add(ds_ptr + s_offs, tl.dot(tl.trans(g1), g, input_precision=PREC), mask=s_mask)
             if NEED1:
                 if i1 != cur:
