@@ -384,8 +384,9 @@ def test_bench_reports_which_triton_kernels_a_batch_takes():
     from fpd_convert.bench.lookups import bench_lookups, format_lookups
     from fpd_convert.kernels import triton_suffix
     from fpd_convert.layers import TTEmbeddingBag
-    r = bench_lookups(rows=512, dim=8, rank=2, batch=64, kernel="triton", device="cpu", reps=1, reference=False,
-                      dense=False)  # on the CPU: Triton's interpreter
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU: Triton's interpreter
+    r = bench_lookups(rows=512, dim=8, rank=2, batch=64, kernel="triton", device=device, reps=1, reference=False,
+                      dense=False)
     cores = list(TTEmbeddingBag(512, 8, rank=2).cores)
     want = "suffix" if triton_suffix.worthwhile(cores, r["unique_ids"]) else "per-index"
     assert r["triton_rows"] == want and f"TT path: triton ({want} kernels)" in format_lookups(r)
@@ -404,3 +405,30 @@ def test_bench_dlrm_step_default_model_and_compressed_file(tmp_path):
                                   "--reps", "1", "--model", str(tmp_path / "c.safetensors")])
     assert r.exit_code == 0, r.output
     assert "2 TT tables from the file" in r.output and "ratio TT / dense" in r.output
+
+
+@pytest.mark.parametrize("layout", ["dlrm", "torchrec"])
+def test_compressed_models_read_all_tt_dedups_at_once(tmp_path, monkeypatch, layout):
+    # the GPU's grouped lookups (all TT dedups launched, their counts read in one copy), on CPU tensors
+    import fpd_convert.layers.tt_embedding as tt_embedding_module
+    from fpd_convert.layers import TTEmbeddingBag
+    if layout == "dlrm":
+        s = dlrm_state(weighted=True)
+        torch.save(dlrm_checkpoint(s), tmp_path / "m.pt")
+    else:
+        s = torchrec_state()
+        torch.save(s, tmp_path / "m.pt")
+    fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=FULL, num_largest=2,
+                         progress=False, keep_larger=True)
+    model = fpd_convert.load(tmp_path / "c.safetensors")
+    dense, ids = batch()
+    expected = model(dense, ids)
+    monkeypatch.setattr(tt_embedding_module, "_device_dedup", lambda input: True)
+    read = []
+    finish = TTEmbeddingBag.finish_lookup
+    monkeypatch.setattr(TTEmbeddingBag, "finish_lookup",
+                        lambda self, started, values=None: read.append(values is not None) or finish(self, started, values))
+    torch.testing.assert_close(model(dense, ids), expected)
+    assert read == [True, True]  # both TT tables got their values from the one grouped read
+    want = ref_dlrm_forward(s, dense, ids, weighted=True) if layout == "dlrm" else ref_torchrec_forward(s, dense, ids)
+    torch.testing.assert_close(expected, want, atol=1e-4, rtol=1e-4)

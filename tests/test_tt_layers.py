@@ -314,3 +314,64 @@ def test_cuda_parity_and_autocast(dtype):
     assert all(c.grad is not None for c in bag.cores)
     with pytest.raises(IndexError, match="out of range"):
         bag(torch.tensor([N], device="cuda"), torch.tensor([0], device="cuda"))
+
+
+def _grouped_calls(device):
+    """Three TT bags (one-hot, pooled with weights, mean) and a dense bag, with their inputs."""
+    torch.manual_seed(4)
+    g = torch.Generator().manual_seed(5)
+    tables = [TTEmbeddingBag(N, D, rank=4, mode="sum"), TTEmbeddingBag(N, D, rank=4, mode="sum"),
+              nn.EmbeddingBag(50, D, mode="sum"), TTEmbeddingBag(N, D, rank=4, mode="mean")]
+    one_hot = torch.randint(0, N, (30,), generator=g)
+    pooled, offsets = batch()
+    calls = [(tables[0], one_hot, torch.arange(30), None),
+             (tables[1], pooled, offsets, torch.rand(pooled.numel(), generator=g)),
+             (tables[2], torch.randint(0, 50, (30,), generator=g), torch.arange(30), None),
+             (tables[3], pooled, offsets, None)]
+    return [tuple(t.to(device) if t is not None else None for t in c) for c in calls]
+
+
+def _one_by_one(calls):
+    return [m(x, o) if w is None else m(x, o, per_sample_weights=w) for m, x, o, w in calls]
+
+
+@pytest.mark.parametrize("device_dedup", [False, True])
+def test_grouped_lookups_equal_one_by_one(monkeypatch, device_dedup):
+    from fpd_convert.layers.grouped import GroupedLookups
+    # device_dedup: the GPU's split (launch all dedups, read all counts at once) on CPU tensors
+    monkeypatch.setattr(tt_embedding_module, "_device_dedup", lambda input: device_dedup)
+    calls = _grouped_calls("cpu")
+    grouped = GroupedLookups(calls)
+    started = [s for s in grouped._started if s is not None]
+    assert all((s.dedup is not None) == device_dedup for s in started)
+    got, want = grouped.results(), _one_by_one(calls)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    sum(o.square().sum() for o in got).backward()  # gradients flow to every table
+    assert all(c[0].weight.grad is not None if isinstance(c[0], nn.EmbeddingBag)
+               else c[0].cores[0].grad.abs().sum() > 0 for c in calls)
+
+
+@pytest.mark.parametrize("device_dedup", [False, True])
+def test_grouped_lookups_raise_the_bad_tables_index_error(monkeypatch, device_dedup):
+    from fpd_convert.layers.grouped import GroupedLookups
+    monkeypatch.setattr(tt_embedding_module, "_device_dedup", lambda input: device_dedup)
+    calls = _grouped_calls("cpu")
+    bad = calls[3][1].clone()
+    bad[2] = N + 3
+    calls[3] = (calls[3][0], bad, calls[3][2], None)
+    with pytest.raises(TTIndexError, match=f"index {N + 3} is out of range"):
+        GroupedLookups(calls).results()
+
+
+@cuda
+def test_cuda_grouped_lookups_equal_one_by_one():
+    from fpd_convert.layers.grouped import GroupedLookups
+    calls = _grouped_calls("cuda")
+    for a, b in zip(GroupedLookups(calls).results(), _one_by_one(calls)):
+        torch.testing.assert_close(a, b)
+    bad = calls[0][1].clone()
+    bad[0] = -1
+    calls[0] = (calls[0][0], bad, calls[0][2], None)
+    with pytest.raises(TTIndexError, match="index -1 is out of range"):
+        GroupedLookups(calls).results()

@@ -10,7 +10,7 @@ and their errors behave exactly as in PyTorch.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -69,6 +69,42 @@ def _sort_keys(flat: torch.Tensor, limit: int) -> torch.Tensor:
     return flat
 
 
+def _device_dedup(input: torch.Tensor) -> bool:
+    """Whether a bag lookup of ``input`` dedups with :func:`_dedup_launch` (on a GPU; the tests
+    also switch it on for CPU tensors) rather than numpy's sort."""
+    return input.device.type != "cpu"
+
+
+class _Dedup(NamedTuple):
+    """A GPU dedup launched (:func:`_dedup_launch`) whose host values are not read yet."""
+    keys: torch.Tensor  # sorted ids (sort keys)
+    perm: torch.Tensor  # sorted position -> input position
+    run: torch.Tensor  # 1-based run of each sorted id
+    head: torch.Tensor  # int64 [min, max, count] (+ [probe]): what the host must read
+    dtype: torch.dtype
+
+
+def _dedup_launch(flat: torch.Tensor, limit: int, probe: Optional[torch.Tensor] = None) -> _Dedup:
+    """The device half of :func:`_unique_device`: sorts and counts with no host sync."""
+    lo, hi = torch.aminmax(flat)
+    keys, perm = torch.sort(_sort_keys(flat, limit))
+    first = torch.empty(keys.shape, dtype=torch.bool, device=keys.device)
+    first[:1] = True
+    torch.ne(keys[1:], keys[:-1], out=first[1:])
+    run = torch.cumsum(first, 0)
+    head = [lo.long().view(1), hi.long().view(1), run[-1:]]
+    return _Dedup(keys, perm, run, torch.cat(head + ([probe.long().view(1)] if probe is not None else [])),
+                  flat.dtype)
+
+
+def _dedup_finish(dedup: _Dedup, values: Sequence[int]):
+    """``(uniq, inverse, lo, hi, probe value)`` of a launched dedup, given its ``head`` read on the host."""
+    run = dedup.run - 1
+    inverse = torch.empty_like(run).scatter_(0, dedup.perm, run)
+    uniq = dedup.keys.new_empty(values[2]).scatter_(0, run, dedup.keys).to(dedup.dtype)  # each run writes its id
+    return uniq, inverse, values[0], values[1], (bool(values[3]) if len(values) > 3 else None)
+
+
 def _unique_device(flat: torch.Tensor, limit: int, probe: Optional[torch.Tensor] = None):
     """GPU dedup with a single host sync, which also reads the ids' range and ``probe``.
 
@@ -76,19 +112,19 @@ def _unique_device(flat: torch.Tensor, limit: int, probe: Optional[torch.Tensor]
     ids are sorted, the first of each run marked and counted, and the count, min, max and probe
     come back in one read.  Returns ``(uniq, inverse, lo, hi, probe value)``; the caller checks
     the range before using ``uniq`` (ids out of int32 range were sorted wrapped, so the results
-    are only meaningful once ``lo``/``hi`` are checked)."""
-    lo, hi = torch.aminmax(flat)
-    keys, perm = torch.sort(_sort_keys(flat, limit))
-    first = torch.empty(keys.shape, dtype=torch.bool, device=keys.device)
-    first[:1] = True
-    torch.ne(keys[1:], keys[:-1], out=first[1:])
-    run = torch.cumsum(first, 0)  # 1-based run of each sorted id
-    head = [lo.long().view(1), hi.long().view(1), run[-1:]]
-    values = torch.cat(head + ([probe.long().view(1)] if probe is not None else [])).tolist()  # the one sync
-    run -= 1
-    inverse = torch.empty_like(run).scatter_(0, perm, run)
-    uniq = keys.new_empty(values[2]).scatter_(0, run, keys).to(flat.dtype)  # each run writes its own id
-    return uniq, inverse, values[0], values[1], (bool(values[3]) if probe is not None else None)
+    are only meaningful once ``lo``/``hi`` are checked).  :class:`fpd_convert.layers.grouped.GroupedLookups`
+    launches the dedups of several tables first and reads all their values in one sync."""
+    dedup = _dedup_launch(flat, limit, probe)
+    return _dedup_finish(dedup, dedup.head.tolist())  # the one sync
+
+
+class StartedLookup(NamedTuple):
+    """A bag lookup begun by :meth:`TTEmbeddingBag.start_lookup`."""
+    input: torch.Tensor
+    offsets: Optional[torch.Tensor]
+    per_sample_weights: Optional[torch.Tensor]
+    one_hot: Union[bool, torch.Tensor]  # a 0-dim GPU probe, read with the dedup
+    dedup: Optional[_Dedup]  # launched on a GPU; None: all done in finish_lookup
 
 
 class TTIndexError(IndexError, RuntimeError):
@@ -325,6 +361,10 @@ class _TTTable(nn.Module):
         """(rows of the unique indices (U, d), inverse map shaped like input, padding position,
         probe value)."""
         uniq, inverse, value = self._checked_unique(input, probe)
+        return self._rows_of_unique(uniq, inverse, input.shape) + (value,)
+
+    def _rows_of_unique(self, uniq: torch.Tensor, inverse: torch.Tensor, shape: torch.Size):
+        """``(rows (U, d), inverse shaped like the input, padding position)`` of checked distinct ids."""
         order = None
         if uniq.numel() == 0:  # empty batch: one dummy row keeps the pooling ops happy
             rows = self.cores[0].new_zeros(1, self.embedding_dim)
@@ -337,7 +377,7 @@ class _TTTable(nn.Module):
         if order is not None:  # rows are not in id order: look them up where they are
             inverse = order.index_select(0, inverse.reshape(-1))
             pad = None if pad is None else int(order[pad])
-        return rows, inverse.reshape(input.shape), pad, value
+        return rows, inverse.reshape(shape), pad
 
     def safe_chunk(self, budget_bytes: int = 64 << 20) -> int:
         """Ids per lookup call that keep the per-index core-slice copies of the plain paths
@@ -425,10 +465,34 @@ class TTEmbeddingBag(_TTTable):
 
     def forward(self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None,
                 per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.finish_lookup(self.start_lookup(input, offsets, per_sample_weights))
+
+    def start_lookup(self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None,
+                     per_sample_weights: Optional[torch.Tensor] = None) -> "StartedLookup":
+        """The first half of :meth:`forward`: on a GPU, launches the batch's dedup without waiting
+        for it.  :meth:`finish_lookup` reads its count and range (one host sync, or none when
+        ``values`` are given: :class:`fpd_convert.layers.grouped.GroupedLookups` reads those of
+        several tables at once), checks the ids and computes the rows; errors are raised there."""
         one_hot = self._one_hot(input, offsets)
         probe = one_hot if isinstance(one_hot, torch.Tensor) else None  # a GPU probe: read with the dedup
-        rows, inverse, pad, value = self._unique_rows(input, probe)
-        one_hot = value if probe is not None else one_hot
+        dedup = None
+        if _device_dedup(input) and input.numel():
+            self._check_type(input)
+            dedup = _dedup_launch(input.reshape(-1), self.num_embeddings, probe)
+        return StartedLookup(input, offsets, per_sample_weights, one_hot, dedup)
+
+    def finish_lookup(self, started: "StartedLookup", values: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Pooled rows of a lookup begun by :meth:`start_lookup`; ``values``: its ``dedup.head``
+        already read on the host (read here otherwise)."""
+        input, offsets, per_sample_weights, one_hot, dedup = started
+        if dedup is None:
+            probe = one_hot if isinstance(one_hot, torch.Tensor) else None
+            uniq, inverse, value = self._checked_unique(input, probe)
+        else:
+            uniq, inverse, lo, hi, value = _dedup_finish(dedup, dedup.head.tolist() if values is None else values)
+            self._check_range(lo, hi)
+        one_hot = value if isinstance(one_hot, torch.Tensor) else one_hot
+        rows, inverse, pad = self._rows_of_unique(uniq, inverse, input.shape)
         if per_sample_weights is None and pad is None and one_hot:
             return rows.index_select(0, inverse.reshape(-1))  # every mode gives the row itself
         if per_sample_weights is not None and per_sample_weights.dtype != rows.dtype:

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from ..layers import TTEmbeddingBag
+from ..layers.grouped import GroupedLookups
 from ..tt import TTShape
 from .parts import (CatInteraction, DCNInteraction, DDPShell, DenseArch, DotInteraction, LowRankCrossNet,
-                    MDEmbeddingBag, OverArch, ProjectionInteraction, QREmbeddingBag, SparseInput, lookup,
-                    sequential_mlp)
+                    MDEmbeddingBag, OverArch, ProjectionInteraction, QREmbeddingBag, SparseInput,
+                    sequential_mlp, start_lookups)
 
 
 def make_table(spec: dict, tt: Optional[TTShape]) -> nn.Module:
@@ -73,9 +74,9 @@ class DLRMNet(nn.Module):
             self.interaction = DotInteraction(len(tables), "lower", bool(architecture.get("interaction_itself")))
 
     def _features(self, dense: torch.Tensor, sparse: SparseInput) -> torch.Tensor:
+        lookups = start_lookups(self.emb_l, sparse, self.v_W_l)  # TT dedups first: one sync, after the MLP is queued
         x = self.bot_l(dense)
-        weights = self.v_W_l if self.v_W_l is not None else [None] * len(self.emb_l)
-        ly = torch.stack([lookup(t, sparse, f, w) for f, (t, w) in enumerate(zip(self.emb_l, weights))], dim=1)
+        ly = torch.stack(lookups.results(), dim=1)
         return self.interaction(x, ly.to(x.dtype))
 
     def logits(self, dense: torch.Tensor, sparse: SparseInput) -> torch.Tensor:
@@ -102,9 +103,12 @@ class SparseArch(nn.Module):
         super().__init__()
         self.embedding_bag_collection = EmbeddingBagCollection(bags)
 
+    def start(self, sparse: SparseInput) -> GroupedLookups:
+        """The lookups begun (see :func:`start_lookups`); ``torch.stack(.results(), 1)`` is the output."""
+        return start_lookups(list(self.embedding_bag_collection.embedding_bags.values()), sparse)
+
     def forward(self, sparse: SparseInput) -> torch.Tensor:
-        bags = self.embedding_bag_collection.embedding_bags.values()
-        return torch.stack([lookup(t, sparse, f) for f, t in enumerate(bags)], dim=1)
+        return torch.stack(self.start(sparse).results(), dim=1)
 
 
 class TorchRecDLRM(nn.Module):
@@ -134,8 +138,9 @@ class TorchRecDLRM(nn.Module):
         self.over_arch = OverArch(architecture["top"][0], architecture["top"][1:])
 
     def logits(self, dense: torch.Tensor, sparse: SparseInput) -> torch.Tensor:
+        lookups = self.sparse_arch.start(sparse)  # TT dedups first: one sync, after the dense arch is queued
         x = self.dense_arch(dense)
-        return self.over_arch(self.inter_arch(x, self.sparse_arch(sparse).to(x.dtype)))
+        return self.over_arch(self.inter_arch(x, torch.stack(lookups.results(), dim=1).to(x.dtype)))
 
     forward = logits
 

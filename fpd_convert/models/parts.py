@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.grouped import GroupedLookups
+
 SparseInput = Union[torch.Tensor, Sequence[Tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -117,17 +119,34 @@ class MDEmbeddingBag(nn.Module):
         return self.proj(self.embs(input, offsets, per_sample_weights=per_sample_weights))
 
 
+def _feature(sparse: SparseInput, f: int):
+    """``(ids, offsets)`` of feature ``f``."""
+    if isinstance(sparse, torch.Tensor):
+        ids = sparse[:, f]
+        return ids, torch.arange(ids.shape[0], device=ids.device)
+    return sparse[f]
+
+
 def lookup(table: nn.Module, sparse: SparseInput, f: int, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pooled embeddings (B, D) of feature ``f``: one id per sample from a (B, F) tensor, or
     ``(indices, offsets)`` for multi-hot bags."""
-    if isinstance(sparse, torch.Tensor):
-        ids = sparse[:, f]
-        offsets = torch.arange(ids.shape[0], device=ids.device)
-    else:
-        ids, offsets = sparse[f]
+    ids, offsets = _feature(sparse, f)
     if weights is not None:
         return table(ids, offsets, per_sample_weights=weights.gather(0, ids))
     return table(ids, offsets)
+
+
+def start_lookups(tables: Sequence[nn.Module], sparse: SparseInput,
+                  weights: Optional[Sequence[Optional[torch.Tensor]]] = None) -> GroupedLookups:
+    """:func:`lookup` of every table (feature ``f`` for table ``f``), begun together: the TT
+    bags' GPU dedups are launched now and read in one sync by ``.results()``, so the caller can
+    queue other work in between (see :mod:`fpd_convert.layers.grouped`)."""
+    calls = []
+    for f, table in enumerate(tables):
+        ids, offsets = _feature(sparse, f)
+        w = weights[f] if weights is not None else None
+        calls.append((table, ids, offsets, w.gather(0, ids) if w is not None else None))
+    return GroupedLookups(calls)
 
 
 class DotInteraction(nn.Module):

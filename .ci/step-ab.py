@@ -1,0 +1,71 @@
+"""DLRM training step and inference on the GPU in one process: TT tables with grouped lookups
+(one host sync a step for all TT tables, `fpd_convert.layers.grouped`) vs one lookup after the
+other (one sync per TT table), and the dense model, in alternating blocks.
+
+Usage: python3 .ci/step-ab.py [rows_cap tt_tables rank batch]; prints one JSON line of
+milliseconds per step (median over blocks of 5 steps, after warm-up).
+"""
+import json
+import sys
+import time
+
+import torch
+
+import fpd_convert.models.dlrm as dlrm
+from fpd_convert.bench.dlrm_step import _largest, _serve_fn, _step_fn, terabyte_architecture
+from fpd_convert.models import build_model
+from fpd_convert.models.parts import lookup
+
+rows_cap, tt_tables, rank, batch = (int(a) for a in (sys.argv[1:] or [10_000_000, 5, 32, 65_536]))
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+grouped_start = dlrm.start_lookups
+
+
+class OneByOne:
+    """The lookups as before grouping: each table's forward in turn (one sync per TT table)."""
+
+    def __init__(self, tables, sparse, weights=None):
+        self.args = (list(tables), sparse, weights)
+
+    def results(self):
+        tables, sparse, weights = self.args
+        return [lookup(t, sparse, f, weights[f] if weights is not None else None) for f, t in enumerate(tables)]
+
+
+def timed(fn, steps=5):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps * 1e3
+
+
+arch = terabyte_architecture(rows_cap, 128)
+out = {"rows_cap": rows_cap, "tt_tables": tt_tables, "rank": rank, "batch": batch, "device": str(device),
+       "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+with device:
+    models = {"dense": build_model(arch, None), "tt": build_model(arch, _largest(arch, tt_tables, rank))}
+fns = {}
+for name, net in models.items():
+    fns[f"{name}_train"] = _step_fn(net, arch, batch, 1.1, device, 0.01, 0)
+    fns[f"{name}_infer"] = _serve_fn(net, arch, batch, 1.1, device, 0)
+variants = {"dense": (grouped_start, "dense"), "grouped": (grouped_start, "tt"), "one_by_one": (OneByOne, "tt")}
+times = {f"{v}_{w}": [] for v in variants for w in ("train", "infer")}
+for block in range(7):
+    for v, (start, model) in variants.items():
+        dlrm.start_lookups = start
+        for w in ("train", "infer"):
+            ms = timed(fns[f"{model}_{w}"])
+            if block:  # block 0 warms up
+                times[f"{v}_{w}"].append(ms)
+dlrm.start_lookups = grouped_start
+for k, v in times.items():
+    out[f"{k}_ms"] = sorted(v)[len(v) // 2]
+for w in ("train", "infer"):
+    out[f"grouped_vs_one_by_one_{w}"] = out[f"one_by_one_{w}_ms"] / out[f"grouped_{w}_ms"]
+    out[f"tt_vs_dense_{w}_grouped"] = out[f"dense_{w}_ms"] / out[f"grouped_{w}_ms"]
+    out[f"tt_vs_dense_{w}_one_by_one"] = out[f"dense_{w}_ms"] / out[f"one_by_one_{w}_ms"]
+print(json.dumps(out))

@@ -1,0 +1,73 @@
+"""Lookups of several tables begun together: one host sync a step for all TT bags on a GPU.
+
+A TT bag lookup on a GPU must learn, on the host, how many distinct ids its batch has (to
+size the rows it computes) and whether they are in range; each table alone pays one sync
+for that (:func:`fpd_convert.layers.tt_embedding._unique_device`), and a sync waits for
+everything queued before it.  In a model with several TT tables that stalls the GPU once per
+table.  :class:`GroupedLookups` launches the dedups of all TT bags first, copies their
+counts and ranges to pinned host memory in one asynchronous copy and records an event; the
+caller then queues other work (the bottom MLP), and :meth:`GroupedLookups.results` waits for
+that event only, not for the work queued after it.  Index errors are raised there, before
+any row is computed, as a single table's lookup would raise them.
+
+Other modules (``nn.EmbeddingBag``, a TT bag on the CPU) are simply called in
+:meth:`~GroupedLookups.results`, in order.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .tt_embedding import TTEmbeddingBag
+
+#: (module, input, offsets, per_sample_weights)
+Call = Tuple[nn.Module, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+class GroupedLookups:
+    """``GroupedLookups(calls).results()`` equals ``[m(i, o, per_sample_weights=w) for m, i, o, w in calls]``."""
+
+    def __init__(self, calls: Sequence[Call]):
+        self._calls = list(calls)
+        self._started: List[object] = []
+        heads = []
+        for module, input, offsets, weights in self._calls:
+            started = None
+            if isinstance(module, TTEmbeddingBag):
+                started = module.start_lookup(input, offsets, weights)
+                if started.dedup is not None:
+                    heads.append(started.dedup.head)
+            self._started.append(started)
+        self._event = None
+        self._host: Optional[torch.Tensor] = None
+        if heads:
+            head = torch.cat(heads)
+            if head.is_cuda:
+                self._host = torch.empty(head.shape, dtype=head.dtype, pin_memory=True)
+                self._host.copy_(head, non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record()
+            else:  # another device: a plain (synchronous) copy
+                self._host = head.cpu()
+
+    def results(self) -> List[torch.Tensor]:
+        """The pooled embeddings of every call, in order (waits for the dedups only)."""
+        values: List[int] = []
+        if self._host is not None:
+            if self._event is not None:
+                self._event.synchronize()
+            values = self._host.tolist()
+        out, at = [], 0
+        for (module, input, offsets, weights), started in zip(self._calls, self._started):
+            if started is None:
+                out.append(module(input, offsets) if weights is None
+                           else module(input, offsets, per_sample_weights=weights))
+            elif started.dedup is None:
+                out.append(module.finish_lookup(started))
+            else:
+                size = started.dedup.head.numel()
+                out.append(module.finish_lookup(started, values[at:at + size]))
+                at += size
+        return out
