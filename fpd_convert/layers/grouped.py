@@ -10,8 +10,9 @@ caller then queues other work (the bottom MLP), and :meth:`GroupedLookups.result
 that event only, not for the work queued after it.  Index errors are raised there, before
 any row is computed, as a single table's lookup would raise them.
 
-Other modules (``nn.EmbeddingBag``, a TT bag on the CPU) are simply called in
-:meth:`~GroupedLookups.results`, in order.
+Other modules (``nn.EmbeddingBag``, QR/MD bags) are called first in
+:meth:`~GroupedLookups.results`, before the wait, so that the GPU works on them meanwhile; a TT
+bag on the CPU does its whole lookup in :meth:`~GroupedLookups.results`.
 """
 from __future__ import annotations
 
@@ -53,21 +54,26 @@ class GroupedLookups:
                 self._host = head.cpu()
 
     def results(self) -> List[torch.Tensor]:
-        """The pooled embeddings of every call, in order (waits for the dedups only)."""
+        """The pooled embeddings of every call, in order.  The other modules' lookups are queued
+        first, so that the GPU has their work while the host waits for the dedups (only for them)."""
+        out: List[Optional[torch.Tensor]] = [None] * len(self._calls)
+        for k, ((module, input, offsets, weights), started) in enumerate(zip(self._calls, self._started)):
+            if started is None:
+                out[k] = (module(input, offsets) if weights is None
+                          else module(input, offsets, per_sample_weights=weights))
         values: List[int] = []
         if self._host is not None:
             if self._event is not None:
                 self._event.synchronize()
             values = self._host.tolist()
-        out, at = [], 0
-        for (module, input, offsets, weights), started in zip(self._calls, self._started):
+        at = 0
+        for k, ((module, *_), started) in enumerate(zip(self._calls, self._started)):
             if started is None:
-                out.append(module(input, offsets) if weights is None
-                           else module(input, offsets, per_sample_weights=weights))
-            elif started.dedup is None:
-                out.append(module.finish_lookup(started))
+                continue
+            if started.dedup is None:
+                out[k] = module.finish_lookup(started)
             else:
                 size = started.dedup.head.numel()
-                out.append(module.finish_lookup(started, values[at:at + size]))
+                out[k] = module.finish_lookup(started, values[at:at + size])
                 at += size
         return out
