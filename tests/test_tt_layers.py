@@ -375,3 +375,4 @@ def test_cuda_grouped_lookups_equal_one_by_one():
     calls[0] = (calls[0][0], bad, calls[0][2], None)
     with pytest.raises(TTIndexError, match="index -1 is out of range"):
         GroupedLookups(calls).results()
+

@@ -43,13 +43,13 @@ class GroupedLookups:
             self._started.append(started)
         self._event = None
         self._host: Optional[torch.Tensor] = None
-        if heads:
+        if heads and len({h.device for h in heads}) == 1:  # tables on several devices: each reads its own
             head = torch.cat(heads)
             if head.is_cuda:
                 self._host = torch.empty(head.shape, dtype=head.dtype, pin_memory=True)
                 self._host.copy_(head, non_blocking=True)
                 self._event = torch.cuda.Event()
-                self._event.record()
+                self._event.record(torch.cuda.current_stream(head.device))  # the copy's stream
             else:  # another device: a plain (synchronous) copy
                 self._host = head.cpu()
 
@@ -70,7 +70,7 @@ class GroupedLookups:
         for k, ((module, *_), started) in enumerate(zip(self._calls, self._started)):
             if started is None:
                 continue
-            if started.dedup is None:
+            if started.dedup is None or self._host is None:
                 out[k] = module.finish_lookup(started)
             else:
                 size = started.dedup.head.numel()
