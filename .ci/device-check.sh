@@ -22,6 +22,9 @@ timeout 150 python3 .ci/step-ab.py 2>>$OUT/err.log | tee $OUT/step_ab.json  # DL
 timeout 120 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --step --json \
   > $OUT/bench_10m_r32.json 2>>$OUT/err.log
 grep -E "ratio|lookups_s|samples_s|unique|speedup" $OUT/bench_10m_r32.json
+timeout 90 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --suffix-rows 512 \
+  --json > $OUT/bench_10m_r32_suffix512.json 2>>$OUT/err.log  # a long first core: the lookups alone
+grep -E "ratio|row_factors" -A3 $OUT/bench_10m_r32_suffix512.json | head -12
 tail -5 $OUT/err.log
 [ "${SKIP_TESTS:-0}" = 1 ] || timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_tt_layers.py tests/test_row_index.py \
   tests/test_checkpoints.py 2>&1 | tee $OUT/pytest.log | tail -4

@@ -1,9 +1,9 @@
 """DLRM training step and inference on the GPU in one process: TT tables with grouped lookups
 (one host sync a step for all TT tables, `fpd_convert.layers.grouped`) vs one lookup after the
-other (one sync per TT table), and the dense model, in alternating blocks; both models also with
-the pairwise interaction as before (advanced indexing, whose backward is a sorting index_put).
+other (one sync per TT table), and the dense model, in alternating blocks; the TT model also with
+a long first core (row factors with `suffix_rows`, default 512: `factor_rows`).
 
-Usage: python3 .ci/step-ab.py [rows_cap tt_tables rank batch]; prints one JSON line of
+Usage: python3 .ci/step-ab.py [rows_cap tt_tables rank batch suffix_rows]; prints one JSON line of
 milliseconds per step (median over blocks of 5 steps, after warm-up).  STEP_PROFILE=1 writes per-step profiles to $OUT/step_profile.txt.
 """
 import json
@@ -16,12 +16,11 @@ import torch
 import fpd_convert.models.dlrm as dlrm
 from fpd_convert.bench.dlrm_step import _largest, _serve_fn, _step_fn, terabyte_architecture
 from fpd_convert.models import build_model
-from fpd_convert.models.parts import DotInteraction, lookup
+from fpd_convert.models.parts import lookup
 
-rows_cap, tt_tables, rank, batch = (int(a) for a in (sys.argv[1:] or [10_000_000, 5, 32, 65_536]))
+rows_cap, tt_tables, rank, batch, suffix_rows = (int(a) for a in (sys.argv[1:] or [10_000_000, 5, 32, 65_536, 512]))
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 grouped_start = dlrm.start_lookups
-select_forward = DotInteraction.forward
 
 
 class OneByOne:
@@ -33,13 +32,6 @@ class OneByOne:
     def results(self):
         tables, sparse, weights = self.args
         return [lookup(t, sparse, f, weights[f] if weights is not None else None) for f, t in enumerate(tables)]
-
-
-def index_put_forward(self, dense, sparse):
-    """DotInteraction as before this session: pairs by advanced indexing (index_put backward)."""
-    t = torch.cat([dense.unsqueeze(1), sparse], dim=1)
-    z = torch.bmm(t, t.transpose(1, 2))
-    return torch.cat([dense, z[:, self._rows, self._cols]], dim=1)
 
 
 def timed(fn, steps=5):
@@ -57,29 +49,28 @@ arch = terabyte_architecture(rows_cap, 128)
 out = {"rows_cap": rows_cap, "tt_tables": tt_tables, "rank": rank, "batch": batch, "device": str(device),
        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
 with device:
-    models = {"dense": build_model(arch, None), "tt": build_model(arch, _largest(arch, tt_tables, rank))}
+    models = {"dense": build_model(arch, None), "tt": build_model(arch, _largest(arch, tt_tables, rank)),
+              "tt_suffix": build_model(arch, _largest(arch, tt_tables, rank, suffix_rows))}
+out["suffix_row_factors"] = [t.row_factors for t in _largest(arch, tt_tables, rank, suffix_rows).values()]
 fns = {}
 for name, net in models.items():
     fns[f"{name}_train"] = _step_fn(net, arch, batch, 1.1, device, 0.01, 0)
     fns[f"{name}_infer"] = _serve_fn(net, arch, batch, 1.1, device, 0)
-variants = {"dense": (grouped_start, "dense", select_forward), "grouped": (grouped_start, "tt", select_forward),
-            "one_by_one": (OneByOne, "tt", select_forward),
-            "dense_index_put": (grouped_start, "dense", index_put_forward),
-            "grouped_index_put": (grouped_start, "tt", index_put_forward)}
+variants = {"dense": (grouped_start, "dense"), "grouped": (grouped_start, "tt"), "one_by_one": (OneByOne, "tt"),
+            "grouped_suffix": (grouped_start, "tt_suffix")}
 times = {f"{v}_{w}": [] for v in variants for w in ("train", "infer")}
 for block in range(7):
-    for v, (start, model, interaction) in variants.items():
-        dlrm.start_lookups, DotInteraction.forward = start, interaction
+    for v, (start, model) in variants.items():
+        dlrm.start_lookups = start
         for w in ("train", "infer"):
             ms = timed(fns[f"{model}_{w}"])
             if block:  # block 0 warms up
                 times[f"{v}_{w}"].append(ms)
-dlrm.start_lookups, DotInteraction.forward = grouped_start, select_forward
+dlrm.start_lookups = grouped_start
 for k, v in times.items():
     out[f"{k}_ms"] = sorted(v)[len(v) // 2]
 for w in ("train", "infer"):
-    out[f"interaction_select_vs_index_put_dense_{w}"] = out[f"dense_index_put_{w}_ms"] / out[f"dense_{w}_ms"]
-    out[f"tt_vs_dense_{w}_index_put"] = out[f"dense_index_put_{w}_ms"] / out[f"grouped_index_put_{w}_ms"]
+    out[f"tt_vs_dense_{w}_suffix"] = out[f"dense_{w}_ms"] / out[f"grouped_suffix_{w}_ms"]
     out[f"grouped_vs_one_by_one_{w}"] = out[f"one_by_one_{w}_ms"] / out[f"grouped_{w}_ms"]
     out[f"tt_vs_dense_{w}_grouped"] = out[f"dense_{w}_ms"] / out[f"grouped_{w}_ms"]
     out[f"tt_vs_dense_{w}_one_by_one"] = out[f"dense_{w}_ms"] / out[f"one_by_one_{w}_ms"]
@@ -90,7 +81,7 @@ if os.environ.get("STEP_PROFILE") and device.type == "cuda":
     from torch.profiler import ProfilerActivity, profile
     path = os.path.join(os.environ.get("OUT", "."), "step_profile.txt")
     with open(path, "w") as f:
-        for name, model in (("dense", "dense"), ("grouped", "tt")):
+        for name, model in (("dense", "dense"), ("grouped", "tt"), ("grouped_suffix", "tt_suffix")):
             for w in ("train", "infer"):
                 fn = fns[f"{model}_{w}"]
                 fn()

@@ -64,6 +64,9 @@ def _rank_value(text):
 @click.option("--order", type=click.IntRange(2, 4), default=3, show_default=True, help="Number of TT cores.")
 @click.option("--dim-factors", help="Factors of the tables' dim, e.g. 2,4,8 (their count sets the order; default: "
               "as balanced as possible). A first factor of 2 makes CPU lookups faster.")
+@click.option("--suffix-rows", type=click.IntRange(2), default=None,
+              help="Product of the trailing row factors; the first factor takes the rest (default: balanced "
+              "factors). 512 keeps the table CPU inference caches in L2: faster CPU lookups, same error.")
 @click.option("--svd", type=click.Choice(["auto", "truncated_svd", "randomized_svd"]), default="auto",
               show_default=True, help="SVD of the in-memory (TensorLy) path.")
 @click.option("--svd-path", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
@@ -96,7 +99,8 @@ def _rank_value(text):
 @click.option("--keep-larger", is_flag=True, help="Keep a TT even when it is not smaller (full-rank checks).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
-def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, tol, order, dim_factors, svd, svd_path,
+def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, tol, order, dim_factors, suffix_rows,
+             svd, svd_path,
              workers, power_iters, seed, importance, data_path, data_rows, hot_rows, exact_rows, core_dtype, exact_dtype,
              layout, yes, force, allow_unsafe_pickle, keep_larger, as_json):
     """Replace the largest embedding tables of MODEL by TT cores (TT-SVD)."""
@@ -115,7 +119,7 @@ def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, 
                   svd_path=svd_path, workers=workers, power_iters=power_iters, seed=seed,
                   log=lambda text: click.echo(text, err=True), data=data_path, data_rows=data_rows,
                   fidelity=FidelityOptions(importance, hot_rows, exact_rows, core_dtype, exact_dtype),
-                  dim_factors=_int_list(dim_factors, "--dim-factors"))
+                  dim_factors=_int_list(dim_factors, "--dim-factors"), suffix_rows=suffix_rows)
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.format())
 
 
@@ -274,6 +278,9 @@ def demo(folder, train_rows, ratio):
 @click.option("--reps", type=int, default=10, show_default=True)
 @click.option("--dim-factors", default=None, help="Lookups: the TT's factors of --dim, e.g. 2,4,8 "
               "[default: as balanced as possible].")
+@click.option("--suffix-rows", type=click.IntRange(2), default=None,
+              help="The TT tables' trailing row factors multiply to this; the first takes the rest "
+              "[default: balanced factors].")
 @click.option("--batches", type=click.IntRange(1), default=1, show_default=True,
               help="Lookups: cycle through this many distinct batches (1: the same batch every time).")
 @click.option("--step", is_flag=True, help="Also time a DLRM training step, dense vs TT tables.")
@@ -296,7 +303,8 @@ def demo(folder, train_rows, ratio):
               help="--svd: where to write the table (default: the temp folder).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, dim_factors, batches, step, model, tt_tables, rows_cap, hot_rows,
+def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, dim_factors, suffix_rows, batches, step, model,
+          tt_tables, rows_cap, hot_rows,
           exact_rows, svd, svd_paths, dtype, folder, as_json):
     """Lookups/s of TTEmbeddingBag vs nn.EmbeddingBag (and a DLRM step), or TT-SVD paths (--svd), in one run."""
     if svd:
@@ -308,13 +316,14 @@ def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, dim_facto
     from .bench.lookups import bench_lookups, format_lookups
     results = {"lookups": bench_lookups(rows, dim, rank, batch or 8192, pooling, zipf, device, reps, kernel=kernel,
                                         hot_rows=hot_rows, exact_rows=exact_rows, batches=batches,
-                                        dim_factors=_int_list(dim_factors, "--dim-factors"))}
+                                        dim_factors=_int_list(dim_factors, "--dim-factors"),
+                                        suffix_rows=suffix_rows)}
     if not as_json:
         click.echo(format_lookups(results["lookups"]))
     if step or model:
         from .bench.dlrm_step import bench_dlrm_step, format_dlrm_step
         results["dlrm_step"] = bench_dlrm_step(model, rows_cap, dim, tt_tables, rank,
-                                               batch, zipf, device, reps)
+                                               batch, zipf, device, reps, suffix_rows=suffix_rows)
         if not as_json:
             click.echo(format_dlrm_step(results["dlrm_step"]))
     if as_json:

@@ -140,6 +140,34 @@ def test_compress_with_chosen_dim_factors(tmp_path):
         assert not (tmp_path / "bad.safetensors").exists()
 
 
+@pytest.mark.parametrize("svd_path", ["memory", "stream"])
+def test_compress_with_a_fixed_suffix(tmp_path, svd_path):
+    # --suffix-rows: the trailing row factors multiply to it, the first takes the rest (both TT-SVD paths)
+    s = dlrm_state(rows=[20_000, 50, 8_000], m=16)
+    torch.save(dlrm_checkpoint(s), tmp_path / "m.pt")
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "c.safetensors"),
+                                  "--rank", "4", "--num-largest", "2", "--suffix-rows", "40", "--svd-path", svd_path,
+                                  "--importance", "none", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output[r.output.index("{"):])
+    assert [t["row_factors"] for t in summary["tables"]] == [[500, 8, 5], [200, 8, 5]]
+    assert all(0 < t["relative_error"] < 1 for t in summary["tables"])
+    model = fpd_convert.load(tmp_path / "c.safetensors")
+    assert model.emb_l[0].tt_shape.row_factors == [500, 8, 5]
+    dense, ids = batch()
+    with torch.no_grad():  # the CPU end table spans the 40 suffixes; its rows equal the plain contraction's
+        from fpd_convert.kernels.reference import tt_rows
+        table = model.emb_l[0]
+        some = torch.arange(0, 20_000, 7)
+        assert table.row_map is None and table._row_cache.fits(list(table.cores))
+        assert torch.allclose(table.rows(some), tt_rows(list(table.cores), some), atol=1e-6)
+        assert torch.isfinite(model(dense, ids)).all()
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "bad.safetensors"),
+                                  "--suffix-rows", "5000"])  # more than half of the 8,000-row table
+    assert r.exit_code != 0 and "suffix rows should be between 2 and" in r.output, r.output
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
 @pytest.mark.parametrize("layout", ["dlrm", "torchrec"])
 def test_full_rank_decompress_round_trip(tmp_path, layout):
     if layout == "dlrm":
@@ -366,6 +394,10 @@ def test_bench_command_runs_and_reports_ratios():
     for bad in ("2,x", "3,3,3"):  # not integers; not a factorization of 16
         r = CliRunner().invoke(main, ["bench", "--rows", "2000", "--dim", "16", "--dim-factors", bad])
         assert r.exit_code != 0 and ("--dim-factors" in r.output or "multiply" in r.output), r.output
+    r = CliRunner().invoke(main, ["bench", "--rows", "20000", "--dim", "16", "--rank", "4", "--batch", "64",
+                                  "--reps", "1", "--suffix-rows", "50", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["lookups"]["row_factors"] == [400, 10, 5]
 
 
 def test_interleaved_medians_time_every_function_in_turn():

@@ -12,6 +12,7 @@ SHAPES = [
     ([5, 7, 6], [2, 3, 2], [1, 3, 4, 1]),
     ([4, 4, 5], [4, 4, 4], [1, 8, 8, 1]),
     ([3, 9, 2], [1, 5, 2], [1, 3, 6, 1]),
+    ([60, 4, 3], [4, 4, 4], [1, 8, 8, 1]),  # a long first core over few suffixes (factor_rows' suffix_rows)
 ]
 
 
@@ -75,7 +76,20 @@ END_TABLE_SHAPES = [
     ([6, 5, 4], [8, 4, 4], [1, 5, 6, 1], "last"),
     ([7, 9], [3, 5], [1, 4, 1], "first"),
     ([3, 4, 5, 2], [2, 2, 3, 2], [1, 3, 4, 2, 1], "last"),
+    ([40, 3, 2], [2, 2, 4], [1, 4, 6, 1], "first"),
 ]
+
+
+def test_end_table_takes_the_end_that_fits():
+    # a long first core (factor_rows' suffix_rows): the first end has more bag entries a row
+    # (d_1 r_1 = 32 against 16), but only its table, over the 6 suffixes, fits the budget
+    cores = make_cores([300, 3, 2], [8, 2, 2], [1, 4, 4, 1])
+    table = cpu_tt.EndTable(max_bytes=4096)
+    assert table.fits(cores) and table._first_is_end(cores)
+    assert not cpu_tt.EndTable(max_bytes=1 << 30)._first_is_end(cores)  # both fit: the fewer entries
+    idx = sample_indices(1800, 200, unique=False)
+    torch.testing.assert_close(table.rows(cores, idx), tt_rows(cores, idx).detach(), rtol=1e-5, atol=1e-5)
+    assert table._first
 
 
 @pytest.mark.parametrize("row_factors,dim_factors,ranks,end", END_TABLE_SHAPES)

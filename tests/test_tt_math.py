@@ -25,6 +25,25 @@ def test_row_factors_exact_cubes():
     assert factor_rows(1_000_000, 3) == [100, 100, 100]
 
 
+@pytest.mark.parametrize("n,order,suffix", [(1_000_000, 3, 512), (1_000_000, 2, 512), (10_000_000, 4, 512),
+                                            (39_884_406, 3, 1000), (60_000, 3, 100), (1000, 3, 7)])
+def test_row_factors_with_fixed_suffix(n, order, suffix):
+    f = factor_rows(n, order, suffix_rows=suffix)
+    tail = math.prod(f[1:])
+    assert len(f) == order and math.prod(f) >= n
+    assert suffix <= tail <= suffix * 1.1  # the trailing factors cover the suffix rows with little padding
+    assert f[0] == -(-n // tail)  # the first factor takes the rest, no more
+    if order > 2:
+        assert f[1:] == factor_rows(tail, order - 1)  # split evenly
+
+
+def test_row_factors_refuse_a_suffix_that_leaves_no_first_factor():
+    assert factor_rows(1_000_000, 3, suffix_rows=512) == [1954, 32, 16]
+    for bad in (1, 0, 600_000):
+        with pytest.raises(ValueError, match="suffix rows should be between 2 and"):
+            factor_rows(1_000_000, 3, suffix_rows=bad)
+
+
 @pytest.mark.parametrize("d,expected", [(64, [4, 4, 4]), (128, [8, 4, 4]), (16, [4, 2, 2]), (13, [13, 1, 1]),
                                         (1, [1, 1, 1])])
 def test_dim_factors_exact_and_balanced(d, expected):

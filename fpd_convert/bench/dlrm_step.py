@@ -34,11 +34,13 @@ def terabyte_architecture(rows_cap: int, dim: int = 128, bottom=(512, 256), top=
             "tables": [{"key": f"emb_l.{i}.weight", "rows": n, "dim": dim} for i, n in enumerate(rows)]}
 
 
-def _largest(architecture: dict, count: int, rank: int):
+def _largest(architecture: dict, count: int, rank: int, suffix_rows: Optional[int] = None):
     tables = sorted(architecture["tables"], key=lambda t: -t["rows"] * t["dim"])[:count]
-    return {t["key"]: TTShape(t["rows"], t["dim"], factor_rows(t["rows"], 3), factor_dims(t["dim"], 3),
-                              clamp_ranks(rank, factor_rows(t["rows"], 3), factor_dims(t["dim"], 3)))
-            for t in tables}
+    shapes = {}
+    for t in tables:
+        rf, df = factor_rows(t["rows"], 3, suffix_rows), factor_dims(t["dim"], 3)
+        shapes[t["key"]] = TTShape(t["rows"], t["dim"], rf, df, clamp_ranks(rank, rf, df))
+    return shapes
 
 
 def _embedding_bytes(model: nn.Module) -> int:
@@ -86,9 +88,11 @@ def _serve_fn(model: nn.Module, architecture: dict, batch: int, zipf: float, dev
 
 def bench_dlrm_step(model: Optional[str] = None, rows_cap: Optional[int] = None, dim: int = 128,
                     tt_tables: int = 5, rank: int = 32, batch: Optional[int] = None, zipf: float = 1.1,
-                    device: str = "auto", reps: int = 10, lr: float = 0.01, seed: int = 0) -> dict:
+                    device: str = "auto", reps: int = 10, lr: float = 0.01, seed: int = 0,
+                    suffix_rows: Optional[int] = None) -> dict:
     """Samples/s of the training step, dense vs TT, and their ratio; the same for inference
-    (forward alone, without gradients, after the training steps)."""
+    (forward alone, without gradients, after the training steps).  ``suffix_rows``: the TT
+    tables' trailing row factors multiply to this (see :func:`fpd_convert.tt.factor_rows`)."""
     dev = resolve_device(device)
     if batch is None:
         batch = 65_536 if dev.type == "cuda" else 2_048
@@ -103,8 +107,10 @@ def bench_dlrm_step(model: Optional[str] = None, rows_cap: Optional[int] = None,
     else:
         rows_cap = rows_cap or (10_000_000 if dev.type == "cuda" else 200_000)
         architecture = terabyte_architecture(rows_cap, dim)
-        shapes = _largest(architecture, tt_tables, rank)
+        shapes = _largest(architecture, tt_tables, rank, suffix_rows)
         what = f"Criteo-Terabyte DLRM, tables capped at {rows_cap:,} rows, {tt_tables} largest in TT rank {rank}"
+        if suffix_rows:
+            what += f", suffix rows {suffix_rows}"
     out = {"model": what, "batch": batch, "device": device_name(dev), "torch": torch.__version__,
            "tt_tables": len(shapes)}
     for name, tt in (("dense", None), ("tt", shapes)):

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..kernels import triton_suffix
 from ..layers import TTEmbeddingBag, choose_kernel
+from ..tt import factor_rows
 from .timing import device_name, interleaved_medians, resolve_device
 
 
@@ -55,7 +56,7 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
                   zipf: float = 1.1, device: str = "auto", reps: int = 10, seed: int = 0,
                   dense: Optional[bool] = None, kernel: str = "auto", reference: bool = True,
                   hot_rows: float = 0.0, exact_rows: float = 0.0, batches: int = 1, quantized: bool = True,
-                  dim_factors: Optional[Sequence[int]] = None) -> dict:
+                  dim_factors: Optional[Sequence[int]] = None, suffix_rows: Optional[int] = None) -> dict:
     """Lookups per second (forward, forward+backward) of TT and dense bags, and their ratios.
 
     ``kernel`` picks the TT path (see :mod:`fpd_convert.layers.tt_lookup`); with
@@ -66,7 +67,8 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
     keeps the dense table's few touched rows in the CPU caches, which flatters the baseline.
     With ``quantized`` (CPU), int8 and int4 row-wise quantized copies of the dense table are
     timed too (forward only): the usual alternative to a TT table.  ``dim_factors`` sets the
-    TT's factorization of ``dim`` (default: :func:`fpd_convert.tt.factor_dims`).
+    TT's factorization of ``dim`` (default: :func:`fpd_convert.tt.factor_dims`); ``suffix_rows``
+    its row factors (:func:`fpd_convert.tt.factor_rows`; default balanced).
     """
     if batches < 1:
         raise ValueError(f"batches should be >= 1 but got {batches}")
@@ -76,9 +78,12 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
     turn = itertools.count()
     offsets = torch.arange(0, batch * pooling, pooling, device=dev)
     shape = dict(dim_factors=list(dim_factors)) if dim_factors else {}
+    if suffix_rows:
+        shape["row_factors"] = factor_rows(rows, len(dim_factors) if dim_factors else 3, suffix_rows)
     tt = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev, **shape)
     tt.kernel = kernel
-    out = {"rows": rows, "dim": dim, "rank": rank, "dim_factors": tt.tt_shape.dim_factors, "batch": batch,
+    out = {"rows": rows, "dim": dim, "rank": rank, "row_factors": tt.tt_shape.row_factors,
+           "dim_factors": tt.tt_shape.dim_factors, "batch": batch,
            "pooling": pooling, "zipf": zipf,
            "device": device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "unique_ids": round(sum(int(b.unique().numel()) for b in pool) / batches), "lookups": batch * pooling,
@@ -145,7 +150,7 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
 
 def format_lookups(r: dict) -> str:
     batches = f" a batch, {r['batches']} batches in turn" if r.get("batches", 1) > 1 else ""
-    lines = [f"{r['rows']:,} x {r['dim']} (dims {r.get('dim_factors')}), rank {r['rank']}, "
+    lines = [f"{r['rows']:,} x {r['dim']} (rows {r.get('row_factors')}, dims {r.get('dim_factors')}), rank {r['rank']}, "
              f"batch {r['batch']:,} x pooling {r['pooling']}, "
              f"Zipf {r['zipf']} ({r['unique_ids']:,} unique ids{batches}), "
              f"{r['device']}, torch {r['torch']}, "

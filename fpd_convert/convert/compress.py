@@ -128,7 +128,7 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
              keep_larger: bool = False, svd_path: str = "auto", workers: int = 1, power_iters: int = 1,
              log: Optional[Callable[[str], None]] = None, fidelity: Optional[FidelityOptions] = None,
              data: Union[str, Path, None] = None, data_rows: Optional[int] = 1_000_000,
-             dim_factors: Optional[Sequence[int]] = None) -> CompressionSummary:
+             dim_factors: Optional[Sequence[int]] = None, suffix_rows: Optional[int] = None) -> CompressionSummary:
     """Replace the chosen tables of ``model`` by TT cores (TT-SVD) and write ``output``.
 
     Ranks: one of ``rank`` (int or list), ``ratio`` (per table), ``budget`` (total bytes of the
@@ -140,7 +140,9 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     ``svd_path``: ``memory`` (TensorLy), ``stream`` (row chunks, for tables that do not fit)
     or ``auto`` (by size); ``workers`` tables are decomposed at once when memory allows.
     ``dim_factors`` (e.g. ``[2, 4, 8]``) replaces the most balanced factorization of the tables'
-    dim, for every chosen table; their count sets the order.
+    dim, for every chosen table; their count sets the order.  ``suffix_rows`` (e.g. 512) fixes
+    the product of the trailing row factors and gives the first factor the rest (see
+    :func:`fpd_convert.tt.factor_rows`): faster CPU inference, same error (docs/benchmarks.md).
     ``log`` receives the plan (expected memory) before the work starts.
 
     ``fidelity`` (importance-aware compression, see :mod:`.allocation`; default
@@ -169,7 +171,8 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     plans = [plan_table(t["key"], t["name"], t["rows"], t["dim"], order, rank=rank, ratio=ratio, tol=tol,
                         budget_bytes=None if budget_bytes is None else
                         int(budget_bytes * t["rows"] * t["dim"] / total_chosen),
-                        svd_path=svd_path, available=available, dim_factors=dim_factors) for t in chosen]
+                        svd_path=svd_path, available=available, dim_factors=dim_factors,
+                        suffix_rows=suffix_rows) for t in chosen]
     workers = affordable_workers(plans, workers, available)
     if log is not None:
         log(describe(plans, workers, available))

@@ -58,11 +58,13 @@ def memory_available() -> int:
 
 def plan_table(key: str, name: str, rows: int, dim: int, order: int = 3, rank=None, ratio=None,
                budget_bytes=None, tol=None, svd_path: str = "auto", oversample: int = 10,
-               available: Optional[int] = None, dim_factors: Optional[Sequence[int]] = None) -> TablePlan:
+               available: Optional[int] = None, dim_factors: Optional[Sequence[int]] = None,
+               suffix_rows: Optional[int] = None) -> TablePlan:
     """Shape, ranks, path and expected peak memory of one table's TT-SVD.
 
     ``dim_factors`` (their count sets the order) replaces the most balanced factorization of
-    ``dim``; e.g. ``[2, 4, 8]`` for 64 makes CPU lookups ~1.5x faster (docs/benchmarks.md)."""
+    ``dim``; e.g. ``[2, 4, 8]`` for 64 makes CPU lookups ~1.5x faster (docs/benchmarks.md).
+    ``suffix_rows`` fixes the product of the trailing row factors (see :func:`factor_rows`)."""
     if svd_path not in SVD_PATHS:
         raise ValueError(f"svd path should be one of {', '.join(SVD_PATHS)} but got {svd_path!r}")
     if dim_factors is not None:
@@ -70,9 +72,9 @@ def plan_table(key: str, name: str, rows: int, dim: int, order: int = 3, rank=No
         if math.prod(df) != dim or min(df) < 1 or not 2 <= len(df) <= 4:
             raise ValueError(f"dim factors {df} should be 2 to 4 positive ints whose product is the dim of "
                              f"table {name} ({dim}) but multiply to {math.prod(df)}")
-        rf = factor_rows(rows, len(df))
+        rf = factor_rows(rows, len(df), suffix_rows)
     else:
-        rf, df = factor_rows(rows, order), factor_dims(dim, order)
+        rf, df = factor_rows(rows, order, suffix_rows), factor_dims(dim, order)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # clamped ranks show in the summary
         ranks = None if tol is not None else resolve_ranks(rows, dim, rf, df, rank, ratio, budget_bytes)

@@ -133,19 +133,26 @@ class EndTable:
         self._offsets = torch.zeros(0, dtype=torch.int32)
         self._fits_key, self._fits = None, False
 
-    @staticmethod
-    def _first_is_end(cores: Sequence[torch.Tensor]) -> bool:
+    def _first_is_end(self, cores: Sequence[torch.Tensor]) -> bool:
+        """The end whose table fits in ``max_bytes`` when only one does (a long first core,
+        ``factor_rows(suffix_rows=...)``, leaves a small suffix table and a huge prefix one),
+        else the one with the fewer bag entries per row."""
+        first, last = (self._end_bytes(cores, end) <= self.max_bytes for end in (0, len(cores) - 1))
+        if first != last:
+            return first
         return cores[0].shape[2] * cores[0].shape[3] <= cores[-1].shape[2] * cores[-1].shape[0]
 
-    @classmethod
-    def nbytes_for(cls, cores: Sequence[torch.Tensor]) -> int:
-        """Bytes the cache would take for these cores (the product table and its bag indices)."""
-        end = 0 if cls._first_is_end(cores) else len(cores) - 1
+    @staticmethod
+    def _end_bytes(cores: Sequence[torch.Tensor], end: int) -> int:
         rest = [c for j, c in enumerate(cores) if j != end]
         n_rest = math.prod(c.shape[1] for c in rest)
         r = cores[0].shape[3] if end == 0 else cores[-1].shape[0]
         width = math.prod(c.shape[2] for c in rest)
         return n_rest * r * (width * cores[0].element_size() + cores[end].shape[2] * 4)
+
+    def nbytes_for(self, cores: Sequence[torch.Tensor]) -> int:
+        """Bytes the cache would take for these cores (the product table and its bag indices)."""
+        return self._end_bytes(cores, 0 if self._first_is_end(cores) else len(cores) - 1)
 
     def fits(self, cores: Sequence[torch.Tensor]) -> bool:
         shapes = tuple(c.shape for c in cores) + (cores[0].dtype, self.max_bytes)
