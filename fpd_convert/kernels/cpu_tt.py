@@ -116,7 +116,8 @@ class EndTable:
     contracts in one pass with no per-row copy of a slice: measured 2.8x faster than
     gathering a cached prefix and multiplying by ``bmm`` (1M x 64, rank 16, 3,300 rows).
     With the last core as the end, the same with prefixes ``G_1 ... G_{k-1}`` and a transpose
-    of the small output.  The end with the fewer bag entries per row (``d r``) is used.
+    of the small output.  The end whose table fits in ``max_bytes`` is used when only one does,
+    else the end with the fewer bag entries per row (``d r``).
 
     Ids may come in any order.  ``rows(cores, ids)`` equals the reference; the cache is
     rebuilt when any core has been modified (in-place optimizer steps bump the tensor
