@@ -17,14 +17,14 @@ export FPD_TT_TRITON_VARIANT=$BEST
 export FPD_TT_SUFFIX_LAUNCH=$(tail -1 $OUT/sweep.jsonl | python3 -c "import json,sys; print(json.load(sys.stdin).get('suffix_launch','8,1,2'))" 2>/dev/null || echo 8,1,2)
 export FPD_TT_SUFFIX_VARIANT=$(tail -1 $OUT/sweep.jsonl | python3 -c "import json,sys; print(json.load(sys.stdin).get('suffix_variant','fma'))" 2>/dev/null || echo fma)
 echo "variant: $BEST, suffix: $FPD_TT_SUFFIX_VARIANT $FPD_TT_SUFFIX_LAUNCH"
-timeout 90 python3 .ci/layer-ab.py | tee $OUT/layer_ab.json  # the whole layer: suffix vs per-index vs dense
+timeout 90 python3 .ci/layer-ab.py | tee $OUT/layer_ab.json  # the whole layer: suffix vs per-index vs dense; pooled inference
 timeout 150 python3 .ci/step-ab.py 2>>$OUT/err.log | tee $OUT/step_ab.json  # DLRM step: grouped lookups vs one by one vs dense
 timeout 120 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --step --json \
   > $OUT/bench_10m_r32.json 2>>$OUT/err.log
-grep -E "ratio|lookups_s|samples_s|unique|speedup" $OUT/bench_10m_r32.json
+grep -E "ratio|lookups_s|samples_s|unique|speedup|dedup" $OUT/bench_10m_r32.json
 timeout 90 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --suffix-rows 512 \
   --json > $OUT/bench_10m_r32_suffix512.json 2>>$OUT/err.log  # a long first core: the lookups alone
 grep -E "ratio|row_factors" -A3 $OUT/bench_10m_r32_suffix512.json | head -12
 tail -5 $OUT/err.log
-[ "${SKIP_TESTS:-0}" = 1 ] || timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_tt_layers.py tests/test_row_index.py \
-  tests/test_checkpoints.py 2>&1 | tee $OUT/pytest.log | tail -4
+[ "${SKIP_TESTS:-0}" = 1 ] || timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_pooled.py tests/test_tt_layers.py \
+  tests/test_row_index.py tests/test_checkpoints.py 2>&1 | tee $OUT/pytest.log | tail -4

@@ -1,4 +1,5 @@
-"""The whole TT layer on the GPU in one process: suffix path vs per-index kernels vs nn.EmbeddingBag.
+"""The whole TT layer on the GPU in one process: suffix path vs per-index kernels vs nn.EmbeddingBag,
+and for inference the one-pass pooled kernel (no dedup) against the suffix path's dedup + gather.
 
 Usage: python3 .ci/layer-ab.py [rows dim rank batch]; prints one JSON line of milliseconds per
 training step (fwd+bwd) and per inference call (no gradients), median of 20 after 3 warm-ups.
@@ -11,7 +12,7 @@ import torch
 
 from fpd_convert.bench.lookups import zipf_ids
 from fpd_convert.kernels import triton_suffix
-from fpd_convert.layers import TTEmbeddingBag
+from fpd_convert.layers import TTEmbeddingBag, tt_lookup
 
 rows, dim, rank, batch = (int(a) for a in (sys.argv[1:] or [10_000_000, 128, 32, 65_536]))
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,6 +55,10 @@ bag.kernel = "triton"
 factor = triton_suffix.FACTOR
 for name, f, cache in (("suffix", factor, 256 << 20), ("per_index", 0.0, 0)):
     triton_suffix.FACTOR, bag.row_cache_bytes = f, cache
+    tt_lookup.POOLED = "off"  # the dedup path (cached suffix table, then the gather)
     out[f"{name}_infer_ms"] = median_ms(lambda: infer(bag))
     out[f"{name}_train_ms"] = median_ms(lambda: train(bag))
+triton_suffix.FACTOR, bag.row_cache_bytes, tt_lookup.POOLED = factor, 256 << 20, "auto"
+out["pooled_infer_ms"] = median_ms(lambda: infer(bag))  # one pass: no dedup, no gather
+out["pooled_vs_dedup_infer"] = out["suffix_infer_ms"] / out["pooled_infer_ms"]
 print(json.dumps(out))

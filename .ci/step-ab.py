@@ -1,7 +1,8 @@
 """DLRM training step and inference on the GPU in one process: TT tables with grouped lookups
 (one host sync a step for all TT tables, `fpd_convert.layers.grouped`) vs one lookup after the
 other (one sync per TT table), and the dense model, in alternating blocks; the TT model also with
-a long first core (row factors with `suffix_rows`, default 512: `factor_rows`).
+a long first core (row factors with `suffix_rows`, default 512: `factor_rows`); inference with
+the bags pooled in one pass (the default) and through the dedup (`grouped_dedup`, FPD_TT_POOLED=off).
 
 Usage: python3 .ci/step-ab.py [rows_cap tt_tables rank batch suffix_rows]; prints one JSON line of
 milliseconds per step (median over blocks of 5 steps, after warm-up).  STEP_PROFILE=1 writes per-step profiles to $OUT/step_profile.txt.
@@ -16,6 +17,7 @@ import torch
 import fpd_convert.models.dlrm as dlrm
 from fpd_convert.bench.dlrm_step import _largest, _serve_fn, _step_fn, terabyte_architecture
 from fpd_convert.models import build_model
+from fpd_convert.layers import tt_lookup
 from fpd_convert.models.parts import lookup
 
 rows_cap, tt_tables, rank, batch, suffix_rows = (int(a) for a in (sys.argv[1:] or [10_000_000, 5, 32, 65_536, 512]))
@@ -57,16 +59,17 @@ for name, net in models.items():
     fns[f"{name}_train"] = _step_fn(net, arch, batch, 1.1, device, 0.01, 0)
     fns[f"{name}_infer"] = _serve_fn(net, arch, batch, 1.1, device, 0)
 variants = {"dense": (grouped_start, "dense"), "grouped": (grouped_start, "tt"), "one_by_one": (OneByOne, "tt"),
-            "grouped_suffix": (grouped_start, "tt_suffix")}
+            "grouped_suffix": (grouped_start, "tt_suffix"), "grouped_dedup": (grouped_start, "tt")}
 times = {f"{v}_{w}": [] for v in variants for w in ("train", "infer")}
 for block in range(7):
     for v, (start, model) in variants.items():
         dlrm.start_lookups = start
+        tt_lookup.POOLED = "off" if v == "grouped_dedup" else "auto"
         for w in ("train", "infer"):
             ms = timed(fns[f"{model}_{w}"])
             if block:  # block 0 warms up
                 times[f"{v}_{w}"].append(ms)
-dlrm.start_lookups = grouped_start
+dlrm.start_lookups, tt_lookup.POOLED = grouped_start, "auto"
 for k, v in times.items():
     out[f"{k}_ms"] = sorted(v)[len(v) // 2]
 for w in ("train", "infer"):
@@ -74,6 +77,8 @@ for w in ("train", "infer"):
     out[f"grouped_vs_one_by_one_{w}"] = out[f"one_by_one_{w}_ms"] / out[f"grouped_{w}_ms"]
     out[f"tt_vs_dense_{w}_grouped"] = out[f"dense_{w}_ms"] / out[f"grouped_{w}_ms"]
     out[f"tt_vs_dense_{w}_one_by_one"] = out[f"dense_{w}_ms"] / out[f"one_by_one_{w}_ms"]
+out["tt_vs_dense_infer_dedup"] = out["dense_infer_ms"] / out["grouped_dedup_infer_ms"]
+out["pooled_vs_dedup_infer"] = out["grouped_dedup_infer_ms"] / out["grouped_infer_ms"]
 print(json.dumps(out))
 
 if os.environ.get("STEP_PROFILE") and device.type == "cuda":

@@ -418,10 +418,13 @@ def test_bench_reports_which_triton_kernels_a_batch_takes():
     from fpd_convert.layers import TTEmbeddingBag
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU: Triton's interpreter
     r = bench_lookups(rows=512, dim=8, rank=2, batch=64, kernel="triton", device=device, reps=1, reference=False,
-                      dense=False)
+                      quantized=False)
     cores = list(TTEmbeddingBag(512, 8, rank=2).cores)
     want = "suffix" if triton_suffix.worthwhile(cores, r["unique_ids"]) else "per-index"
     assert r["triton_rows"] == want and f"TT path: triton ({want} kernels)" in format_lookups(r)
+    # the forward pools in one pass; the same forward through the dedup is timed beside it
+    assert r["forward_ratio_dedup"] > 0 and r["tt_dedup_forward_lookups_s"] > 0
+    assert "through the dedup" in format_lookups(r)
 
 
 def test_bench_dlrm_step_default_model_and_compressed_file(tmp_path):

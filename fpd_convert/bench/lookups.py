@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..kernels import triton_suffix
-from ..layers import TTEmbeddingBag, choose_kernel
+from ..layers import TTEmbeddingBag, choose_kernel, tt_lookup
 from ..tt import factor_rows
 from .timing import device_name, interleaved_medians, resolve_device
 
@@ -132,6 +132,14 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
             for p in layer.parameters():
                 p.grad = None
         forward[f"{name}_forward_lookups_s"], fwd_bwd[f"{name}_fwd_bwd_lookups_s"] = fwd, train_step
+    if tt_lookup.pools_in_one_pass(list(tt.cores), kernel, tt._suffix_cache):
+        def fwd_dedup():  # the same layer's forward through the dedup, as the training path does it
+            saved, tt_lookup.POOLED = tt_lookup.POOLED, "off"
+            try:
+                forward["tt_forward_lookups_s"]()
+            finally:
+                tt_lookup.POOLED = saved
+        forward["tt_dedup_forward_lookups_s"] = fwd_dedup
     # inference and training are timed apart: each in the steady state of its own loop
     for fns in (forward, fwd_bwd):
         for key, seconds in interleaved_medians(fns, dev, reps).items():
@@ -139,6 +147,8 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
     if "dense" in layers:
         out["forward_ratio"] = out["tt_forward_lookups_s"] / out["dense_forward_lookups_s"]
         out["fwd_bwd_ratio"] = out["tt_fwd_bwd_lookups_s"] / out["dense_fwd_bwd_lookups_s"]
+        if "tt_dedup_forward_lookups_s" in out:
+            out["forward_ratio_dedup"] = out["tt_dedup_forward_lookups_s"] / out["dense_forward_lookups_s"]
         for bits in (8, 4):
             if f"int{bits}_forward_lookups_s" in out:
                 out[f"int{bits}_forward_ratio"] = out[f"int{bits}_forward_lookups_s"] / out["dense_forward_lookups_s"]
@@ -162,6 +172,8 @@ def format_lookups(r: dict) -> str:
         line = f"{what:8s} TT {tt / 1e6:8.2f} M lookups/s"
         if f"tt_reference_{what}_lookups_s" in r:
             line += f"  (reference {r[f'tt_reference_{what}_lookups_s'] / 1e6:8.2f})"
+        if f"tt_dedup_{what}_lookups_s" in r:
+            line += f"  (through the dedup {r[f'tt_dedup_{what}_lookups_s'] / 1e6:8.2f})"
         if f"tt_plain_{what}_lookups_s" in r:
             line += f"  (without row map/exact rows {r[f'tt_plain_{what}_lookups_s'] / 1e6:8.2f})"
         if f"dense_{what}_lookups_s" in r:

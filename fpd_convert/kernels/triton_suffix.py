@@ -244,10 +244,15 @@ def _blocks(cores):
     n1, n2, n3, d1, d2, d3, r1, r2 = _shapes(cores)
     sizes = dict(N2=n2, N3=n3, R1=r1, D1=d1, D2=d2, D3=d3)
     if _variant() == "dot":
-        return sizes, dict(P1=max(16, _pow2(d1)), Q1=max(16, _pow2(r1)), BD2=_pow2(d2),
-                           QC=max(16, _pow2(d2) * _pow2(d3)),
-                           PREC="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else DOT_PRECISION)
+        return sizes, dot_tiles(cores)
     return sizes, dict(BD1=_pow2(d1), BR1=_pow2(r1), BD2=_pow2(d2), BD3=_pow2(d3))
+
+
+def dot_tiles(cores) -> dict:
+    """Tile sizes of the ``tl.dot`` kernels (every side padded to >= 16) and their precision."""
+    _, _, _, d1, d2, d3, r1, _ = _shapes(cores)
+    return dict(P1=max(16, _pow2(d1)), Q1=max(16, _pow2(r1)), BD2=_pow2(d2), QC=max(16, _pow2(d2) * _pow2(d3)),
+                PREC="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else DOT_PRECISION)
 
 
 def _variant() -> str:

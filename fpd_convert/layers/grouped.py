@@ -38,8 +38,8 @@ class GroupedLookups:
             started = None
             if isinstance(module, TTEmbeddingBag):
                 started = module.start_lookup(input, offsets, weights)
-                if started.dedup is not None:
-                    heads.append(started.dedup.head)
+                if started.head is not None:
+                    heads.append(started.head)
             self._started.append(started)
         self._event = None
         self._host: Optional[torch.Tensor] = None
@@ -70,10 +70,10 @@ class GroupedLookups:
         for k, ((module, *_), started) in enumerate(zip(self._calls, self._started)):
             if started is None:
                 continue
-            if started.dedup is None or self._host is None:
+            if started.head is None or self._host is None:
                 out[k] = module.finish_lookup(started)
             else:
-                size = started.dedup.head.numel()
+                size = started.head.numel()
                 out[k] = module.finish_lookup(started, values[at:at + size])
                 at += size
         return out

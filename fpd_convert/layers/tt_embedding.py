@@ -19,9 +19,10 @@ from torch import nn
 
 from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, factor_dims, factor_rows
 from ..kernels.cpu_tt import EndTable
+from ..kernels.triton_pooled import pooled_bags
 from ..kernels.triton_suffix import SuffixCache
 from .row_index import BitRank, build_row_index, row_codes
-from .tt_lookup import default_kernel, lookup_rows
+from .tt_lookup import default_kernel, lookup_rows, pools_in_one_pass
 
 
 _POSITIONS = np.arange(1 << 16, dtype=np.int64)
@@ -125,6 +126,13 @@ class StartedLookup(NamedTuple):
     per_sample_weights: Optional[torch.Tensor]
     one_hot: Union[bool, torch.Tensor]  # a 0-dim GPU probe, read with the dedup
     dedup: Optional[_Dedup]  # launched on a GPU; None: all done in finish_lookup
+    #: bags pooled in one pass (no dedup): int64 ``[min id, max id, offsets valid]`` to read
+    pooled: Optional[torch.Tensor] = None
+
+    @property
+    def head(self) -> Optional[torch.Tensor]:
+        """What :meth:`TTEmbeddingBag.finish_lookup` must read on the host (None: nothing launched)."""
+        return self.dedup.head if self.dedup is not None else self.pooled
 
 
 class TTIndexError(IndexError, RuntimeError):
@@ -472,7 +480,14 @@ class TTEmbeddingBag(_TTTable):
         """The first half of :meth:`forward`: on a GPU, launches the batch's dedup without waiting
         for it.  :meth:`finish_lookup` reads its count and range (one host sync, or none when
         ``values`` are given: :class:`fpd_convert.layers.grouped.GroupedLookups` reads those of
-        several tables at once), checks the ids and computes the rows; errors are raised there."""
+        several tables at once), checks the ids and computes the rows; errors are raised there.
+
+        Served without gradients from a cached suffix table (:func:`pools_in_one_pass`), the
+        lookup needs no dedup: only the ids' range and the offsets' validity are launched here,
+        and :meth:`finish_lookup` pools the bags in one kernel."""
+        if self._pools_in_one_pass(input, offsets, per_sample_weights):
+            return StartedLookup(input, offsets, per_sample_weights, False, None,
+                                 pooled=self._pooled_head(input, offsets))
         one_hot = self._one_hot(input, offsets)
         probe = one_hot if isinstance(one_hot, torch.Tensor) else None  # a GPU probe: read with the dedup
         dedup = None
@@ -484,7 +499,13 @@ class TTEmbeddingBag(_TTTable):
     def finish_lookup(self, started: "StartedLookup", values: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Pooled rows of a lookup begun by :meth:`start_lookup`; ``values``: its ``dedup.head``
         already read on the host (read here otherwise)."""
-        input, offsets, per_sample_weights, one_hot, dedup = started
+        input, offsets, per_sample_weights, one_hot, dedup, pooled = started
+        if pooled is not None:
+            lo, hi, valid = pooled.tolist() if values is None else values
+            self._check_range(lo, hi)
+            if valid:
+                return self._pool_in_one_pass(input, offsets, per_sample_weights)
+            # offsets nn.EmbeddingBag refuses: its own path raises its own error
         if dedup is None:
             probe = one_hot if isinstance(one_hot, torch.Tensor) else None
             uniq, inverse, value = self._checked_unique(input, probe)
@@ -500,6 +521,59 @@ class TTEmbeddingBag(_TTTable):
         return F.embedding_bag(inverse, rows, offsets.long() if offsets is not None else None,
                                mode=self.mode, per_sample_weights=per_sample_weights,
                                include_last_offset=self.include_last_offset, padding_idx=pad)
+
+    def _pools_in_one_pass(self, input: torch.Tensor, offsets: Optional[torch.Tensor],
+                           per_sample_weights: Optional[torch.Tensor]) -> bool:
+        """Whether this call is served by the one-pass pooled kernel: no gradient needed, the
+        Triton path with its suffix table cached, and arguments the kernel takes (anything else,
+        errors included, goes the general way)."""
+        cores = self._core_list()
+        trained = cores + ([self.exact_rows] if self.exact_rows is not None else [])
+        if torch.is_grad_enabled() and any(p.requires_grad for p in trained):
+            return False
+        if input.numel() == 0 or input.dtype not in (torch.int32, torch.int64) or input.device != cores[0].device:
+            return False
+        if input.dim() == 2:
+            if offsets is not None:
+                return False
+        elif input.dim() != 1 or offsets is None or offsets.dim() != 1 or offsets.device != input.device \
+                or offsets.dtype not in (torch.int32, torch.int64) \
+                or offsets.numel() < 1 + int(self.include_last_offset):
+            return False
+        if per_sample_weights is not None and (self.mode != "sum" or per_sample_weights.shape != input.shape
+                                               or not per_sample_weights.is_floating_point()
+                                               or per_sample_weights.device != input.device):
+            return False
+        return pools_in_one_pass(cores, self.kernel, self._suffix_cache)
+
+    @staticmethod
+    def _pooled_head(input: torch.Tensor, offsets: Optional[torch.Tensor]) -> torch.Tensor:
+        """int64 ``[min id, max id, offsets valid]``, computed where the ids are (no sync)."""
+        lo, hi = torch.aminmax(input)
+        if offsets is None:
+            valid = torch.ones((), dtype=torch.bool, device=input.device)
+        else:  # what nn.EmbeddingBag asks of offsets: from 0, non-decreasing, within the input
+            valid = (offsets[0] == 0) & (offsets[-1] <= input.numel()) & (offsets[1:] >= offsets[:-1]).all()
+        return torch.stack([lo.long(), hi.long(), valid.long()])
+
+    def _pool_in_one_pass(self, input: torch.Tensor, offsets: Optional[torch.Tensor],
+                          per_sample_weights: Optional[torch.Tensor]) -> torch.Tensor:
+        """Bags of checked ids pooled by :func:`fpd_convert.kernels.triton_pooled.pooled_bags`."""
+        cores = self._core_list()
+        flat = input.reshape(-1)
+        codes = self._codes(flat)  # through the row map and exact rows, when present
+        codes = flat if codes is None else codes
+        skip = None
+        if self.padding_idx is not None:
+            skip = torch.iinfo(codes.dtype).min
+            codes = torch.where(flat == self.padding_idx, torch.full_like(codes, skip), codes)
+        exact = self.exact_rows if self.exact_ids is not None and self.exact_ids.numel() else None
+        with torch.no_grad():
+            return pooled_bags(cores, self._suffix_cache.table(cores), codes, self.mode,
+                               bounds=offsets if input.dim() == 1 else None,
+                               bag_len=input.shape[1] if input.dim() == 2 else None,
+                               weights=per_sample_weights, skip=skip, exact_rows=exact,
+                               include_last_offset=self.include_last_offset)
 
     def _one_hot(self, input: torch.Tensor, offsets: Optional[torch.Tensor]):
         """Whether every bag holds exactly one index (DLRM's Criteo tables): then pooling is a gather.

@@ -7,6 +7,10 @@ ones); on the CPU, the shared-prefix path (and the cached end table
 when no gradient is needed and the table is small); otherwise the plain PyTorch
 reference, which every fast path is tested against.  ``FPD_TT_KERNEL`` in the
 environment sets the default for all layers (``reference``, ``cpu``, ``triton``, ``auto``).
+
+A bag lookup without gradients on the Triton path, while the suffix table is cached, skips
+the dedup and pools its bags in one pass (:mod:`fpd_convert.kernels.triton_pooled`, see
+:func:`pools_in_one_pass`); ``FPD_TT_POOLED=off`` turns that off.
 """
 from __future__ import annotations
 
@@ -20,8 +24,11 @@ from ..kernels import cpu_tt, triton_suffix, triton_tt
 from ..kernels.reference import row_digits, tt_rows
 
 KERNELS = ("auto", "reference", "cpu", "triton")
+#: "auto": serve bags through the one-pass pooled kernel where it applies; "off": never
+POOLED = os.environ.get("FPD_TT_POOLED", "auto")
 
-__all__ = ["KERNELS", "default_kernel", "choose_kernel", "lookup_rows", "row_digits", "tt_rows"]
+__all__ = ["KERNELS", "default_kernel", "choose_kernel", "lookup_rows", "pools_in_one_pass", "row_digits",
+           "tt_rows"]
 
 
 def default_kernel() -> str:
@@ -43,6 +50,18 @@ def choose_kernel(kernel: str, cores: Sequence[torch.Tensor]) -> str:
     if device.type == "cpu":
         return "cpu"
     return "reference"
+
+
+def pools_in_one_pass(cores: Sequence[torch.Tensor], kernel: str,
+                      suffix_cache: Optional[triton_suffix.SuffixCache]) -> bool:
+    """Whether bags of these cores, looked up without gradients, are pooled in one pass by
+    :func:`fpd_convert.kernels.triton_pooled.pooled_bags`: on the Triton path, while the suffix
+    table fits its cache (the caller checks that no gradient is needed and that the call's
+    arguments are ones the kernel takes)."""
+    if POOLED not in ("auto", "off"):
+        raise ValueError(f"FPD_TT_POOLED should be 'auto' or 'off' but is {POOLED!r}")
+    return (POOLED == "auto" and suffix_cache is not None and choose_kernel(kernel, cores) == "triton"
+            and suffix_cache.fits(cores))
 
 
 def lookup_rows(cores: Sequence[torch.Tensor], unique_ids: torch.Tensor, kernel: str = "auto",
