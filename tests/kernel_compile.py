@@ -4,7 +4,8 @@ Triton's interpreter (how the tests run the kernels on the CPU) does not compile
 kernel that type-checks only in Python would pass every CPU test and fail on its first GPU
 run.  This compiles each ``*_kernel`` through Triton's whole pipeline (TTIR, TTGIR, LLVM IR,
 PTX, and ``ptxas`` to a cubin) for ``sm_90``, with the table shape of the bench
-(10M x 128, rank 32), and the pooled kernel for every mode and option.  Run it without
+(10M x 128, rank 32), and the pooled kernel for every mode and option, and prints each
+cubin's registers and stack (spills) per thread as ``cuobjdump`` reads them.  Run it without
 ``TRITON_INTERPRET`` (``@triton.jit`` reads it at import)::
 
     python3 tests/kernel_compile.py        # prints one line per compiled kernel
@@ -13,7 +14,9 @@ Exits non-zero with the compiler's message on the first failure.
 """
 import itertools
 import os
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -44,6 +47,19 @@ def signature(kernel, **overrides):
     return sig, constants
 
 
+def resources(cubin: bytes) -> str:
+    """``REG:n STACK:n`` of a cubin (registers and spill stack per thread), '' without cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    return " ".join(w for line in out.splitlines() if "REG:" in line for w in line.split()
+                    if w.startswith(("REG:", "STACK:")))
+
+
 def kernels():
     for module in (triton_tt, triton_suffix, triton_pooled):
         for name in sorted(dir(module)):
@@ -70,7 +86,7 @@ def main() -> int:
                 print(f"FAILED {name} {overrides}: {type(e).__name__}: {e}", file=sys.stderr)
                 return 1
             count += 1
-            print(f"ok {name} {overrides or ''} cubin {len(compiled.asm['cubin'])} bytes")
+            print(f"ok {name} {overrides or ''} {resources(compiled.asm['cubin'])}")
     print(f"{count} kernels compiled for sm_90")
     return 0
 
