@@ -19,6 +19,8 @@ export FPD_TT_SUFFIX_VARIANT=$(tail -1 $OUT/sweep.jsonl | python3 -c "import jso
 echo "variant: $BEST, suffix: $FPD_TT_SUFFIX_VARIANT $FPD_TT_SUFFIX_LAUNCH"
 timeout 90 python3 .ci/layer-ab.py | tee $OUT/layer_ab.json  # the whole layer: suffix vs per-index vs dense; pooled inference
 grep -q pooled_error $OUT/layer_ab.json && export FPD_TT_POOLED=off  # a broken one-pass kernel: the rest without it
+# the backward kernels' atomic adds as they were before (acq_rel: a MEMBAR around each) against relaxed
+FPD_TT_ATOMIC_SEM=acq_rel LAYER_AB_QUICK=1 timeout 60 python3 .ci/layer-ab.py | tee $OUT/layer_ab_acq_rel.json
 timeout 150 python3 .ci/step-ab.py 2>>$OUT/err.log | tee $OUT/step_ab.json  # DLRM step: grouped lookups vs one by one vs dense
 timeout 120 python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --step --json \
   > $OUT/bench_10m_r32.json 2>>$OUT/err.log

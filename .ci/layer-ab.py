@@ -3,15 +3,18 @@ and for inference the one-pass pooled kernel (no dedup) against the suffix path'
 
 Usage: python3 .ci/layer-ab.py [rows dim rank batch]; prints one JSON line of milliseconds per
 training step (fwd+bwd) and per inference call (no gradients), median of 20 after 3 warm-ups.
+LAYER_AB_QUICK=1: dense and the suffix path's training step only (for an A/B of a setting read
+at import, e.g. FPD_TT_ATOMIC_SEM=acq_rel, run in a second process).
 """
 import json
+import os
 import sys
 import time
 
 import torch
 
 from fpd_convert.bench.lookups import zipf_ids
-from fpd_convert.kernels import triton_suffix
+from fpd_convert.kernels import triton_suffix, triton_tt
 from fpd_convert.layers import TTEmbeddingBag, tt_lookup
 
 rows, dim, rank, batch = (int(a) for a in (sys.argv[1:] or [10_000_000, 128, 32, 65_536]))
@@ -46,18 +49,25 @@ def train(layer):
         p.grad = None
 
 
-out = {"rows": rows, "dim": dim, "rank": rank, "batch": batch, "unique": torch.unique(ids).numel()}
+quick = os.environ.get("LAYER_AB_QUICK") == "1"
+out = {"rows": rows, "dim": dim, "rank": rank, "batch": batch, "unique": torch.unique(ids).numel(),
+       "atomic_sem": triton_tt.ATOMIC_SEM.value if triton_tt.available() else None}
 dense = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device)
-out.update(dense_infer_ms=median_ms(lambda: infer(dense)), dense_train_ms=median_ms(lambda: train(dense)))
+out.update(dense_train_ms=median_ms(lambda: train(dense)))
+if not quick:
+    out.update(dense_infer_ms=median_ms(lambda: infer(dense)))
 dense = None  # its 5 GB freed before the TT layer
 bag = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=device)
 bag.kernel = "triton"
 factor = triton_suffix.FACTOR
-for name, f, cache in (("suffix", factor, 256 << 20), ("per_index", 0.0, 0)):
+for name, f, cache in (("suffix", factor, 256 << 20), ("per_index", 0.0, 0))[:1 if quick else 2]:
     triton_suffix.FACTOR, bag.row_cache_bytes = f, cache
     tt_lookup.POOLED = "off"  # the dedup path (cached suffix table, then the gather)
-    out[f"{name}_infer_ms"] = median_ms(lambda: infer(bag))
     out[f"{name}_train_ms"] = median_ms(lambda: train(bag))
+    if quick:
+        print(json.dumps(out))
+        sys.exit(0)
+    out[f"{name}_infer_ms"] = median_ms(lambda: infer(bag))
 triton_suffix.FACTOR, bag.row_cache_bytes, tt_lookup.POOLED = factor, 256 << 20, "auto"
 try:  # one pass: no dedup, no gather
     out["pooled_infer_ms"] = median_ms(lambda: infer(bag))

@@ -5,7 +5,9 @@ kernel that type-checks only in Python would pass every CPU test and fail on its
 run.  This compiles each ``*_kernel`` through Triton's whole pipeline (TTIR, TTGIR, LLVM IR,
 PTX, and ``ptxas`` to a cubin) for ``sm_90``, with the table shape of the bench
 (10M x 128, rank 32), and the pooled kernel for every mode and option, and prints each
-cubin's registers and stack (spills) per thread as ``cuobjdump`` reads them.  Run it without
+cubin's registers and stack (spills) per thread and its memory barriers (``MEMBAR``: an
+``acq_rel`` atomic add, Triton's default, costs one each; the kernels' relaxed adds none), as
+``cuobjdump`` reads them.  Run it without
 ``TRITON_INTERPRET`` (``@triton.jit`` reads it at import)::
 
     python3 tests/kernel_compile.py        # prints one line per compiled kernel
@@ -48,16 +50,19 @@ def signature(kernel, **overrides):
 
 
 def resources(cubin: bytes) -> str:
-    """``REG:n STACK:n`` of a cubin (registers and spill stack per thread), '' without cuobjdump."""
+    """``REG:n STACK:n MEMBAR:n`` of a cubin (registers and spill stack per thread, memory
+    barriers in its code), '' without cuobjdump."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         return ""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    return " ".join(w for line in out.splitlines() if "REG:" in line for w in line.split()
-                    if w.startswith(("REG:", "STACK:")))
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    words = [w for line in usage.splitlines() if "REG:" in line for w in line.split()
+             if w.startswith(("REG:", "STACK:"))]
+    return " ".join(words + [f"MEMBAR:{sass.count('MEMBAR')}"])
 
 
 def kernels():

@@ -32,7 +32,7 @@ import torch
 from .triton_tt import _pow2, available, supports, triton, tl
 
 if triton is not None:
-    from .triton_tt import _digits, _slice_first  # shared with the per-index kernels
+    from .triton_tt import _accumulate, _digits, _slice_first  # shared with the per-index kernels
 
     @triton.jit
     def _suffix_block(i2, i3, p3, N2, R1, D2, D3, BR1: tl.constexpr, BD2: tl.constexpr):
@@ -87,7 +87,7 @@ if triton is not None:
             i1, i2, i3 = _digits(row, N2, N3)
             if NEED1:
                 if i1 != cur:
-                    tl.atomic_add(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
+                    _accumulate(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
                     acc = tl.zeros((BD1, BR1), dtype=tl.float32)
                     cur = i1
             g1 = _slice_first(c1, i1, R1, D1, BD1, BR1)
@@ -96,12 +96,12 @@ if triton is not None:
                 g = tl.load(grad_ptr + s * D + offs, mask=mask, other=0.0).to(tl.float32)  # (BD1, BD2)
                 s_offs, s_mask = _suffix_block(i2, i3, p3, N2, R1, D2, D3, BR1, BD2)
                 if NEEDS:  # r1 d2 consecutive values: coalesced atomic adds
-                    tl.atomic_add(ds_ptr + s_offs, tl.sum(g1[:, :, None] * g[:, None, :], axis=0), mask=s_mask)
+                    _accumulate(ds_ptr + s_offs, tl.sum(g1[:, :, None] * g[:, None, :], axis=0), mask=s_mask)
                 if NEED1:
                     sl = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
                     acc += tl.sum(g[:, None, :] * sl[None, :, :], axis=2)
         if NEED1:
-            tl.atomic_add(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
+            _accumulate(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
 
 
     # -- "dot" variant: the same products as tl.dot tiles (every side padded to >= 16), the
@@ -163,16 +163,16 @@ if triton is not None:
             s_offs, s_mask = _pair_tile(i2, i3, N2, R1, D2, D3, Q1, BD2, QC)
             if NEEDS:
                 g1 = _slice_first(c1, i1, R1, D1, P1, Q1)
-                tl.atomic_add(ds_ptr + s_offs, tl.dot(tl.trans(g1), g, input_precision=PREC), mask=s_mask)
+                _accumulate(ds_ptr + s_offs, tl.dot(tl.trans(g1), g, input_precision=PREC), mask=s_mask)
             if NEED1:
                 if i1 != cur:
-                    tl.atomic_add(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
+                    _accumulate(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
                     acc = tl.zeros((P1, Q1), dtype=tl.float32)
                     cur = i1
                 sl = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
                 acc += tl.dot(g, tl.trans(sl), input_precision=PREC)
         if NEED1:
-            tl.atomic_add(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
+            _accumulate(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
 
 
 #: the suffix path is used while ``n2 n3 d3 <= FACTOR * ids * r2``: per distinct id the
