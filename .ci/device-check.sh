@@ -9,9 +9,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/gpu.txt
 python3 -c "import torch, triton, sys; print(torch.__version__, torch.version.cuda, triton.__version__, sys.version)" | tee -a $OUT/gpu.txt
-# SKIP_SWEEP=1: no kernel sweep; the kernels' defaults (chosen by earlier sweeps) are used
-[ "${SKIP_SWEEP:-0}" = 1 ] && echo '{"best": "dot", "suffix_launch": "1,2,2", "suffix_variant": "dot"}' > $OUT/sweep.jsonl \
-  || { timeout 150 python3 .ci/kernel-sweep.py > $OUT/sweep.jsonl 2>> $OUT/err.log; cat $OUT/sweep.jsonl; }
+# SWEEP=quick (default): the suffix kernels' launch settings and the long-first-core shapes (~30 s);
+# SWEEP=full: the whole kernel sweep (~150 s); SWEEP=skip (or SKIP_SWEEP=1): the kernels' defaults
+SWEEP=${SWEEP:-quick}; [ "${SKIP_SWEEP:-0}" = 1 ] && SWEEP=skip
+if [ "$SWEEP" = skip ]; then echo '{"best": "dot", "suffix_launch": "1,2,2", "suffix_variant": "dot"}' > $OUT/sweep.jsonl
+elif [ "$SWEEP" = quick ]; then SWEEP_QUICK=1 timeout 90 python3 .ci/kernel-sweep.py > $OUT/sweep.jsonl 2>> $OUT/err.log; cat $OUT/sweep.jsonl
+else timeout 150 python3 .ci/kernel-sweep.py > $OUT/sweep.jsonl 2>> $OUT/err.log; cat $OUT/sweep.jsonl; fi
 BEST=$(tail -1 $OUT/sweep.jsonl | python3 -c "import json,sys; print(json.load(sys.stdin).get('best','fma'))" 2>/dev/null || echo fma)
 export FPD_TT_TRITON_VARIANT=$BEST
 export FPD_TT_SUFFIX_LAUNCH=$(tail -1 $OUT/sweep.jsonl | python3 -c "import json,sys; print(json.load(sys.stdin).get('suffix_launch','8,1,2'))" 2>/dev/null || echo 8,1,2)

@@ -4,7 +4,10 @@ paths), profiles the whole layer per path, and times the dedup.
 
 Usage: python3 .ci/kernel-sweep.py [rows dim rank batch]; prints one JSON line per setting and
 finally {"best": variant} (the variant with the lowest forward + backward time).
+SWEEP_QUICK=1: only the suffix kernels' launch settings (ids per backward program, warps) at the
+full batch, then the suffix kernels on long-first-core shapes (suffix_rows 512 and 2048).
 """
+import os
 import json
 import sys
 import time
@@ -42,7 +45,41 @@ def timed(fn, reps=20):
     return (time.perf_counter() - t) / reps * 1e3
 
 
+quick = os.environ.get("SWEEP_QUICK") == "1"
 print(json.dumps({"unique": uniq.numel(), "unique_ms": timed(lambda: torch.unique(ids, return_inverse=True))}))
+if quick:
+    from fpd_convert.kernels import triton_suffix
+    from fpd_convert.tt import factor_rows
+    best = None
+    for chunk, fwd_warps, bwd_warps in ((1, 2, 2), (4, 2, 2), (16, 2, 2), (1, 2, 4), (4, 2, 4)):
+        triton_suffix.CHUNK, triton_suffix.FWD_WARPS, triton_suffix.BWD_WARPS = chunk, fwd_warps, bwd_warps
+        r = {"suffix_variant": "dot", "suffix_launch": [chunk, fwd_warps, bwd_warps]}
+        try:
+            r["fwd_ms"] = timed(lambda: triton_suffix.suffix_rows(cores, uniq))
+            out = triton_suffix.suffix_rows(cores, uniq)
+            r["bwd_ms"] = timed(lambda: torch.autograd.grad(out, cores, grad, retain_graph=True))
+            if best is None or r["fwd_ms"] + r["bwd_ms"] < best[0]:
+                best = (r["fwd_ms"] + r["bwd_ms"], chunk, fwd_warps, bwd_warps)
+        except Exception as e:  # a failure of one setting must not stop the sweep
+            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(json.dumps(r), flush=True)
+    if best:
+        triton_suffix.CHUNK, triton_suffix.FWD_WARPS, triton_suffix.BWD_WARPS = best[1:]
+    for suffix in (512, 2048):  # a long first core: S small, dS atomics shared by ~42 / ~10 ids a pair
+        try:
+            long_bag = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=device,
+                                      row_factors=factor_rows(rows, 3, suffix))
+            lc = list(long_bag.cores)
+            r = {"suffix_rows": suffix, "row_factors": long_bag.tt_shape.row_factors,
+                 "fwd_ms": timed(lambda: triton_suffix.suffix_rows(lc, uniq))}
+            out = triton_suffix.suffix_rows(lc, uniq)
+            r["bwd_ms"] = timed(lambda: torch.autograd.grad(out, lc, grad, retain_graph=True))
+        except Exception as e:
+            r = {"suffix_rows": suffix, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(json.dumps(r), flush=True)
+    print(json.dumps({"best": "dot", "suffix_variant": "dot",
+                      "suffix_launch": ",".join(str(v) for v in best[1:]) if best else "1,2,2"}))
+    sys.exit(0)
 # inference alternative to the Triton forward: the cached end table + one weighted embedding_bag
 try:
     from fpd_convert.kernels.cpu_tt import EndTable
