@@ -8,7 +8,9 @@ table.  :class:`GroupedLookups` launches the dedups of all TT bags first, copies
 counts and ranges to pinned host memory in one asynchronous copy and records an event; the
 caller then queues other work (the bottom MLP), and :meth:`GroupedLookups.results` waits for
 that event only, not for the work queued after it.  Index errors are raised there, before
-any row is computed, as a single table's lookup would raise them.
+any row of that table is computed, as a single table's lookup would raise them.  A bag served
+in one pass (no gradients, :mod:`fpd_convert.kernels.triton_pooled`) has no dedup: its range and
+offsets check is read in the same copy.
 
 Other modules (``nn.EmbeddingBag``, QR/MD bags) are called first in
 :meth:`~GroupedLookups.results`, before the wait, so that the GPU works on them meanwhile; a TT
