@@ -21,7 +21,8 @@ export FPD_TT_SUFFIX_LAUNCH=$(tail -1 $OUT/sweep.jsonl | python3 -c "import json
 export FPD_TT_SUFFIX_VARIANT=$(tail -1 $OUT/sweep.jsonl | python3 -c "import json,sys; print(json.load(sys.stdin).get('suffix_variant','fma'))" 2>/dev/null || echo fma)
 echo "variant: $BEST, suffix: $FPD_TT_SUFFIX_VARIANT $FPD_TT_SUFFIX_LAUNCH"
 # the one-pass serving kernel is new on a GPU: its tests first (values against nn.EmbeddingBag)
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_pooled.py 2>&1 | tail -3 | tee $OUT/pytest_pooled.log
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_pooled.py -k "cuda_auto or layer_serves" 2>&1 \
+  | tail -3 | tee $OUT/pytest_pooled.log
 grep -qE "failed|error" $OUT/pytest_pooled.log && export FPD_TT_POOLED=off  # wrong values: time the rest without it
 timeout 90 python3 .ci/layer-ab.py | tee $OUT/layer_ab.json  # the whole layer: suffix vs per-index vs dense; pooled inference
 grep -q pooled_error $OUT/layer_ab.json && export FPD_TT_POOLED=off  # a broken one-pass kernel: the rest without it
