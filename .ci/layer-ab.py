@@ -14,7 +14,7 @@ import time
 import torch
 
 from fpd_convert.bench.lookups import zipf_ids
-from fpd_convert.kernels import triton_suffix, triton_tt
+from fpd_convert.kernels import triton_entries, triton_suffix, triton_tt
 from fpd_convert.layers import TTEmbeddingBag, tt_lookup
 
 rows, dim, rank, batch = (int(a) for a in (sys.argv[1:] or [10_000_000, 128, 32, 65_536]))
@@ -69,6 +69,15 @@ for name, f, cache in (("suffix", factor, 256 << 20), ("per_index", 0.0, 0))[:1 
         sys.exit(0)
     out[f"{name}_infer_ms"] = median_ms(lambda: infer(bag))
 triton_suffix.FACTOR, bag.row_cache_bytes, tt_lookup.POOLED = factor, 256 << 20, "auto"
+try:  # training from sorted entries, no host sync (FPD_TT_SYNC_FREE=on), at two chunk sizes
+    tt_lookup.SYNC_FREE = "on"
+    for chunk in (8, 32):
+        triton_entries.CHUNK = chunk
+        out[f"syncfree{chunk}_train_ms"] = median_ms(lambda: train(bag))
+except Exception as e:  # noqa: BLE001 - reported in the JSON, the other figures kept
+    out["syncfree_error"] = f"{type(e).__name__}: {e}"[:2000]
+finally:
+    tt_lookup.SYNC_FREE, triton_entries.CHUNK = "off", 8
 try:  # training without the dedup (one-hot bags): the suffix kernels on the batch's raw ids, duplicates
     # and all, with the range check's one sync; the backward adds per entry (3x the atomic adds)
     cores = list(bag.cores)

@@ -3,7 +3,8 @@
 other (one sync per TT table), and the dense model, in alternating blocks; the TT model also with
 a long first core (row factors with `suffix_rows`, default 512: `factor_rows`) and a less long one
 (`suffix_rows` 2048: a 4 MB suffix table, ~10 ids a digit pair instead of ~42); inference with
-the bags pooled in one pass (the default) and through the dedup (`grouped_dedup`, FPD_TT_POOLED=off).
+the bags pooled in one pass (the default) and through the dedup (`grouped_dedup`, FPD_TT_POOLED=off);
+training from sorted entries with no host sync (`*_syncfree`, FPD_TT_SYNC_FREE=on).
 
 Usage: python3 .ci/step-ab.py [rows_cap tt_tables rank batch suffix_rows]; prints one JSON line of
 milliseconds per step (median over blocks of 5 steps, after warm-up).  STEP_PROFILE=1 writes per-step profiles to $OUT/step_profile.txt.
@@ -63,23 +64,32 @@ for name, net in models.items():
     fns[f"{name}_infer"] = _serve_fn(net, arch, batch, 1.1, device, 0)
 variants = {"dense": (grouped_start, "dense"), "grouped": (grouped_start, "tt"), "one_by_one": (OneByOne, "tt"),
             "grouped_suffix": (grouped_start, "tt_suffix"), "grouped_suffix2048": (grouped_start, "tt_suffix2048"),
-            "grouped_dedup": (grouped_start, "tt")}
+            "grouped_dedup": (grouped_start, "tt"), "grouped_syncfree": (grouped_start, "tt"),
+            "grouped_suffix_syncfree": (grouped_start, "tt_suffix")}
 try:  # a failure of the one-pass kernel on this GPU must not cost the other figures
     fns["tt_infer"]()
     pooled = "auto"
 except Exception as e:  # noqa: BLE001 - reported in the JSON
     out["pooled_error"], pooled = f"{type(e).__name__}: {e}"[:2000], "off"
     tt_lookup.POOLED = "off"
+try:  # nor a failure of the sync-free training kernels
+    tt_lookup.SYNC_FREE = "on"
+    fns["tt_train"]()
+except Exception as e:  # noqa: BLE001 - reported in the JSON
+    out["syncfree_error"] = f"{type(e).__name__}: {e}"[:2000]
+    del variants["grouped_syncfree"], variants["grouped_suffix_syncfree"]
+tt_lookup.SYNC_FREE = "off"
 times = {f"{v}_{w}": [] for v in variants for w in ("train", "infer")}
 for block in range(7):
     for v, (start, model) in variants.items():
         dlrm.start_lookups = start
         tt_lookup.POOLED = "off" if v == "grouped_dedup" else pooled
+        tt_lookup.SYNC_FREE = "on" if v.endswith("_syncfree") else "off"
         for w in ("train", "infer"):
             ms = timed(fns[f"{model}_{w}"])
             if block:  # block 0 warms up
                 times[f"{v}_{w}"].append(ms)
-dlrm.start_lookups, tt_lookup.POOLED = grouped_start, pooled
+dlrm.start_lookups, tt_lookup.POOLED, tt_lookup.SYNC_FREE = grouped_start, pooled, "off"
 for k, v in times.items():
     out[f"{k}_ms"] = sorted(v)[len(v) // 2]
 for w in ("train", "infer"):
@@ -89,6 +99,9 @@ for w in ("train", "infer"):
     out[f"tt_vs_dense_{w}_grouped"] = out[f"dense_{w}_ms"] / out[f"grouped_{w}_ms"]
     out[f"tt_vs_dense_{w}_one_by_one"] = out[f"dense_{w}_ms"] / out[f"one_by_one_{w}_ms"]
 out["tt_vs_dense_infer_dedup"] = out["dense_infer_ms"] / out["grouped_dedup_infer_ms"]
+for v in ("grouped_syncfree", "grouped_suffix_syncfree"):
+    if v in variants:
+        out[f"tt_vs_dense_train_{v[8:]}"] = out["dense_train_ms"] / out[f"{v}_train_ms"]
 out["pooled_vs_dedup_infer"] = out["grouped_dedup_infer_ms"] / out["grouped_infer_ms"]
 print(json.dumps(out))
 
@@ -97,7 +110,11 @@ if os.environ.get("STEP_PROFILE") and device.type == "cuda":
     from torch.profiler import ProfilerActivity, profile
     path = os.path.join(os.environ.get("OUT", "."), "step_profile.txt")
     with open(path, "w") as f:
-        for name, model in (("dense", "dense"), ("grouped", "tt"), ("grouped_suffix", "tt_suffix")):
+        for name, model in (("dense", "dense"), ("grouped", "tt"), ("grouped_suffix", "tt_suffix"),
+                            ("grouped_suffix_syncfree", "tt_suffix")):
+            if name.endswith("_syncfree") and name not in variants:
+                continue
+            tt_lookup.SYNC_FREE = "on" if name.endswith("_syncfree") else "off"
             for w in ("train", "infer"):
                 fn = fns[f"{model}_{w}"]
                 fn()

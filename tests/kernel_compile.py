@@ -4,7 +4,7 @@ Triton's interpreter (how the tests run the kernels on the CPU) does not compile
 kernel that type-checks only in Python would pass every CPU test and fail on its first GPU
 run.  This compiles each ``*_kernel`` through Triton's whole pipeline (TTIR, TTGIR, LLVM IR,
 PTX, and ``ptxas`` to a cubin) for ``sm_90``, with the table shape of the bench
-(10M x 128, rank 32), and the pooled kernel for every mode and option, and prints each
+(10M x 128, rank 32), the pooled and sorted-entry kernels for every mode and option, and prints each
 cubin's registers and stack (spills) per thread and its memory barriers (``MEMBAR``: an
 ``acq_rel`` atomic add, Triton's default, costs one each; the kernels' relaxed adds none), as
 ``cuobjdump`` reads them.  Run it without
@@ -24,14 +24,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fpd_convert.kernels import triton_pooled, triton_suffix, triton_tt
+from fpd_convert.kernels import triton_entries, triton_pooled, triton_suffix, triton_tt
 
 TARGET = GPUTarget("cuda", 90, 32)
 # cores (1, 250, 8, 32), (32, 200, 4, 32), (32, 200, 4, 1); tiles as the launchers pick them
 VALUES = dict(N2=200, N3=200, R1=32, R2=32, D1=8, D2=4, D3=4, BD1=8, BD2=4, BD3=4, BR1=32, BR2=32,
               P1=16, P3=16, Q1=32, Q2=32, QC=16, PREC="tf32x3", NEED1=True, NEEDS=True,
-              MODE=0, FIXED=False, HAS_W=False, HAS_SKIP=False, HAS_EXACT=False)
-INDEX_POINTERS = ("idx_ptr", "perm_ptr", "code_ptr", "bounds_ptr")
+              MODE=0, FIXED=False, HAS_W=False, HAS_SKIP=False, HAS_EXACT=False, BY_LEN=False, NEEDX=False)
+INDEX_POINTERS = ("idx_ptr", "perm_ptr", "code_ptr", "bounds_ptr", "pos_ptr", "bag_ptr")
 
 
 def signature(kernel, **overrides):
@@ -66,7 +66,7 @@ def resources(cubin: bytes) -> str:
 
 
 def kernels():
-    for module in (triton_tt, triton_suffix, triton_pooled):
+    for module in (triton_tt, triton_suffix, triton_pooled, triton_entries):
         for name in sorted(dir(module)):
             fn = getattr(module, name)
             if name.endswith("_kernel") and isinstance(fn, triton.runtime.jit.JITFunction):
@@ -83,6 +83,10 @@ def main() -> int:
         if name.endswith("_pooled_kernel"):  # every mode, with and without each option
             variants = [dict(MODE=m, FIXED=f, HAS_W=o, HAS_SKIP=o, HAS_EXACT=o)
                         for m, f, o in itertools.product((0, 1, 2), (False, True), (False, True))]
+        if name.endswith(("_entries_fwd_kernel", "_entries_bwd_kernel")):  # bags by length or map, options
+            variants = [dict(BY_LEN=b, HAS_W=o, HAS_EXACT=o) for b, o in itertools.product((False, True), (False, True))]
+            if "bwd" in name:
+                variants = [dict(v, NEEDX=v["HAS_EXACT"]) for v in variants]
         for overrides in variants:
             sig, constants = signature(fn, **overrides)
             try:

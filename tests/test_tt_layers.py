@@ -39,6 +39,28 @@ def test_bag_parity_1d_offsets(mode, int_dtype, include_last_offset, padding_idx
     torch.testing.assert_close(bag(x, offsets), ref(x, offsets), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode,kernel,padding_idx",
+                         list(itertools.product(["sum", "mean", "max"], ["reference", "cpu"], [None, 7])))
+def test_entries_after_the_last_offset_belong_to_no_bag(mode, kernel, padding_idx):
+    # include_last_offset with entries after the last offset: PyTorch 2.13's CPU embedding_bag
+    # backward reads uninitialized memory for them (and its mean counts them); the layer leaves them
+    # out of every bag, in values and gradients, as the same bags without those entries
+    bag, _ = make_bag(mode, include_last_offset=True, padding_idx=padding_idx)
+    bag.kernel = kernel
+    x, offsets = batch()
+    x[10] = 7
+    offsets = torch.cat([offsets[:-1], torch.tensor([33, 33])])  # entries 33..39 trail
+    trimmed, _ = make_bag(mode, padding_idx=padding_idx)
+    want = trimmed(x[:33], offsets[:-1])
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))
+    want_grads = torch.autograd.grad((want * g).sum(), list(trimmed.cores))
+    for _ in range(3):  # the bug was not deterministic: look more than once
+        out = bag(x, offsets)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        for a, b in zip(torch.autograd.grad((out * g).sum(), list(bag.cores)), want_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 def test_bag_parity_2d(mode):
     bag, ref = make_bag(mode)

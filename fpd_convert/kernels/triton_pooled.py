@@ -31,17 +31,7 @@ from .triton_tt import triton, tl
 MODES = {"sum": 0, "mean": 1, "max": 2}
 
 if triton is not None:
-    from .triton_suffix import _pair_tile, _row_pt
-    from .triton_tt import _digits, _slice_first
-
-    @triton.jit
-    def _tt_row(code, c1, s_ptr, N2, N3, R1, D1, D2, D3, P1: tl.constexpr, Q1: tl.constexpr, BD2: tl.constexpr,
-                QC: tl.constexpr, PREC: tl.constexpr):
-        """Row at TT position ``code`` as a (P1, QC) fp32 tile, columns (p3, p2): G1[i1] S[(i2, i3)]."""
-        i1, i2, i3 = _digits(code, N2, N3)
-        s_offs, s_mask = _pair_tile(i2, i3, N2, R1, D2, D3, Q1, BD2, QC)
-        return tl.dot(_slice_first(c1, i1, R1, D1, P1, Q1), tl.load(s_ptr + s_offs, mask=s_mask, other=0.0),
-                      input_precision=PREC)
+    from .triton_suffix import _code_row, _row_pt
 
     @triton.jit
     def _pooled_kernel(code_ptr, bounds_ptr, w_ptr, c1, s_ptr, exact_ptr, out_ptr, NB, N, L, SKIP,
@@ -70,13 +60,8 @@ if triton is not None:
             keep = code != SKIP
             if HAS_SKIP:
                 code = tl.where(keep, code, 0)  # a padding entry reads row 0 and adds nothing
-            if HAS_EXACT:
-                if code < 0:
-                    row = tl.load(exact_ptr + (-1 - code) * D + offs, mask=mask, other=0.0).to(tl.float32)
-                else:
-                    row = _tt_row(code, c1, s_ptr, N2, N3, R1, D1, D2, D3, P1, Q1, BD2, QC, PREC)
-            else:
-                row = _tt_row(code, c1, s_ptr, N2, N3, R1, D1, D2, D3, P1, Q1, BD2, QC, PREC)
+            row = _code_row(code, c1, s_ptr, exact_ptr, offs, mask, N2, N3, R1, D1, D2, D3, HAS_EXACT,
+                            P1, Q1, BD2, QC, PREC)
             if HAS_W:
                 row = row * tl.load(w_ptr + e).to(tl.float32)
             if MODE == 2:

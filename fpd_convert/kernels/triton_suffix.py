@@ -119,6 +119,29 @@ if triton is not None:
         return offs, (a[:, None] < R1) & (p2[None, :] < D2) & (p3[None, :] < D3)
 
     @triton.jit
+    def _tt_row(code, c1, s_ptr, N2, N3, R1, D1, D2, D3, P1: tl.constexpr, Q1: tl.constexpr, BD2: tl.constexpr,
+                QC: tl.constexpr, PREC: tl.constexpr):
+        """Row at TT position ``code`` as a (P1, QC) fp32 tile, columns (p3, p2): G1[i1] S[(i2, i3)]."""
+        i1, i2, i3 = _digits(code, N2, N3)
+        s_offs, s_mask = _pair_tile(i2, i3, N2, R1, D2, D3, Q1, BD2, QC)
+        return tl.dot(_slice_first(c1, i1, R1, D1, P1, Q1), tl.load(s_ptr + s_offs, mask=s_mask, other=0.0),
+                      input_precision=PREC)
+
+    @triton.jit
+    def _code_row(code, c1, s_ptr, exact_ptr, offs, mask, N2, N3, R1, D1, D2, D3, HAS_EXACT: tl.constexpr,
+                  P1: tl.constexpr, Q1: tl.constexpr, BD2: tl.constexpr, QC: tl.constexpr, PREC: tl.constexpr):
+        """Row of an entry's code (TT position, or ``-1 - k`` for exact row ``k`` when HAS_EXACT) as
+        a (P1, QC) fp32 tile; ``offs``, ``mask``: a row's tile (:func:`_row_pt`)."""
+        if HAS_EXACT:
+            if code < 0:
+                row = tl.load(exact_ptr + (-1 - code) * (D1 * D2 * D3) + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                row = _tt_row(code, c1, s_ptr, N2, N3, R1, D1, D2, D3, P1, Q1, BD2, QC, PREC)
+        else:
+            row = _tt_row(code, c1, s_ptr, N2, N3, R1, D1, D2, D3, P1, Q1, BD2, QC, PREC)
+        return row
+
+    @triton.jit
     def _row_pt(D1, D2, D3, P1: tl.constexpr, BD2: tl.constexpr, QC: tl.constexpr):
         """Offsets inside a row (p1, p2, p3) as a (P1, QC) tile (columns (p3, p2)), and its mask."""
         p1 = tl.arange(0, P1)
@@ -294,15 +317,22 @@ class _SuffixRows(torch.autograd.Function):
             kernel[(triton.cdiv(u, CHUNK),)](
                 ids, grad.float().contiguous(), c1, s, d1 if need1 else s, ds if ds is not None else s, u, CHUNK,
                 *sizes.values(), NEED1=bool(need1), NEEDS=ds is not None, **blocks, num_warps=BWD_WARPS)
-        grads = [d1, None, None]
-        if ds is not None:
-            with torch.autocast(device_type=ds.device.type, enabled=False):
-                if need2:  # (r2, n2 r1 d2) back to (r1, n2, d2, r2)
-                    r1, n2, d2, r2 = shape2
-                    grads[1] = (m3 @ ds).reshape(r2, n2, r1, d2).permute(2, 1, 3, 0)
-                if need3:
-                    grads[2] = (ds @ m2.t()).t().reshape(shape3)
+        grads = [d1, *middle_and_last_grads(ds, m2, m3, shape2, shape3, need2, need3)]
         return (None, *[None if g is None else g.to(t) for g, t in zip(grads, ctx.dtypes)])
+
+
+def middle_and_last_grads(ds, m2, m3, shape2, shape3, need2: bool, need3: bool):
+    """``(dG2, dG3)`` from ``dS`` (the suffix table's gradient) by two GEMMs: ``dG2 = G3 dS`` and
+    ``dG3 = (dS G2^T)^T``, in the cores' shapes (fp32; None where not needed)."""
+    d2 = d3 = None
+    if ds is not None:
+        with torch.autocast(device_type=ds.device.type, enabled=False):
+            if need2:  # (r2, n2 r1 d2) back to (r1, n2, d2, r2)
+                r1, n2, dd2, r2 = shape2
+                d2 = (m3 @ ds).reshape(r2, n2, r1, dd2).permute(2, 1, 3, 0)
+            if need3:
+                d3 = (ds @ m2.t()).t().reshape(shape3)
+    return d2, d3
 
 
 class SuffixCache:

@@ -19,10 +19,11 @@ from torch import nn
 
 from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, factor_dims, factor_rows
 from ..kernels.cpu_tt import EndTable
+from ..kernels.triton_entries import entry_bags
 from ..kernels.triton_pooled import pooled_bags
 from ..kernels.triton_suffix import SuffixCache
 from .row_index import BitRank, build_row_index, row_codes
-from .tt_lookup import default_kernel, lookup_rows, pools_in_one_pass
+from .tt_lookup import default_kernel, lookup_rows, pools_in_one_pass, trains_sync_free
 
 
 _POSITIONS = np.arange(1 << 16, dtype=np.int64)
@@ -119,6 +120,16 @@ def _unique_device(flat: torch.Tensor, limit: int, probe: Optional[torch.Tensor]
     return _dedup_finish(dedup, dedup.head.tolist())  # the one sync
 
 
+class _Entries(NamedTuple):
+    """A batch's entries sorted by id, for :func:`fpd_convert.kernels.triton_entries.entry_bags`."""
+    codes: torch.Tensor  # sorted: TT position, -1 - k for exact row k, or skip (padding)
+    pos: torch.Tensor  # each sorted entry's position in the batch
+    bags: int
+    bag_of: Optional[torch.Tensor]  # the bag of each batch position (-1: none), or
+    bag_len: Optional[int]  # bags of this many consecutive entries
+    skip: Optional[int]
+
+
 class StartedLookup(NamedTuple):
     """A bag lookup begun by :meth:`TTEmbeddingBag.start_lookup`."""
     input: torch.Tensor
@@ -128,6 +139,8 @@ class StartedLookup(NamedTuple):
     dedup: Optional[_Dedup]  # launched on a GPU; None: all done in finish_lookup
     #: bags pooled in one pass (no dedup): int64 ``[min id, max id, offsets valid]`` to read
     pooled: Optional[torch.Tensor] = None
+    #: trained from sorted entries with no host sync (nothing to read; errors are deferred)
+    entries: Optional[_Entries] = None
 
     @property
     def head(self) -> Optional[torch.Tensor]:
@@ -470,6 +483,7 @@ class TTEmbeddingBag(_TTTable):
         self.mode = mode
         self.include_last_offset = include_last_offset
         self._arange = torch.zeros(0, dtype=torch.int64)  # cached 0..n-1 to recognize one-hot offsets
+        self._deferred = None  # the range of a lookup trained without a host sync, read by the next one
 
     def forward(self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None,
                 per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -485,9 +499,13 @@ class TTEmbeddingBag(_TTTable):
         Served without gradients from a cached suffix table (:func:`pools_in_one_pass`), the
         lookup needs no dedup: only the ids' range and the offsets' validity are launched here,
         and :meth:`finish_lookup` pools the bags in one kernel."""
+        self.raise_deferred_errors()
         if self._pools_in_one_pass(input, offsets, per_sample_weights):
             return StartedLookup(input, offsets, per_sample_weights, False, None,
                                  pooled=self._pooled_head(input, offsets))
+        if self._trains_sync_free(input, offsets, per_sample_weights):
+            return StartedLookup(input, offsets, per_sample_weights, False, None,
+                                 entries=self._sorted_entries(input, offsets))
         one_hot = self._one_hot(input, offsets)
         probe = one_hot if isinstance(one_hot, torch.Tensor) else None  # a GPU probe: read with the dedup
         dedup = None
@@ -499,7 +517,12 @@ class TTEmbeddingBag(_TTTable):
     def finish_lookup(self, started: "StartedLookup", values: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Pooled rows of a lookup begun by :meth:`start_lookup`; ``values``: its ``dedup.head``
         already read on the host (read here otherwise)."""
-        input, offsets, per_sample_weights, one_hot, dedup, pooled = started
+        input, offsets, per_sample_weights, one_hot, dedup, pooled, entries = started
+        if entries is not None:
+            exact = self.exact_rows if self.exact_ids is not None and self.exact_ids.numel() else None
+            return entry_bags(self._core_list(), entries.codes, entries.pos, entries.bags, bag_of=entries.bag_of,
+                              bag_len=entries.bag_len, weights=per_sample_weights, skip=entries.skip,
+                              exact_rows=exact)
         if pooled is not None:
             lo, hi, valid = pooled.tolist() if values is None else values
             self._check_range(lo, hi)
@@ -518,9 +541,36 @@ class TTEmbeddingBag(_TTTable):
             return rows.index_select(0, inverse.reshape(-1))  # every mode gives the row itself
         if per_sample_weights is not None and per_sample_weights.dtype != rows.dtype:
             per_sample_weights = per_sample_weights.to(rows.dtype)  # rows may be bf16 under autocast
-        return F.embedding_bag(inverse, rows, offsets.long() if offsets is not None else None,
-                               mode=self.mode, per_sample_weights=per_sample_weights,
-                               include_last_offset=self.include_last_offset, padding_idx=pad)
+        offsets = offsets.long() if offsets is not None else None
+        last_offset = self.include_last_offset
+        if last_offset and self._has_trailing_entries(input, offsets):
+            rows, inverse, pad = self._trailing_as_padding(rows, inverse, offsets, pad)
+            offsets, last_offset = offsets[:-1], False
+        return F.embedding_bag(inverse, rows, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+                               include_last_offset=last_offset, padding_idx=pad)
+
+    @staticmethod
+    def _has_trailing_entries(input: torch.Tensor, offsets: Optional[torch.Tensor]) -> bool:
+        """Whether entries may follow the last offset (``include_last_offset``).  PyTorch 2.13's
+        ``embedding_bag`` mishandles them (its CPU backward reads uninitialized memory for them,
+        its CPU mean counts them, CUDA folds them into the last bag: pytorch/pytorch#191965,
+        #178614); they belong to no bag.  On the CPU only when it is so; on a GPU, where asking
+        would cost a host sync, always."""
+        if input.dim() != 1 or offsets is None or offsets.numel() < 2:
+            return False
+        if input.device.type == "cpu":
+            return int(offsets[-1]) < input.numel()
+        return True
+
+    @staticmethod
+    def _trailing_as_padding(rows: torch.Tensor, inverse: torch.Tensor, offsets: torch.Tensor, pad: Optional[int]):
+        """``(rows, inverse, pad)`` with the entries after the last offset turned into padding entries
+        (excluded from every mode's pooling and from the backward) of bags that end with the input."""
+        if pad is None:  # a zero row to point them at
+            rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+            pad = rows.shape[0] - 1
+        at = torch.arange(inverse.numel(), device=inverse.device)
+        return rows, torch.where(at < offsets[-1], inverse, torch.full_like(inverse, pad)), pad
 
     def _pools_in_one_pass(self, input: torch.Tensor, offsets: Optional[torch.Tensor],
                            per_sample_weights: Optional[torch.Tensor]) -> bool:
@@ -531,7 +581,26 @@ class TTEmbeddingBag(_TTTable):
         trained = cores + ([self.exact_rows] if self.exact_rows is not None else [])
         if torch.is_grad_enabled() and any(p.requires_grad for p in trained):
             return False
-        if input.numel() == 0 or input.dtype not in (torch.int32, torch.int64) or input.device != cores[0].device:
+        return (self._takes_bag_arguments(input, offsets, per_sample_weights, cores[0].device)
+                and pools_in_one_pass(cores, self.kernel, self._suffix_cache))
+
+    def _trains_sync_free(self, input: torch.Tensor, offsets: Optional[torch.Tensor],
+                          per_sample_weights: Optional[torch.Tensor]) -> bool:
+        """Whether this call trains from sorted entries with no host sync (``FPD_TT_SYNC_FREE=on``,
+        :func:`trains_sync_free`): gradients needed, ``mode="sum"``, and arguments the kernels take."""
+        cores = self._core_list()
+        trained = cores + ([self.exact_rows] if self.exact_rows is not None else [])
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in trained)) or self.mode != "sum":
+            return False
+        if not self._takes_bag_arguments(input, offsets, per_sample_weights, cores[0].device):
+            return False
+        if per_sample_weights is not None and per_sample_weights.requires_grad:
+            return False  # the weights' own gradient: the general path computes it
+        return trains_sync_free(cores, self.kernel)
+
+    def _takes_bag_arguments(self, input, offsets, per_sample_weights, device) -> bool:
+        """Arguments the Triton bag kernels take (others, errors included, go the general way)."""
+        if input.numel() == 0 or input.dtype not in (torch.int32, torch.int64) or input.device != device:
             return False
         if input.dim() == 2:
             if offsets is not None:
@@ -540,11 +609,62 @@ class TTEmbeddingBag(_TTTable):
                 or offsets.dtype not in (torch.int32, torch.int64) \
                 or offsets.numel() < 1 + int(self.include_last_offset):
             return False
-        if per_sample_weights is not None and (self.mode != "sum" or per_sample_weights.shape != input.shape
-                                               or not per_sample_weights.is_floating_point()
-                                               or per_sample_weights.device != input.device):
-            return False
-        return pools_in_one_pass(cores, self.kernel, self._suffix_cache)
+        return per_sample_weights is None or (self.mode == "sum" and per_sample_weights.shape == input.shape
+                                              and per_sample_weights.is_floating_point()
+                                              and per_sample_weights.device == input.device)
+
+    def _sorted_entries(self, input: torch.Tensor, offsets: Optional[torch.Tensor]) -> _Entries:
+        """The batch's entries sorted by id, all on the device (no sync).  Ids out of range are
+        clamped so that every read stays inside the cores; their error is raised by the next
+        lookup (:meth:`raise_deferred_errors`), as CUDA's own embedding kernels report theirs late."""
+        flat = input.reshape(-1)
+        n = self.num_embeddings
+        keys, pos = torch.sort(_sort_keys(flat, n))
+        self._defer_range_check(flat)
+        ids = keys.long().clamp_(0, n - 1)
+        codes = self._codes(ids)
+        codes = ids if codes is None else codes
+        skip = None
+        if self.padding_idx is not None:
+            skip = torch.iinfo(codes.dtype).min
+            codes = torch.where(ids == self.padding_idx, torch.full_like(codes, skip), codes)
+        if input.dim() == 2:
+            return _Entries(codes, pos, input.shape[0], None, input.shape[1], skip)
+        bags = offsets.numel() - int(self.include_last_offset)
+        starts = offsets[:bags].long()
+        at = torch.arange(flat.numel(), device=flat.device)
+        bag_of = torch.searchsorted(starts, at, right=True) - 1
+        if self.include_last_offset:  # entries from the last offset on belong to no bag
+            bag_of = torch.where(at < offsets[-1], bag_of, torch.full_like(bag_of, -1))
+        return _Entries(codes, pos, bags, bag_of, None, skip)
+
+    def _defer_range_check(self, flat: torch.Tensor) -> None:
+        """Copies the ids' range to the host without waiting (read by :meth:`raise_deferred_errors`)."""
+        head = torch.stack(torch.aminmax(flat)).long()
+        if head.is_cuda:
+            host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+            host.copy_(head, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(head.device))
+            self._deferred = (host, event)
+        else:
+            self._deferred = (head, None)
+
+    def raise_deferred_errors(self) -> None:
+        """Raises the index error of an earlier lookup trained without a host sync
+        (``FPD_TT_SYNC_FREE=on``), if it had ids out of range; every lookup calls it first."""
+        deferred = getattr(self, "_deferred", None)
+        if deferred is None:
+            return
+        self._deferred = None
+        host, event = deferred
+        if event is not None:
+            event.synchronize()  # recorded a lookup ago: long done
+        lo, hi = host.tolist()
+        try:
+            self._check_range(lo, hi)
+        except TTIndexError as e:
+            raise TTIndexError(f"{e} (in an earlier batch, looked up without a host sync)") from None
 
     @staticmethod
     def _pooled_head(input: torch.Tensor, offsets: Optional[torch.Tensor]) -> torch.Tensor:

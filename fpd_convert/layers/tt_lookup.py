@@ -10,7 +10,10 @@ environment sets the default for all layers (``reference``, ``cpu``, ``triton``,
 
 A bag lookup without gradients on the Triton path, while the suffix table is cached, skips
 the dedup and pools its bags in one pass (:mod:`fpd_convert.kernels.triton_pooled`, see
-:func:`pools_in_one_pass`); ``FPD_TT_POOLED=off`` turns that off.
+:func:`pools_in_one_pass`); ``FPD_TT_POOLED=off`` turns that off.  ``FPD_TT_SYNC_FREE=on`` (off by
+default until timed on a GPU) trains sum-bags from the batch's sorted entries with no host sync
+(:mod:`fpd_convert.kernels.triton_entries`, :func:`trains_sync_free`): index errors then surface
+at the layer's next lookup.
 """
 from __future__ import annotations
 
@@ -26,9 +29,11 @@ from ..kernels.reference import row_digits, tt_rows
 KERNELS = ("auto", "reference", "cpu", "triton")
 #: "auto": serve bags through the one-pass pooled kernel where it applies; "off": never
 POOLED = os.environ.get("FPD_TT_POOLED", "auto")
+#: "on": training lookups on the Triton path from sorted entries, without a host sync; "off"
+SYNC_FREE = os.environ.get("FPD_TT_SYNC_FREE", "off")
 
 __all__ = ["KERNELS", "default_kernel", "choose_kernel", "lookup_rows", "pools_in_one_pass", "row_digits",
-           "tt_rows"]
+           "trains_sync_free", "tt_rows"]
 
 
 def default_kernel() -> str:
@@ -62,6 +67,17 @@ def pools_in_one_pass(cores: Sequence[torch.Tensor], kernel: str,
         raise ValueError(f"FPD_TT_POOLED should be 'auto' or 'off' but is {POOLED!r}")
     return (POOLED == "auto" and suffix_cache is not None and choose_kernel(kernel, cores) == "triton"
             and suffix_cache.fits(cores))
+
+
+def trains_sync_free(cores: Sequence[torch.Tensor], kernel: str) -> bool:
+    """Whether bags of these cores that need gradients are built from the batch's sorted entries by
+    :func:`fpd_convert.kernels.triton_entries.entry_bags` (no host sync): with ``FPD_TT_SYNC_FREE=on``,
+    on the Triton path, while the suffix table stays under ``triton_suffix.MAX_BYTES`` (the caller
+    checks the call's arguments)."""
+    if SYNC_FREE not in ("on", "off"):
+        raise ValueError(f"FPD_TT_SYNC_FREE should be 'on' or 'off' but is {SYNC_FREE!r}")
+    return (SYNC_FREE == "on" and choose_kernel(kernel, cores) == "triton" and triton_suffix.supports(cores)
+            and triton_suffix.suffix_bytes(cores) <= triton_suffix.MAX_BYTES)
 
 
 def lookup_rows(cores: Sequence[torch.Tensor], unique_ids: torch.Tensor, kernel: str = "auto",

@@ -1,0 +1,215 @@
+"""Bags of a 3-core TT table from the batch's entries sorted by id: training with no host sync.
+
+The dedup path (:mod:`fpd_convert.kernels.triton_suffix` behind ``TTEmbeddingBag``) compacts a
+batch to its distinct ids: their count sizes the rows it builds, so the host must read it, and
+that read waits for all the GPU work queued before it.  It then gathers the rows into the bags
+and, in the backward, ``index_add``\\ s the bags' gradients back into rows.  Here the ``N``
+entries stay as they are, only sorted by id (``codes``, with ``pos``: each sorted entry's
+place in the batch); every buffer is sized by ``N`` or the bag count, which the host knows.
+
+Forward: a program walks a chunk of ``CHUNK`` sorted entries; it builds the row of an id once
+per run of that id in the chunk (``G1[i1] S[(i2, i3)]`` from the suffix table ``S``, or an exact
+row) and adds it, times the entry's weight, to the entry's bag (relaxed atomic adds: bags may
+hold several entries).  Backward: the same walk gathers each entry's bag gradient (times its
+weight), sums it over the run and adds the run's contributions once: ``dG1[i1] += g S^T``,
+``dS[(i2, i3)] += G1[i1]^T g`` (or ``d exact[k] += g``); ``dG2``, ``dG3`` then come from ``dS``
+by two GEMMs.  No gather of rows, no ``index_add``, no compaction, no count on the host.
+
+Entries are given as codes (as :mod:`triton_pooled`): TT position, ``-1 - k`` for exact row
+``k``, or ``skip`` (padding, left out).  Bags: ``bag = pos // bag_len`` for a ``(B, L)`` input,
+else ``bag_of[pos]`` (-1: after the last offset, left out).  Pooling is ``sum``.
+
+Works under ``TRITON_INTERPRET=1`` on CPU tensors (how the tests check it without a GPU).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from .triton_suffix import _shapes, _table_and_operands, dot_tiles, middle_and_last_grads, supports
+from .triton_tt import triton, tl
+
+if triton is not None:
+    from .triton_suffix import _code_row, _pair_tile, _row_pt
+    from .triton_tt import _accumulate, _digits, _slice_first
+
+    @triton.jit
+    def _chunk(E, CH, D1, D2, D3, P1: tl.constexpr, BD2: tl.constexpr, QC: tl.constexpr):
+        """This program's sorted entries ``[start, end)``, the row width and a row's tile."""
+        start = tl.program_id(0).to(tl.int64) * CH
+        offs, mask = _row_pt(D1, D2, D3, P1, BD2, QC)
+        return start, tl.minimum(start + CH, E), D1 * D2 * D3, offs, mask
+
+    @triton.jit
+    def _entry(s, code_ptr, pos_ptr, bag_ptr, L, SKIP, BY_LEN: tl.constexpr):
+        """``(code, pos, bag, keep)`` of sorted entry ``s``: its code, its batch position, its bag
+        (-1: none) and whether it counts (not padding, in a bag)."""
+        code = tl.load(code_ptr + s).to(tl.int64)
+        pos = tl.load(pos_ptr + s).to(tl.int64)
+        if BY_LEN:
+            bag = pos // L
+        else:
+            bag = tl.load(bag_ptr + pos).to(tl.int64)
+        return code, pos, bag, (code != SKIP) & (bag >= 0)
+
+    # (a 0-d condition joins a mask through tl.where: `mask & cond` gives an int32 mask in Triton's
+    # interpreter, which its atomic adds refuse)
+
+    @triton.jit
+    def _entries_fwd_kernel(code_ptr, pos_ptr, bag_ptr, w_ptr, c1, s_ptr, exact_ptr, out_ptr, E, CH, L, SKIP,
+                            N2: tl.constexpr, N3: tl.constexpr, R1: tl.constexpr,
+                            D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
+                            BY_LEN: tl.constexpr, HAS_W: tl.constexpr, HAS_EXACT: tl.constexpr,
+                            P1: tl.constexpr, Q1: tl.constexpr, BD2: tl.constexpr, QC: tl.constexpr,
+                            PREC: tl.constexpr):
+        start, end, D, offs, mask = _chunk(E, CH, D1, D2, D3, P1, BD2, QC)
+        row = tl.zeros((P1, QC), dtype=tl.float32)
+        cur = tl.load(code_ptr + start).to(tl.int64) - 1  # differs from the first code: its row is built
+        for s in range(start, end):
+            code, pos, bag, keep = _entry(s, code_ptr, pos_ptr, bag_ptr, L, SKIP, BY_LEN)
+            if code != cur:  # a new id: its row, once for the run
+                cur = code
+                row = _code_row(tl.where(code == SKIP, 0, code), c1, s_ptr, exact_ptr, offs, mask,
+                                N2, N3, R1, D1, D2, D3, HAS_EXACT, P1, Q1, BD2, QC, PREC)
+            val = row
+            if HAS_W:
+                val = row * tl.load(w_ptr + pos).to(tl.float32)
+            _accumulate(out_ptr + tl.maximum(bag, 0) * D + offs, val, tl.where(keep, mask, False))
+
+    @triton.jit
+    def _flush(acc, code, c1, s_ptr, d1_ptr, ds_ptr, dx_ptr, SKIP,
+               N2: tl.constexpr, N3: tl.constexpr, R1: tl.constexpr,
+               D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
+               NEED1: tl.constexpr, NEEDS: tl.constexpr, NEEDX: tl.constexpr, HAS_EXACT: tl.constexpr,
+               P1: tl.constexpr, Q1: tl.constexpr, BD2: tl.constexpr, QC: tl.constexpr, PREC: tl.constexpr):
+        """Adds the gradient contributions of one id, whose summed row gradient is ``acc``."""
+        D = D1 * D2 * D3
+        offs, mask = _row_pt(D1, D2, D3, P1, BD2, QC)
+        p1 = tl.arange(0, P1)
+        a = tl.arange(0, Q1)
+        valid = code != SKIP
+        if HAS_EXACT:
+            if NEEDX:
+                _accumulate(dx_ptr + tl.maximum(-1 - code, 0) * D + offs, acc, tl.where(valid & (code < 0), mask, False))
+        tt = valid & (code >= 0)
+        safe = tl.where(tt, code, 0)
+        i1, i2, i3 = _digits(safe, N2, N3)
+        s_offs, s_mask = _pair_tile(i2, i3, N2, R1, D2, D3, Q1, BD2, QC)
+        if NEEDS:
+            g1 = _slice_first(c1, i1, R1, D1, P1, Q1)
+            _accumulate(ds_ptr + s_offs, tl.dot(tl.trans(g1), acc, input_precision=PREC), tl.where(tt, s_mask, False))
+        if NEED1:
+            sl = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
+            _accumulate(d1_ptr + (i1 * D1 + p1[:, None]) * R1 + a[None, :],
+                        tl.dot(acc, tl.trans(sl), input_precision=PREC),
+                        tl.where(tt, (p1[:, None] < D1) & (a[None, :] < R1), False))
+
+    @triton.jit
+    def _entries_bwd_kernel(code_ptr, pos_ptr, bag_ptr, w_ptr, grad_ptr, c1, s_ptr, d1_ptr, ds_ptr, dx_ptr,
+                            E, CH, L, SKIP,
+                            N2: tl.constexpr, N3: tl.constexpr, R1: tl.constexpr,
+                            D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
+                            BY_LEN: tl.constexpr, HAS_W: tl.constexpr, HAS_EXACT: tl.constexpr,
+                            NEED1: tl.constexpr, NEEDS: tl.constexpr, NEEDX: tl.constexpr,
+                            P1: tl.constexpr, Q1: tl.constexpr, BD2: tl.constexpr, QC: tl.constexpr,
+                            PREC: tl.constexpr):
+        start, end, D, offs, mask = _chunk(E, CH, D1, D2, D3, P1, BD2, QC)
+        acc = tl.zeros((P1, QC), dtype=tl.float32)
+        cur = tl.load(code_ptr + start).to(tl.int64)
+        for s in range(start, end):
+            code, pos, bag, keep = _entry(s, code_ptr, pos_ptr, bag_ptr, L, SKIP, BY_LEN)
+            if code != cur:  # the run of ``cur`` ends in this chunk: its contributions, once
+                _flush(acc, cur, c1, s_ptr, d1_ptr, ds_ptr, dx_ptr, SKIP, N2, N3, R1, D1, D2, D3,
+                       NEED1, NEEDS, NEEDX, HAS_EXACT, P1, Q1, BD2, QC, PREC)
+                acc = tl.zeros((P1, QC), dtype=tl.float32)
+                cur = code
+            g = tl.load(grad_ptr + tl.maximum(bag, 0) * D + offs, mask=tl.where(keep, mask, False), other=0.0)
+            g = g.to(tl.float32)
+            if HAS_W:
+                g = g * tl.load(w_ptr + pos).to(tl.float32)
+            acc += g
+        _flush(acc, cur, c1, s_ptr, d1_ptr, ds_ptr, dx_ptr, SKIP, N2, N3, R1, D1, D2, D3,
+               NEED1, NEEDS, NEEDX, HAS_EXACT, P1, Q1, BD2, QC, PREC)
+
+
+#: sorted entries per program (a run of one id inside a chunk builds its row, and adds its
+#: gradient contributions, once) and warps per program; FPD_TT_ENTRIES_LAUNCH="chunk,warps"
+CHUNK, WARPS = 8, 2
+if os.environ.get("FPD_TT_ENTRIES_LAUNCH"):
+    CHUNK, WARPS = (int(v) for v in os.environ["FPD_TT_ENTRIES_LAUNCH"].split(","))
+#: a code no entry has: placeholder of ``skip`` when nothing is skipped
+NO_SKIP = -(1 << 62)
+
+
+class _EntryBags(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, codes, pos, bag_of, bag_len, bags, weights, skip, c1, c2, c3, exact):
+        c1 = c1.contiguous()
+        s, m2, m3 = _table_and_operands(c2, c3)
+        cores = (c1, c2, c3)
+        n1, n2, n3, d1, d2, d3, r1, _ = _shapes(cores)
+        out = torch.zeros(bags, d1 * d2 * d3, device=c1.device, dtype=torch.float32)
+        e = codes.numel()
+        w = weights if weights is not None else c1
+        x = exact.contiguous() if exact is not None else c1
+        launch = dict(N2=n2, N3=n3, R1=r1, D1=d1, D2=d2, D3=d3, BY_LEN=bag_of is None, HAS_W=weights is not None,
+                      HAS_EXACT=exact is not None, **dot_tiles(cores))
+        if e and bags:
+            _entries_fwd_kernel[(triton.cdiv(e, CHUNK),)](
+                codes, pos, bag_of if bag_of is not None else pos, w, c1, s, x, out, e, CHUNK, bag_len or 1, skip,
+                **launch, num_warps=WARPS)
+        ctx.save_for_backward(codes, pos, bag_of, weights, c1, s, m2, m3, exact)
+        ctx.meta = (bag_len, skip, launch, c2.shape, c3.shape, (c1.dtype, c2.dtype, c3.dtype))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, pos, bag_of, weights, c1, s, m2, m3, exact = ctx.saved_tensors
+        bag_len, skip, launch, shape2, shape3, dtypes = ctx.meta
+        need1, need2, need3, needx = ctx.needs_input_grad[7:11]
+        d1 = torch.zeros(c1.shape, device=c1.device, dtype=torch.float32) if need1 else None
+        ds = torch.zeros(s.shape, device=s.device, dtype=torch.float32) if (need2 or need3) else None
+        dx = torch.zeros(exact.shape, device=c1.device, dtype=torch.float32) if needx else None
+        e = codes.numel()
+        if e and grad.shape[0] and (need1 or ds is not None or needx):
+            _entries_bwd_kernel[(triton.cdiv(e, CHUNK),)](
+                codes, pos, bag_of if bag_of is not None else pos, weights if weights is not None else c1,
+                grad.float().contiguous(), c1, s, d1 if need1 else s, ds if ds is not None else s,
+                dx if needx else s, e, CHUNK, bag_len or 1, skip, NEED1=bool(need1), NEEDS=ds is not None,
+                NEEDX=bool(needx), **launch, num_warps=WARPS)
+        grads = [d1, *middle_and_last_grads(ds, m2, m3, shape2, shape3, need2, need3)]
+        grads = [None if g is None else g.to(t) for g, t in zip(grads, dtypes)]
+        return (None,) * 7 + (*grads, None if dx is None else dx.to(exact.dtype))
+
+
+def entry_bags(cores: Sequence[torch.Tensor], codes: torch.Tensor, pos: torch.Tensor, bags: int,
+               bag_of: Optional[torch.Tensor] = None, bag_len: Optional[int] = None,
+               weights: Optional[torch.Tensor] = None, skip: Optional[int] = None,
+               exact_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Summed bags ``(bags, d)`` of a 3-core TT table from its entries sorted by id
+    (differentiable in the cores and ``exact_rows``; values and gradients as the reference).
+
+    Parameters
+    ----------
+    codes : (N,) the entries' codes, sorted so that equal codes are adjacent: TT position,
+        ``-1 - k`` for ``exact_rows[k]``, or ``skip`` (padding: left out).
+    pos : (N,) each sorted entry's position in the batch.
+    bags : the number of bags; ``bag_len``: entries ``[b L, (b + 1) L)`` form bag ``b``, or
+        ``bag_of`` (N,): the bag of the entry at each batch position (-1: none).
+    weights : (N,) per-sample weights by batch position (no gradient is returned for them).
+
+    The caller checks the codes' range (an out-of-range code reads outside the cores).
+    """
+    if not supports(cores):
+        raise ValueError("the Triton TT kernels take exactly three float cores")
+    if (bag_of is None) == (bag_len is None):
+        raise ValueError("give either bag_of or bag_len")
+    out = _EntryBags.apply(codes.contiguous(), pos.contiguous(), None if bag_of is None else bag_of.contiguous(),
+                           bag_len, bags, None if weights is None else weights.detach().contiguous(),
+                           NO_SKIP if skip is None else skip, *cores, exact_rows)
+    return out if cores[0].dtype == torch.float32 else out.to(cores[0].dtype)
+
+
+__all__ = ["CHUNK", "WARPS", "entry_bags"]
