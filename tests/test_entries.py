@@ -147,6 +147,27 @@ def test_sync_free_index_errors_surface_at_the_next_lookup(sync_free):
     fast.raise_deferred_errors()  # nothing pending
 
 
+def test_sync_free_serving_reads_nothing_and_defers_index_errors(sync_free, monkeypatch):
+    pooled = []
+    real = tt_embedding_module.pooled_bags
+    monkeypatch.setattr(tt_embedding_module, "pooled_bags", lambda *a, **k: pooled.append(1) or real(*a, **k))
+    monkeypatch.setattr(TTEmbeddingBag, "_pooled_head", None)  # the head the host would read: never built
+    dev = _device()
+    ref, fast = _pair(padding_idx=7, mapped=True, mode="mean")
+    ids, offsets = _bags(120, seed=29)
+    ids[[2, 9]] = torch.tensor([7, 57])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids.to(dev), offsets.to(dev)).cpu(), ref(ids, offsets), rtol=1e-5, atol=1e-5)
+        bad = ids.clone()
+        bad[0] = 10 ** 6
+        late = offsets.clone()
+        late[-1] = 10 ** 4  # offsets nobody checks: the kernel keeps its bags inside the input
+        assert torch.isfinite(fast(bad.to(dev), late.to(dev))).all()
+        with pytest.raises(TTIndexError, match="index 1000000 is out of range.*earlier batch"):
+            fast(ids.to(dev), offsets.to(dev))
+    assert len(pooled) == 2 and not sync_free
+
+
 def test_sync_free_is_for_training_sum_bags_only(sync_free, monkeypatch):
     pooled = []
     real = tt_embedding_module.pooled_bags

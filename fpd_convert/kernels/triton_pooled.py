@@ -48,6 +48,8 @@ if triton is not None:
             start = tl.load(bounds_ptr + b).to(tl.int64)
             nxt = tl.load(bounds_ptr + tl.minimum(b + 1, NB - 1)).to(tl.int64)
             end = tl.where(b + 1 < NB, nxt, N)
+            start = tl.minimum(tl.maximum(start, 0), N)  # offsets nobody checked stay inside the input
+            end = tl.minimum(tl.maximum(end, start), N)
         D = D1 * D2 * D3
         offs, mask = _row_pt(D1, D2, D3, P1, BD2, QC)
         if MODE == 2:
@@ -95,15 +97,16 @@ def pooled_bags(cores: Sequence[torch.Tensor], s: torch.Tensor, codes: torch.Ten
         ``skip`` (padding; excluded from the bag, as ``nn.EmbeddingBag``'s ``padding_idx``).
     mode : ``"sum"``, ``"mean"`` or ``"max"``.
     bounds : (B,) offsets (``(B + 1,)`` with ``include_last_offset``), non-decreasing from 0,
-        the last <= N; or ``bag_len``: bags of ``bag_len`` consecutive entries.
+        the last <= N (bags outside ``[0, N)`` are cut to it, so bad offsets read nothing
+        outside the input); or ``bag_len``: bags of ``bag_len`` consecutive entries.
     weights : (N,) per-sample weights (``mode="sum"``).
 
     Returns
     -------
     (B, d) tensor of ``out_dtype`` (default ``cores[0].dtype``).
 
-    The caller checks what ``nn.EmbeddingBag`` checks (codes in range, valid offsets): the
-    kernel reads what it is given.
+    The caller checks the codes' range (an out-of-range code reads outside the cores) and, for
+    ``nn.EmbeddingBag``'s errors, the offsets.
     """
     if not supports(cores):
         raise ValueError("the Triton TT kernels take exactly three float cores")

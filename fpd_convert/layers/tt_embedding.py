@@ -23,7 +23,7 @@ from ..kernels.triton_entries import entry_bags
 from ..kernels.triton_pooled import pooled_bags
 from ..kernels.triton_suffix import SuffixCache
 from .row_index import BitRank, build_row_index, row_codes
-from .tt_lookup import default_kernel, lookup_rows, pools_in_one_pass, trains_sync_free
+from .tt_lookup import default_kernel, lookup_rows, pools_in_one_pass, sync_free, trains_sync_free
 
 
 _POSITIONS = np.arange(1 << 16, dtype=np.int64)
@@ -141,6 +141,8 @@ class StartedLookup(NamedTuple):
     pooled: Optional[torch.Tensor] = None
     #: trained from sorted entries with no host sync (nothing to read; errors are deferred)
     entries: Optional[_Entries] = None
+    #: served in one pass with no host sync (ids clamped; their range error deferred)
+    unchecked: bool = False
 
     @property
     def head(self) -> Optional[torch.Tensor]:
@@ -501,6 +503,9 @@ class TTEmbeddingBag(_TTTable):
         and :meth:`finish_lookup` pools the bags in one kernel."""
         self.raise_deferred_errors()
         if self._pools_in_one_pass(input, offsets, per_sample_weights):
+            if sync_free():  # nothing to read: the range is checked by the next lookup
+                self._defer_range_check(input.reshape(-1))
+                return StartedLookup(input, offsets, per_sample_weights, False, None, unchecked=True)
             return StartedLookup(input, offsets, per_sample_weights, False, None,
                                  pooled=self._pooled_head(input, offsets))
         if self._trains_sync_free(input, offsets, per_sample_weights):
@@ -517,7 +522,9 @@ class TTEmbeddingBag(_TTTable):
     def finish_lookup(self, started: "StartedLookup", values: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Pooled rows of a lookup begun by :meth:`start_lookup`; ``values``: its ``dedup.head``
         already read on the host (read here otherwise)."""
-        input, offsets, per_sample_weights, one_hot, dedup, pooled, entries = started
+        input, offsets, per_sample_weights, one_hot, dedup, pooled, entries, unchecked = started
+        if unchecked:
+            return self._pool_in_one_pass(input, offsets, per_sample_weights, clamp=True)
         if entries is not None:
             exact = self.exact_rows if self.exact_ids is not None and self.exact_ids.numel() else None
             return entry_bags(self._core_list(), entries.codes, entries.pos, entries.bags, bag_of=entries.bag_of,
@@ -677,10 +684,13 @@ class TTEmbeddingBag(_TTTable):
         return torch.stack([lo.long(), hi.long(), valid.long()])
 
     def _pool_in_one_pass(self, input: torch.Tensor, offsets: Optional[torch.Tensor],
-                          per_sample_weights: Optional[torch.Tensor]) -> torch.Tensor:
-        """Bags of checked ids pooled by :func:`fpd_convert.kernels.triton_pooled.pooled_bags`."""
+                          per_sample_weights: Optional[torch.Tensor], clamp: bool = False) -> torch.Tensor:
+        """Bags of checked ids (``clamp``: ids clamped into the table, their check deferred) pooled
+        by :func:`fpd_convert.kernels.triton_pooled.pooled_bags`."""
         cores = self._core_list()
         flat = input.reshape(-1)
+        if clamp:
+            flat = flat.clamp(0, self.num_embeddings - 1)
         codes = self._codes(flat)  # through the row map and exact rows, when present
         codes = flat if codes is None else codes
         skip = None

@@ -33,7 +33,7 @@ POOLED = os.environ.get("FPD_TT_POOLED", "auto")
 SYNC_FREE = os.environ.get("FPD_TT_SYNC_FREE", "off")
 
 __all__ = ["KERNELS", "default_kernel", "choose_kernel", "lookup_rows", "pools_in_one_pass", "row_digits",
-           "trains_sync_free", "tt_rows"]
+           "sync_free", "trains_sync_free", "tt_rows"]
 
 
 def default_kernel() -> str:
@@ -69,14 +69,20 @@ def pools_in_one_pass(cores: Sequence[torch.Tensor], kernel: str,
             and suffix_cache.fits(cores))
 
 
+def sync_free() -> bool:
+    """``FPD_TT_SYNC_FREE=on``: Triton-path bag lookups read nothing on the host (training from
+    sorted entries, serving in one pass with clamped ids); index errors surface one lookup late."""
+    if SYNC_FREE not in ("on", "off"):
+        raise ValueError(f"FPD_TT_SYNC_FREE should be 'on' or 'off' but is {SYNC_FREE!r}")
+    return SYNC_FREE == "on"
+
+
 def trains_sync_free(cores: Sequence[torch.Tensor], kernel: str) -> bool:
     """Whether bags of these cores that need gradients are built from the batch's sorted entries by
     :func:`fpd_convert.kernels.triton_entries.entry_bags` (no host sync): with ``FPD_TT_SYNC_FREE=on``,
     on the Triton path, while the suffix table stays under ``triton_suffix.MAX_BYTES`` (the caller
     checks the call's arguments)."""
-    if SYNC_FREE not in ("on", "off"):
-        raise ValueError(f"FPD_TT_SYNC_FREE should be 'on' or 'off' but is {SYNC_FREE!r}")
-    return (SYNC_FREE == "on" and choose_kernel(kernel, cores) == "triton" and triton_suffix.supports(cores)
+    return (sync_free() and choose_kernel(kernel, cores) == "triton" and triton_suffix.supports(cores)
             and triton_suffix.suffix_bytes(cores) <= triton_suffix.MAX_BYTES)
 
 
