@@ -425,6 +425,9 @@ def test_bench_reports_which_triton_kernels_a_batch_takes():
     # the forward pools in one pass; the same forward through the dedup is timed beside it
     assert r["forward_ratio_dedup"] > 0 and r["tt_dedup_forward_lookups_s"] > 0
     assert "through the dedup" in format_lookups(r)
+    # and without a host sync (FPD_TT_SYNC_FREE=on), forward and training
+    assert r["forward_ratio_syncfree"] > 0 and r["fwd_bwd_ratio_syncfree"] > 0
+    assert "no host sync" in format_lookups(r)
 
 
 def test_bench_dlrm_step_default_model_and_compressed_file(tmp_path):

@@ -140,6 +140,17 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
             finally:
                 tt_lookup.POOLED = saved
         forward["tt_dedup_forward_lookups_s"] = fwd_dedup
+    if tt_lookup.SYNC_FREE == "off" and choose_kernel(kernel, list(tt.cores)) == "triton":
+        def sync_free(fn):  # the same layer with FPD_TT_SYNC_FREE=on: nothing read on the host
+            def run():
+                saved, tt_lookup.SYNC_FREE = tt_lookup.SYNC_FREE, "on"
+                try:
+                    fn()
+                finally:
+                    tt_lookup.SYNC_FREE = saved
+            return run
+        forward["tt_syncfree_forward_lookups_s"] = sync_free(forward["tt_forward_lookups_s"])
+        fwd_bwd["tt_syncfree_fwd_bwd_lookups_s"] = sync_free(fwd_bwd["tt_fwd_bwd_lookups_s"])
     # inference and training are timed apart: each in the steady state of its own loop
     for fns in (forward, fwd_bwd):
         for key, seconds in interleaved_medians(fns, dev, reps).items():
@@ -149,6 +160,9 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
         out["fwd_bwd_ratio"] = out["tt_fwd_bwd_lookups_s"] / out["dense_fwd_bwd_lookups_s"]
         if "tt_dedup_forward_lookups_s" in out:
             out["forward_ratio_dedup"] = out["tt_dedup_forward_lookups_s"] / out["dense_forward_lookups_s"]
+        for what in ("forward", "fwd_bwd"):
+            if f"tt_syncfree_{what}_lookups_s" in out:
+                out[f"{what}_ratio_syncfree"] = out[f"tt_syncfree_{what}_lookups_s"] / out[f"dense_{what}_lookups_s"]
         for bits in (8, 4):
             if f"int{bits}_forward_lookups_s" in out:
                 out[f"int{bits}_forward_ratio"] = out[f"int{bits}_forward_lookups_s"] / out["dense_forward_lookups_s"]
@@ -172,6 +186,8 @@ def format_lookups(r: dict) -> str:
         line = f"{what:8s} TT {tt / 1e6:8.2f} M lookups/s"
         if f"tt_reference_{what}_lookups_s" in r:
             line += f"  (reference {r[f'tt_reference_{what}_lookups_s'] / 1e6:8.2f})"
+        if f"tt_syncfree_{what}_lookups_s" in r:
+            line += f"  (no host sync {r[f'tt_syncfree_{what}_lookups_s'] / 1e6:8.2f})"
         if f"tt_dedup_{what}_lookups_s" in r:
             line += f"  (through the dedup {r[f'tt_dedup_{what}_lookups_s'] / 1e6:8.2f})"
         if f"tt_plain_{what}_lookups_s" in r:
