@@ -4,6 +4,8 @@ values and gradients against the reference path.
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest), and the layer
 takes the path when its kernel is set to "triton".
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,6 +144,8 @@ def test_sync_free_index_errors_surface_at_the_next_lookup(sync_free):
     fast(ids, offsets).sum().backward()  # raised once, then the layer goes on
     bad[3] = -4
     fast(bad, offsets)
+    twin = copy.deepcopy(fast)  # a copy leaves the pending check with the original
+    twin.raise_deferred_errors()
     with pytest.raises(TTIndexError, match="index -4 is out of range"):
         fast.raise_deferred_errors()
     fast.raise_deferred_errors()  # nothing pending

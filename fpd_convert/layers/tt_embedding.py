@@ -657,6 +657,13 @@ class TTEmbeddingBag(_TTTable):
         else:
             self._deferred = (head, None)
 
+    def __getstate__(self):
+        """A copy (``copy.deepcopy``, pickling) leaves a pending range check with the original:
+        it may hold a CUDA event, which cannot be copied."""
+        state = self.__dict__.copy()
+        state["_deferred"] = None
+        return state
+
     def raise_deferred_errors(self) -> None:
         """Raises the index error of an earlier lookup trained without a host sync
         (``FPD_TT_SYNC_FREE=on``), if it had ids out of range; every lookup calls it first."""
