@@ -157,11 +157,7 @@ if triton is not None:
                                D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, P1: tl.constexpr,
                                Q1: tl.constexpr, BD2: tl.constexpr, QC: tl.constexpr, PREC: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
-        row = tl.load(idx_ptr + pid).to(tl.int64)
-        i1, i2, i3 = _digits(row, N2, N3)
-        g1 = _slice_first(c1, i1, R1, D1, P1, Q1)
-        s_offs, s_mask = _pair_tile(i2, i3, N2, R1, D2, D3, Q1, BD2, QC)
-        out = tl.dot(g1, tl.load(s_ptr + s_offs, mask=s_mask, other=0.0), input_precision=PREC)  # (P1, QC)
+        out = _tt_row(tl.load(idx_ptr + pid).to(tl.int64), c1, s_ptr, N2, N3, R1, D1, D2, D3, P1, Q1, BD2, QC, PREC)
         offs, mask = _row_pt(D1, D2, D3, P1, BD2, QC)
         tl.store(out_ptr + pid * (D1 * D2 * D3) + offs, out, mask=mask)
 

@@ -526,10 +526,9 @@ class TTEmbeddingBag(_TTTable):
         if unchecked:
             return self._pool_in_one_pass(input, offsets, per_sample_weights, clamp=True)
         if entries is not None:
-            exact = self.exact_rows if self.exact_ids is not None and self.exact_ids.numel() else None
             return entry_bags(self._core_list(), entries.codes, entries.pos, entries.bags, bag_of=entries.bag_of,
                               bag_len=entries.bag_len, weights=per_sample_weights, skip=entries.skip,
-                              exact_rows=exact)
+                              exact_rows=self._exact_rows_in_use())
         if pooled is not None:
             lo, hi, valid = pooled.tolist() if values is None else values
             self._check_range(lo, hi)
@@ -585,10 +584,8 @@ class TTEmbeddingBag(_TTTable):
         Triton path with its suffix table cached, and arguments the kernel takes (anything else,
         errors included, goes the general way)."""
         cores = self._core_list()
-        trained = cores + ([self.exact_rows] if self.exact_rows is not None else [])
-        if torch.is_grad_enabled() and any(p.requires_grad for p in trained):
-            return False
-        return (self._takes_bag_arguments(input, offsets, per_sample_weights, cores[0].device)
+        return (not self._needs_gradients()
+                and self._takes_bag_arguments(input, offsets, per_sample_weights, cores[0].device)
                 and pools_in_one_pass(cores, self.kernel, self._suffix_cache))
 
     def _trains_sync_free(self, input: torch.Tensor, offsets: Optional[torch.Tensor],
@@ -596,14 +593,32 @@ class TTEmbeddingBag(_TTTable):
         """Whether this call trains from sorted entries with no host sync (``FPD_TT_SYNC_FREE=on``,
         :func:`trains_sync_free`): gradients needed, ``mode="sum"``, and arguments the kernels take."""
         cores = self._core_list()
-        trained = cores + ([self.exact_rows] if self.exact_rows is not None else [])
-        if not (torch.is_grad_enabled() and any(p.requires_grad for p in trained)) or self.mode != "sum":
+        if not self._needs_gradients() or self.mode != "sum":
             return False
         if not self._takes_bag_arguments(input, offsets, per_sample_weights, cores[0].device):
             return False
         if per_sample_weights is not None and per_sample_weights.requires_grad:
             return False  # the weights' own gradient: the general path computes it
         return trains_sync_free(cores, self.kernel)
+
+    def _needs_gradients(self) -> bool:
+        """Whether a lookup now is differentiated: grad mode on and a core or exact row trained."""
+        trained = self._core_list() + ([self.exact_rows] if self.exact_rows is not None else [])
+        return torch.is_grad_enabled() and any(p.requires_grad for p in trained)
+
+    def _entry_codes(self, ids: torch.Tensor):
+        """``(codes, skip)`` of in-range ids for the Triton bag kernels: each id's TT position or
+        ``-1 - k`` for exact row k (through the row map and exact rows), and ``skip`` (None without
+        ``padding_idx``) in place of the padding entries."""
+        codes = self._codes(ids)
+        codes = ids if codes is None else codes
+        if self.padding_idx is None:
+            return codes, None
+        skip = torch.iinfo(codes.dtype).min
+        return torch.where(ids == self.padding_idx, torch.full_like(codes, skip), codes), skip
+
+    def _exact_rows_in_use(self) -> Optional[torch.Tensor]:
+        return self.exact_rows if self.exact_ids is not None and self.exact_ids.numel() else None
 
     def _takes_bag_arguments(self, input, offsets, per_sample_weights, device) -> bool:
         """Arguments the Triton bag kernels take (others, errors included, go the general way)."""
@@ -628,13 +643,7 @@ class TTEmbeddingBag(_TTTable):
         n = self.num_embeddings
         keys, pos = torch.sort(_sort_keys(flat, n))
         self._defer_range_check(flat)
-        ids = keys.long().clamp_(0, n - 1)
-        codes = self._codes(ids)
-        codes = ids if codes is None else codes
-        skip = None
-        if self.padding_idx is not None:
-            skip = torch.iinfo(codes.dtype).min
-            codes = torch.where(ids == self.padding_idx, torch.full_like(codes, skip), codes)
+        codes, skip = self._entry_codes(keys.long().clamp_(0, n - 1))
         if input.dim() == 2:
             return _Entries(codes, pos, input.shape[0], None, input.shape[1], skip)
         bags = offsets.numel() - int(self.include_last_offset)
@@ -696,20 +705,12 @@ class TTEmbeddingBag(_TTTable):
         by :func:`fpd_convert.kernels.triton_pooled.pooled_bags`."""
         cores = self._core_list()
         flat = input.reshape(-1)
-        if clamp:
-            flat = flat.clamp(0, self.num_embeddings - 1)
-        codes = self._codes(flat)  # through the row map and exact rows, when present
-        codes = flat if codes is None else codes
-        skip = None
-        if self.padding_idx is not None:
-            skip = torch.iinfo(codes.dtype).min
-            codes = torch.where(flat == self.padding_idx, torch.full_like(codes, skip), codes)
-        exact = self.exact_rows if self.exact_ids is not None and self.exact_ids.numel() else None
+        codes, skip = self._entry_codes(flat.clamp(0, self.num_embeddings - 1) if clamp else flat)
         with torch.no_grad():
             return pooled_bags(cores, self._suffix_cache.table(cores), codes, self.mode,
                                bounds=offsets if input.dim() == 1 else None,
                                bag_len=input.shape[1] if input.dim() == 2 else None,
-                               weights=per_sample_weights, skip=skip, exact_rows=exact,
+                               weights=per_sample_weights, skip=skip, exact_rows=self._exact_rows_in_use(),
                                include_last_offset=self.include_last_offset)
 
     def _one_hot(self, input: torch.Tensor, offsets: Optional[torch.Tensor]):
