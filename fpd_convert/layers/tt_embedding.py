@@ -500,7 +500,10 @@ class TTEmbeddingBag(_TTTable):
 
         Served without gradients from a cached suffix table (:func:`pools_in_one_pass`), the
         lookup needs no dedup: only the ids' range and the offsets' validity are launched here,
-        and :meth:`finish_lookup` pools the bags in one kernel."""
+        and :meth:`finish_lookup` pools the bags in one kernel.  With ``FPD_TT_SYNC_FREE=on``
+        (:func:`sync_free`) nothing is launched for the host to read: serving clamps the ids,
+        training sorts the batch's entries (:meth:`_sorted_entries`), and the ids' range is
+        checked by the next lookup (:meth:`raise_deferred_errors`)."""
         self.raise_deferred_errors()
         if self._pools_in_one_pass(input, offsets, per_sample_weights):
             if sync_free():  # nothing to read: the range is checked by the next lookup
@@ -592,9 +595,9 @@ class TTEmbeddingBag(_TTTable):
                           per_sample_weights: Optional[torch.Tensor]) -> bool:
         """Whether this call trains from sorted entries with no host sync (``FPD_TT_SYNC_FREE=on``,
         :func:`trains_sync_free`): gradients needed, ``mode="sum"``, and arguments the kernels take."""
-        cores = self._core_list()
-        if not self._needs_gradients() or self.mode != "sum":
+        if not sync_free() or self.mode != "sum" or not self._needs_gradients():
             return False
+        cores = self._core_list()
         if not self._takes_bag_arguments(input, offsets, per_sample_weights, cores[0].device):
             return False
         if per_sample_weights is not None and per_sample_weights.requires_grad:
