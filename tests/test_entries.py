@@ -63,6 +63,25 @@ def test_entry_bags_equal_reference(row_factors, dim_factors, ranks, weighted):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_entry_bags_bf16_cores():
+    from fpd_convert.kernels.triton_entries import entry_bags
+    dev = _device()
+    cores = [c.detach().to(dev, torch.bfloat16).requires_grad_() for c in make_cores([4, 5, 6], [8, 4, 4], [1, 8, 8, 1])]
+    ids, offsets = (t.to(dev) for t in _bags(120, seed=31))
+    keys, pos = torch.sort(ids)
+    bag_of = torch.searchsorted(offsets, torch.arange(ids.numel(), device=dev), right=True) - 1
+    out = entry_bags(cores, keys, pos, offsets.numel(), bag_of=bag_of)
+    ref_cores = [c.detach().float().requires_grad_() for c in cores]
+    want = F.embedding_bag(ids, tt_rows(ref_cores, torch.arange(120, device=dev)), offsets, mode="sum")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(5)).to(dev)
+    got = torch.autograd.grad(out, cores, g.to(torch.bfloat16))
+    for a, b in zip(got, torch.autograd.grad(want, ref_cores, g)):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
 @pytest.fixture
 def sync_free(monkeypatch):
     """FPD_TT_SYNC_FREE=on, with the kernel wrapped to count its calls (it still does the work)."""
