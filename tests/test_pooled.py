@@ -72,8 +72,10 @@ def test_pooled_bags_fixed_length_last_offset_exact_rows_and_dtype():
         torch.testing.assert_close(pooled_bags(cores, s, ids, mode, bag_len=5),
                                    F.embedding_bag(ids.view(8, 5), table, mode=mode), rtol=1e-5, atol=1e-5)
     last = torch.cat([offsets.clamp(max=33), torch.tensor([33], device=dev)])  # include_last_offset: entries after 33 unused
+    # the reference sees only the entries up to the last offset: PyTorch's own handling of the
+    # others differs by device (CUDA pools them into the last bag, the CPU's mean counts them)
     torch.testing.assert_close(pooled_bags(cores, s, ids, "mean", bounds=last, include_last_offset=True),
-                               F.embedding_bag(ids, table, last, mode="mean", include_last_offset=True),
+                               F.embedding_bag(ids[:33], table, last, mode="mean", include_last_offset=True),
                                rtol=1e-5, atol=1e-5)
     exact = torch.randn(3, table.shape[1], device=dev)  # codes -1..-3 read exact rows 0..2
     codes = torch.where(ids % 4 == 0, -1 - ids % 3, ids)
