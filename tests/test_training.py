@@ -57,15 +57,15 @@ def test_finetune_improves_validation_auc(workdir):
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 def test_resume_after_interrupt_equals_uninterrupted(workdir, device):
     kw = dict(progress=False, max_steps=30, batch_size=256, eval_every=10, force=True, device=device)
-    finetune(workdir / "c.safetensors", workdir / "train.npz", workdir / "full.safetensors", workdir / "val.npz", **kw)
-    r = finetune(workdir / "c.safetensors", workdir / "train.npz", workdir / "part.safetensors", workdir / "val.npz",
-                 interrupt_after=13, **kw)
+    src, data, val = workdir / "c.safetensors", workdir / "train.npz", workdir / "val.npz"
+    full, part = workdir / f"full_{device}.safetensors", workdir / f"part_{device}.safetensors"
+    finetune(src, data, full, val, **kw)
+    r = finetune(src, data, part, val, interrupt_after=13, **kw)
     assert r["interrupted"] and r["steps"] == 13 and os.path.exists(r["resume_state"])
-    assert not (workdir / "part.safetensors").exists()
-    r2 = finetune(workdir / "c.safetensors", workdir / "train.npz", workdir / "part.safetensors", workdir / "val.npz",
-                  resume=True, **kw)
+    assert not part.exists()
+    r2 = finetune(src, data, part, val, resume=True, **kw)
     assert not r2["interrupted"] and r2["steps"] == 30 and not os.path.exists(r["resume_state"])
-    a, b = load_file(workdir / "full.safetensors"), load_file(workdir / "part.safetensors")
+    a, b = load_file(full), load_file(part)
     if device == "cpu":  # the CPU repeats a run bit for bit
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
@@ -73,9 +73,9 @@ def test_resume_after_interrupt_equals_uninterrupted(workdir, device):
     # on CUDA the backward's atomic adds (TT kernels, index_add_) sum in another order each run, so
     # two uninterrupted runs differ too: the resumed run must differ from the uninterrupted one as
     # little, against what the 30 steps changed (a skipped batch would change ~1/30 of it)
-    start = load_file(workdir / "c.safetensors")
-    finetune(workdir / "c.safetensors", workdir / "train.npz", workdir / "again.safetensors", workdir / "val.npz", **kw)
-    again = load_file(workdir / "again.safetensors")
+    start = load_file(src)
+    finetune(src, data, workdir / f"again_{device}.safetensors", val, **kw)
+    again = load_file(workdir / f"again_{device}.safetensors")
 
     def norm(x, y):
         return torch.cat([(x[k].double() - y[k].double()).reshape(-1) for k in a]).norm().item()
