@@ -4,7 +4,8 @@ other (one sync per TT table), and the dense model, in alternating blocks; the T
 a long first core (row factors with `suffix_rows`, default 512: `factor_rows`) and a less long one
 (`suffix_rows` 2048: a 4 MB suffix table, ~10 ids a digit pair instead of ~42); inference with
 the bags pooled in one pass (the default) and through the dedup (`grouped_dedup`, FPD_TT_POOLED=off);
-training from sorted entries with no host sync (`*_syncfree`, FPD_TT_SYNC_FREE=on).
+training from sorted entries with no host sync (`*_syncfree`, FPD_TT_SYNC_FREE=on), its TT tables
+stacked into one lookup (the default there) or one by one (`*_unstacked`, FPD_TT_TABLE_BATCHED=off).
 
 Usage: python3 .ci/step-ab.py [rows_cap tt_tables rank batch suffix_rows]; prints one JSON line of
 milliseconds per step (median over blocks of 5 steps, after warm-up).  STEP_PROFILE=1 writes per-step profiles to $OUT/step_profile.txt.
@@ -65,7 +66,9 @@ for name, net in models.items():
 variants = {"dense": (grouped_start, "dense"), "grouped": (grouped_start, "tt"), "one_by_one": (OneByOne, "tt"),
             "grouped_suffix": (grouped_start, "tt_suffix"), "grouped_suffix2048": (grouped_start, "tt_suffix2048"),
             "grouped_dedup": (grouped_start, "tt"), "grouped_syncfree": (grouped_start, "tt"),
-            "grouped_suffix_syncfree": (grouped_start, "tt_suffix")}
+            "grouped_suffix_syncfree": (grouped_start, "tt_suffix"),
+            "grouped_syncfree_unstacked": (grouped_start, "tt"),
+            "grouped_suffix_syncfree_unstacked": (grouped_start, "tt_suffix")}
 try:  # a failure of the one-pass kernel on this GPU must not cost the other figures
     fns["tt_infer"]()
     pooled = "auto"
@@ -77,19 +80,21 @@ try:  # nor a failure of the sync-free training kernels
     fns["tt_train"]()
 except Exception as e:  # noqa: BLE001 - reported in the JSON
     out["syncfree_error"] = f"{type(e).__name__}: {e}"[:2000]
-    del variants["grouped_syncfree"], variants["grouped_suffix_syncfree"]
+    for v in [v for v in variants if "_syncfree" in v]:
+        del variants[v]
 tt_lookup.SYNC_FREE = "off"
 times = {f"{v}_{w}": [] for v in variants for w in ("train", "infer")}
 for block in range(7):
     for v, (start, model) in variants.items():
         dlrm.start_lookups = start
         tt_lookup.POOLED = "off" if v == "grouped_dedup" else pooled
-        tt_lookup.SYNC_FREE = "on" if v.endswith("_syncfree") else "off"
+        tt_lookup.SYNC_FREE = "on" if "_syncfree" in v else "off"
+        tt_lookup.TABLE_BATCHED = "off" if v.endswith("_unstacked") else "auto"
         for w in ("train", "infer"):
             ms = timed(fns[f"{model}_{w}"])
             if block:  # block 0 warms up
                 times[f"{v}_{w}"].append(ms)
-dlrm.start_lookups, tt_lookup.POOLED, tt_lookup.SYNC_FREE = grouped_start, pooled, "off"
+dlrm.start_lookups, tt_lookup.POOLED, tt_lookup.SYNC_FREE, tt_lookup.TABLE_BATCHED = grouped_start, pooled, "off", "auto"
 for k, v in times.items():
     out[f"{k}_ms"] = sorted(v)[len(v) // 2]
 for w in ("train", "infer"):
@@ -103,6 +108,8 @@ for v in ("grouped_syncfree", "grouped_suffix_syncfree"):  # training and servin
     if v in variants:
         for w in ("train", "infer"):
             out[f"tt_vs_dense_{w}_{v[8:]}"] = out[f"dense_{w}_ms"] / out[f"{v}_{w}_ms"]
+        # the TT tables of one shape trained as one stacked table, against one by one
+        out[f"stacked_vs_unstacked_train_{v[8:]}"] = out[f"{v}_unstacked_train_ms"] / out[f"{v}_train_ms"]
 out["pooled_vs_dedup_infer"] = out["grouped_dedup_infer_ms"] / out["grouped_infer_ms"]
 print(json.dumps(out))
 

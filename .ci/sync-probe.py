@@ -1,5 +1,5 @@
 """Where a DLRM step waits on the host (GPU): for the dense model and the TT models (balanced and
-long first core, with and without FPD_TT_SYNC_FREE), the wall time of a step, the time the host
+long first core, with and without FPD_TT_SYNC_FREE, its tables stacked or one by one), the wall time of a step, the time the host
 takes to queue it (steps queued back to back, no synchronize between them), and each host sync
 the step makes (torch.cuda.set_sync_debug_mode, with the line of our code or the script that made it).
 
@@ -116,12 +116,13 @@ with device:
               "tt_suffix": build_model(arch, _largest(arch, tt_tables, rank, 512))}
 for name, net in models.items():
     train, serve = _step_fn(net, arch, batch, 1.1, device, 0.01, 0), _serve_fn(net, arch, batch, 1.1, device, 0)
-    for mode in (("off", "on") if name != "dense" else ("off",)):
-        tt_lookup.SYNC_FREE = mode
-        suffix = "_syncfree" if mode == "on" else ""
+    for mode in (("off", "on", "unstacked") if name != "dense" else ("off",)):
+        tt_lookup.SYNC_FREE = "off" if mode == "off" else "on"
+        tt_lookup.TABLE_BATCHED = "off" if mode == "unstacked" else "auto"  # sync-free: tables stacked or not
+        suffix = {"off": "", "on": "_syncfree", "unstacked": "_syncfree_unstacked"}[mode]
         probe(f"{name}{suffix}_train", train)
         probe(f"{name}{suffix}_infer", serve)
-    tt_lookup.SYNC_FREE = "off"
+    tt_lookup.SYNC_FREE, tt_lookup.TABLE_BATCHED = "off", "auto"
     models[name] = None
     del net, train, serve
     if device.type == "cuda":

@@ -28,7 +28,7 @@ from fpd_convert.kernels import triton_entries, triton_pooled, triton_suffix, tr
 
 TARGET = GPUTarget("cuda", 90, 32)
 # cores (1, 250, 8, 32), (32, 200, 4, 32), (32, 200, 4, 1); tiles as the launchers pick them
-VALUES = dict(N2=200, N3=200, R1=32, R2=32, D1=8, D2=4, D3=4, BD1=8, BD2=4, BD3=4, BR1=32, BR2=32,
+VALUES = dict(NT=250 * 200 * 200, SS=200 * 4 * 200 * 32 * 4, N2=200, N3=200, R1=32, R2=32, D1=8, D2=4, D3=4, BD1=8, BD2=4, BD3=4, BR1=32, BR2=32,
               P1=16, P3=16, Q1=32, Q2=32, QC=16, PREC="tf32x3", NEED1=True, NEEDS=True,
               MODE=0, FIXED=False, HAS_W=False, HAS_SKIP=False, HAS_EXACT=False, BY_LEN=False, NEEDX=False)
 INDEX_POINTERS = ("idx_ptr", "perm_ptr", "code_ptr", "bounds_ptr", "pos_ptr", "bag_ptr")

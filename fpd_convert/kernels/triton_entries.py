@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .triton_suffix import _shapes, _table_and_operands, dot_tiles, middle_and_last_grads, supports
+from .triton_suffix import _shapes, dot_tiles, supports
 from .triton_tt import triton, tl
 
 if triton is not None:
@@ -54,12 +54,17 @@ if triton is not None:
             bag = tl.load(bag_ptr + pos).to(tl.int64)
         return code, pos, bag, (code != SKIP) & (bag >= 0)
 
+    @triton.jit
+    def _table(code, NT: tl.constexpr):
+        """The table of a TT code when the tables are stacked (``t NT + position``; 0 for one table)."""
+        return tl.maximum(code, 0) // NT
+
     # (a 0-d condition joins a mask through tl.where: `mask & cond` gives an int32 mask in Triton's
     # interpreter, which its atomic adds refuse)
 
     @triton.jit
     def _entries_fwd_kernel(code_ptr, pos_ptr, bag_ptr, w_ptr, c1, s_ptr, exact_ptr, out_ptr, E, CH, L, SKIP,
-                            N2: tl.constexpr, N3: tl.constexpr, R1: tl.constexpr,
+                            NT: tl.constexpr, SS: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr, R1: tl.constexpr,
                             D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                             BY_LEN: tl.constexpr, HAS_W: tl.constexpr, HAS_EXACT: tl.constexpr,
                             P1: tl.constexpr, Q1: tl.constexpr, BD2: tl.constexpr, QC: tl.constexpr,
@@ -71,7 +76,8 @@ if triton is not None:
             code, pos, bag, keep = _entry(s, code_ptr, pos_ptr, bag_ptr, L, SKIP, BY_LEN)
             if code != cur:  # a new id: its row, once for the run
                 cur = code
-                row = _code_row(tl.where(code == SKIP, 0, code), c1, s_ptr, exact_ptr, offs, mask,
+                safe = tl.where(code == SKIP, 0, code)
+                row = _code_row(safe, c1, s_ptr + _table(safe, NT) * SS, exact_ptr, offs, mask,
                                 N2, N3, R1, D1, D2, D3, HAS_EXACT, P1, Q1, BD2, QC, PREC)
             val = row
             if HAS_W:
@@ -79,7 +85,7 @@ if triton is not None:
             _accumulate(out_ptr + tl.maximum(bag, 0) * D + offs, val, tl.where(keep, mask, False))
 
     @triton.jit
-    def _flush(acc, code, c1, s_ptr, d1_ptr, ds_ptr, dx_ptr, SKIP,
+    def _flush(acc, code, c1, s_ptr, d1_ptr, ds_ptr, dx_ptr, SKIP, NT: tl.constexpr, SS: tl.constexpr,
                N2: tl.constexpr, N3: tl.constexpr, R1: tl.constexpr,
                D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                NEED1: tl.constexpr, NEEDS: tl.constexpr, NEEDX: tl.constexpr, HAS_EXACT: tl.constexpr,
@@ -95,8 +101,9 @@ if triton is not None:
                 _accumulate(dx_ptr + tl.maximum(-1 - code, 0) * D + offs, acc, tl.where(valid & (code < 0), mask, False))
         tt = valid & (code >= 0)
         safe = tl.where(tt, code, 0)
-        i1, i2, i3 = _digits(safe, N2, N3)
+        i1, i2, i3 = _digits(safe, N2, N3)  # i1 counts the first cores of the tables before: stacked
         s_offs, s_mask = _pair_tile(i2, i3, N2, R1, D2, D3, Q1, BD2, QC)
+        s_offs += _table(safe, NT) * SS
         if NEEDS:
             g1 = _slice_first(c1, i1, R1, D1, P1, Q1)
             _accumulate(ds_ptr + s_offs, tl.dot(tl.trans(g1), acc, input_precision=PREC), tl.where(tt, s_mask, False))
@@ -108,7 +115,7 @@ if triton is not None:
 
     @triton.jit
     def _entries_bwd_kernel(code_ptr, pos_ptr, bag_ptr, w_ptr, grad_ptr, c1, s_ptr, d1_ptr, ds_ptr, dx_ptr,
-                            E, CH, L, SKIP,
+                            E, CH, L, SKIP, NT: tl.constexpr, SS: tl.constexpr,
                             N2: tl.constexpr, N3: tl.constexpr, R1: tl.constexpr,
                             D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                             BY_LEN: tl.constexpr, HAS_W: tl.constexpr, HAS_EXACT: tl.constexpr,
@@ -121,7 +128,7 @@ if triton is not None:
         for s in range(start, end):
             code, pos, bag, keep = _entry(s, code_ptr, pos_ptr, bag_ptr, L, SKIP, BY_LEN)
             if code != cur:  # the run of ``cur`` ends in this chunk: its contributions, once
-                _flush(acc, cur, c1, s_ptr, d1_ptr, ds_ptr, dx_ptr, SKIP, N2, N3, R1, D1, D2, D3,
+                _flush(acc, cur, c1, s_ptr, d1_ptr, ds_ptr, dx_ptr, SKIP, NT, SS, N2, N3, R1, D1, D2, D3,
                        NEED1, NEEDS, NEEDX, HAS_EXACT, P1, Q1, BD2, QC, PREC)
                 acc = tl.zeros((P1, QC), dtype=tl.float32)
                 cur = code
@@ -130,7 +137,7 @@ if triton is not None:
             if HAS_W:
                 g = g * tl.load(w_ptr + pos).to(tl.float32)
             acc += g
-        _flush(acc, cur, c1, s_ptr, d1_ptr, ds_ptr, dx_ptr, SKIP, N2, N3, R1, D1, D2, D3,
+        _flush(acc, cur, c1, s_ptr, d1_ptr, ds_ptr, dx_ptr, SKIP, NT, SS, N2, N3, R1, D1, D2, D3,
                NEED1, NEEDS, NEEDX, HAS_EXACT, P1, Q1, BD2, QC, PREC)
 
 
@@ -143,31 +150,62 @@ if os.environ.get("FPD_TT_ENTRIES_LAUNCH"):
 NO_SKIP = -(1 << 62)
 
 
+def _stacked_table(c2: torch.Tensor, c3: torch.Tensor, tables: int):
+    """Each table's suffix table ``S = G3^T G2`` (fp32, ``(T, n3 d3, n2 r1 d2)``, the layout of
+    :func:`~fpd_convert.kernels.triton_suffix.suffix_table`) by one batched GEMM, and its operands
+    ``m2`` ``(T, r2, n2 r1 d2)`` and ``m3`` ``(T, r2, n3 d3)``."""
+    r1, n2, d2, r2 = c2.shape[-4:]
+    with torch.autocast(device_type=c2.device.type, enabled=False):
+        m2 = c2.float().reshape(tables, r1, n2, d2, r2).permute(0, 4, 2, 1, 3).reshape(tables, r2, n2 * r1 * d2)
+        m3 = c3.float().reshape(tables, r2, -1)
+        return m3.transpose(1, 2) @ m2, m2, m3
+
+
+def _stacked_core_grads(ds, m2, m3, shape2, shape3, tables: int, need2: bool, need3: bool):
+    """``(dG2, dG3)`` of every table from its ``dS`` by two batched GEMMs, ``(T, *core shape)``
+    (fp32; None where not needed)."""
+    d2 = d3 = None
+    if ds is not None:
+        with torch.autocast(device_type=ds.device.type, enabled=False):
+            if need2:  # (T, r2, n2 r1 d2) back to (T, r1, n2, d2, r2)
+                r1, n2, dd2, r2 = shape2
+                d2 = (m3 @ ds).reshape(tables, r2, n2, r1, dd2).permute(0, 3, 2, 4, 1)
+            if need3:
+                d3 = (ds @ m2.transpose(1, 2)).transpose(1, 2).reshape(tables, *shape3)
+    return d2, d3
+
+
 class _EntryBags(torch.autograd.Function):
+    """Bags of one table (cores as the layer keeps them) or of ``T`` stacked tables (each core
+    ``(T, *shape)``, codes ``t NT + position``: one sort, one launch each way for all)."""
+
     @staticmethod
     def forward(ctx, codes, pos, bag_of, bag_len, bags, weights, skip, c1, c2, c3, exact):
+        stacked = c1.dim() == 5
+        tables = c1.shape[0] if stacked else 1
+        shapes = tuple(c.shape[1:] if stacked else c.shape for c in (c1, c2, c3))
         c1 = c1.contiguous()
-        s, m2, m3 = _table_and_operands(c2, c3)
-        cores = (c1, c2, c3)
-        n1, n2, n3, d1, d2, d3, r1, _ = _shapes(cores)
+        s, m2, m3 = _stacked_table(c2, c3, tables)
+        n1, n2, n3, d1, d2, d3, r1, _ = _shapes(shapes)
         out = torch.zeros(bags, d1 * d2 * d3, device=c1.device, dtype=torch.float32)
         e = codes.numel()
         w = weights if weights is not None else c1
         x = exact.contiguous() if exact is not None else c1
-        launch = dict(N2=n2, N3=n3, R1=r1, D1=d1, D2=d2, D3=d3, BY_LEN=bag_of is None, HAS_W=weights is not None,
-                      HAS_EXACT=exact is not None, **dot_tiles(cores))
+        launch = dict(NT=n1 * n2 * n3, SS=s.shape[1] * s.shape[2], N2=n2, N3=n3, R1=r1, D1=d1, D2=d2, D3=d3,
+                      BY_LEN=bag_of is None, HAS_W=weights is not None, HAS_EXACT=exact is not None,
+                      **dot_tiles(shapes))
         if e and bags:
             _entries_fwd_kernel[(triton.cdiv(e, CHUNK),)](
                 codes, pos, bag_of if bag_of is not None else pos, w, c1, s, x, out, e, CHUNK, bag_len or 1, skip,
                 **launch, num_warps=WARPS)
         ctx.save_for_backward(codes, pos, bag_of, weights, c1, s, m2, m3, exact)
-        ctx.meta = (bag_len, skip, launch, c2.shape, c3.shape, (c1.dtype, c2.dtype, c3.dtype))
+        ctx.meta = (bag_len, skip, launch, shapes, tables, stacked, (c1.dtype, c2.dtype, c3.dtype))
         return out
 
     @staticmethod
     def backward(ctx, grad):
         codes, pos, bag_of, weights, c1, s, m2, m3, exact = ctx.saved_tensors
-        bag_len, skip, launch, shape2, shape3, dtypes = ctx.meta
+        bag_len, skip, launch, shapes, tables, stacked, dtypes = ctx.meta
         need1, need2, need3, needx = ctx.needs_input_grad[7:11]
         d1 = torch.zeros(c1.shape, device=c1.device, dtype=torch.float32) if need1 else None
         ds = torch.zeros(s.shape, device=s.device, dtype=torch.float32) if (need2 or need3) else None
@@ -179,8 +217,10 @@ class _EntryBags(torch.autograd.Function):
                 grad.float().contiguous(), c1, s, d1 if need1 else s, ds if ds is not None else s,
                 dx if needx else s, e, CHUNK, bag_len or 1, skip, NEED1=bool(need1), NEEDS=ds is not None,
                 NEEDX=bool(needx), **launch, num_warps=WARPS)
-        grads = [d1, *middle_and_last_grads(ds, m2, m3, shape2, shape3, need2, need3)]
-        grads = [None if g is None else g.to(t) for g, t in zip(grads, dtypes)]
+        d2, d3 = _stacked_core_grads(ds, m2, m3, shapes[1], shapes[2], tables, need2, need3)
+        if not stacked:  # one table: the cores' own shapes (dropping the leading 1 is a view)
+            d2, d3 = (None if g is None else g.reshape(shape) for g, shape in zip((d2, d3), shapes[1:]))
+        grads = [None if g is None else g.to(t) for g, t in zip((d1, d2, d3), dtypes)]
         return (None,) * 7 + (*grads, None if dx is None else dx.to(exact.dtype))
 
 
@@ -193,8 +233,12 @@ def entry_bags(cores: Sequence[torch.Tensor], codes: torch.Tensor, pos: torch.Te
 
     Parameters
     ----------
+    cores : the three cores of one table, or of ``T`` tables of one shape stacked
+        (``torch.stack``: each ``(T, *core shape)``); then a code ``t NT + p`` is position ``p`` of
+        table ``t`` (``NT``: a table's TT positions, the product of its row factors), and the
+        bags of all tables are numbered together.
     codes : (N,) the entries' codes, sorted so that equal codes are adjacent: TT position,
-        ``-1 - k`` for ``exact_rows[k]``, or ``skip`` (padding: left out).
+        ``-1 - k`` for ``exact_rows[k]`` (one table only), or ``skip`` (padding: left out).
     pos : (N,) each sorted entry's position in the batch.
     bags : the number of bags; ``bag_len``: entries ``[b L, (b + 1) L)`` form bag ``b``, or
         ``bag_of`` (N,): the bag of the entry at each batch position (-1: none).
@@ -202,10 +246,13 @@ def entry_bags(cores: Sequence[torch.Tensor], codes: torch.Tensor, pos: torch.Te
 
     The caller checks the codes' range (an out-of-range code reads outside the cores).
     """
-    if not supports(cores):
+    per_table = [c[0] for c in cores] if len(cores) == 3 and cores[0].dim() == 5 else cores
+    if not supports(per_table):
         raise ValueError("the Triton TT kernels take exactly three float cores")
     if (bag_of is None) == (bag_len is None):
         raise ValueError("give either bag_of or bag_len")
+    if exact_rows is not None and per_table is not cores:
+        raise ValueError("exact rows are for one table, not stacked tables")
     out = _EntryBags.apply(codes.contiguous(), pos.contiguous(), None if bag_of is None else bag_of.contiguous(),
                            bag_len, bags, None if weights is None else weights.detach().contiguous(),
                            NO_SKIP if skip is None else skip, *cores, exact_rows)

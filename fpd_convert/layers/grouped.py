@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .table_batched import stack_groups, stacked_lookups
 from .tt_embedding import TTEmbeddingBag
 
 #: (module, input, offsets, per_sample_weights)
@@ -35,10 +36,15 @@ class GroupedLookups:
     def __init__(self, calls: Sequence[Call]):
         self._calls = list(calls)
         self._started: List[object] = []
+        self._stacked = {}  # call index -> its bags, for TT tables looked up stacked (sync-free training)
+        for group in stack_groups(self._calls):
+            self._stacked.update(zip(group, stacked_lookups([self._calls[k] for k in group])))
         heads = []
-        for module, input, offsets, weights in self._calls:
+        for k, (module, input, offsets, weights) in enumerate(self._calls):
             started = None
-            if isinstance(module, TTEmbeddingBag):
+            if k in self._stacked:
+                pass
+            elif isinstance(module, TTEmbeddingBag):
                 started = module.start_lookup(input, offsets, weights)
                 if started.head is not None:
                     heads.append(started.head)
@@ -60,7 +66,9 @@ class GroupedLookups:
         first, so that the GPU has their work while the host waits for the dedups (only for them)."""
         out: List[Optional[torch.Tensor]] = [None] * len(self._calls)
         for k, ((module, input, offsets, weights), started) in enumerate(zip(self._calls, self._started)):
-            if started is None:
+            if k in self._stacked:
+                out[k] = self._stacked[k]
+            elif started is None:
                 out[k] = (module(input, offsets) if weights is None
                           else module(input, offsets, per_sample_weights=weights))
         values: List[int] = []

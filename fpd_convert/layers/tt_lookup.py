@@ -31,9 +31,12 @@ KERNELS = ("auto", "reference", "cpu", "triton")
 POOLED = os.environ.get("FPD_TT_POOLED", "auto")
 #: "on": training lookups on the Triton path from sorted entries, without a host sync; "off"
 SYNC_FREE = os.environ.get("FPD_TT_SYNC_FREE", "off")
+#: "auto": under FPD_TT_SYNC_FREE=on, a group of lookups (several tables at once) trains its TT
+#: tables of one shape as one stacked table (:mod:`fpd_convert.layers.table_batched`); "off": one by one
+TABLE_BATCHED = os.environ.get("FPD_TT_TABLE_BATCHED", "auto")
 
 __all__ = ["KERNELS", "default_kernel", "choose_kernel", "lookup_rows", "pools_in_one_pass", "row_digits",
-           "sync_free", "trains_sync_free", "tt_rows"]
+           "sync_free", "table_batched", "trains_sync_free", "tt_rows"]
 
 
 def default_kernel() -> str:
@@ -75,6 +78,14 @@ def sync_free() -> bool:
     if SYNC_FREE not in ("on", "off"):
         raise ValueError(f"FPD_TT_SYNC_FREE should be 'on' or 'off' but is {SYNC_FREE!r}")
     return SYNC_FREE == "on"
+
+
+def table_batched() -> bool:
+    """``FPD_TT_TABLE_BATCHED`` (default ``auto``): whether grouped sync-free training lookups stack
+    their TT tables of one shape into one lookup (one sort, one kernel launch each way)."""
+    if TABLE_BATCHED not in ("auto", "off"):
+        raise ValueError(f"FPD_TT_TABLE_BATCHED should be 'auto' or 'off' but is {TABLE_BATCHED!r}")
+    return TABLE_BATCHED == "auto"
 
 
 def trains_sync_free(cores: Sequence[torch.Tensor], kernel: str) -> bool:

@@ -142,8 +142,11 @@ def start_lookups(tables: Sequence[nn.Module], sparse: SparseInput,
     bags' GPU dedups are launched now and read in one sync by ``.results()``, so the caller can
     queue other work in between (see :mod:`fpd_convert.layers.grouped`)."""
     calls = []
+    one_hot = None  # one id a sample: the same offsets for every feature (one arange, not one a table)
+    if isinstance(sparse, torch.Tensor):
+        one_hot = torch.arange(sparse.shape[0], device=sparse.device)
     for f, table in enumerate(tables):
-        ids, offsets = _feature(sparse, f)
+        ids, offsets = (sparse[:, f], one_hot) if one_hot is not None else _feature(sparse, f)
         w = weights[f] if weights is not None else None
         calls.append((table, ids, offsets, w.gather(0, ids) if w is not None else None))
     return GroupedLookups(calls)
