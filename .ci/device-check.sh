@@ -4,15 +4,17 @@
 #   1. the GPU tests (CUDA and Triton: values and gradients of every fast path against the reference);
 #   2. the bench of issue 5's targets (10M x 128 rank 32, batch 65,536; lookups and the DLRM step),
 #      with the code's defaults (no sweep in front of it: what a user gets);
-#   3. the DLRM step's A/B (grouped, one by one, long first cores, dedup serving, sync-free training);
-#   4. the whole layer's A/B (one-pass vs dedup serving, sync-free chunks, relaxed vs acq_rel adds);
-#   5. the quick kernel sweep (suffix launch settings, long-first-core shapes), for the next defaults;
-#   6. the bench with a long first core (512 rows a suffix).
+#   3. the DLRM step's A/B (grouped, one by one, long first cores, dedup serving, sync-free training
+#      with the TT tables stacked or one by one);
+#   4. where the step's time goes: wall time, the host's time to queue it, its host syncs (sync-probe);
+#   5. the whole layer's A/B (one-pass vs dedup serving, sync-free chunks, relaxed vs acq_rel adds);
+#   6. the bench with a long first core (512 rows a suffix);
+#   7. SWEEP=quick or full: the kernel sweep (launch settings; the eighth session's run kept the defaults).
 # Needs the tensorly wheel in .whl/ (the device image lacks tensorly). Writes at most 8 files to
 # $OUT (the device tool brings back no more): log.txt (versions, each step's time and exit status,
-# stderr), pytest.log, bench.json, step_ab.json, step_profile.txt (STEP_PROFILE=1), layer_ab.jsonl,
-# sweep.jsonl, bench_suffix512.json. SKIP_TESTS=1 skips 1; SWEEP=skip skips 5, SWEEP=full runs the
-# whole sweep.
+# stderr), pytest.log, bench.json, step_ab.json, step_profile.txt (STEP_PROFILE=1), sync_probe.jsonl,
+# layer_ab.jsonl, bench_suffix512.json (and sweep.jsonl in place of step_profile.txt with SWEEP set).
+# SKIP_TESTS=1 skips 1.
 set -uo pipefail
 T0=$(date +%s)
 BUDGET=${BUDGET:-480}
@@ -34,7 +36,7 @@ step() {
 }
 
 [ "${SKIP_TESTS:-0}" = 1 ] || step pytest 170 'python3 -m pytest -q -p no:cacheprovider tests/test_pooled.py \
-  tests/test_entries.py tests/test_kernels.py tests/test_tt_layers.py tests/test_row_index.py tests/test_training.py \
+  tests/test_entries.py tests/test_table_batched.py tests/test_kernels.py tests/test_tt_layers.py tests/test_row_index.py tests/test_training.py \
   tests/test_checkpoints.py 2>&1 | tee $OUT/pytest.log | tail -15'
 # a path whose tests fail on this GPU is timed without (its figures would be of wrong values)
 grep -qE "(FAILED|ERROR) tests/test_pooled" "$OUT/pytest.log" 2>/dev/null && export FPD_TT_POOLED=off \
@@ -42,12 +44,13 @@ grep -qE "(FAILED|ERROR) tests/test_pooled" "$OUT/pytest.log" 2>/dev/null && exp
 step bench 120 'python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 --step \
   --json > $OUT/bench.json; grep -E "ratio|samples_s\"|lookups_s\"" $OUT/bench.json'
 step step-ab 150 'python3 .ci/step-ab.py | tee $OUT/step_ab.json'
+step sync-probe 100 'python3 .ci/sync-probe.py | tee $OUT/sync_probe.jsonl'
 step layer-ab 90 'python3 .ci/layer-ab.py | tee $OUT/layer_ab.jsonl'
 # the backward kernels atomic adds as they were before (acq_rel: a MEMBAR around each) against relaxed
 step layer-ab-acq-rel 45 'FPD_TT_ATOMIC_SEM=acq_rel LAYER_AB_QUICK=1 python3 .ci/layer-ab.py | tee -a $OUT/layer_ab.jsonl'
-SWEEP=${SWEEP:-quick}
-[ "$SWEEP" = quick ] && step sweep 80 'SWEEP_QUICK=1 python3 .ci/kernel-sweep.py | tee $OUT/sweep.jsonl'
-[ "$SWEEP" = full ] && step sweep 150 'python3 .ci/kernel-sweep.py | tee $OUT/sweep.jsonl'
 step bench-suffix512 80 'python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 \
   --suffix-rows 512 --json > $OUT/bench_suffix512.json; grep -E "ratio|row_factors" -A3 $OUT/bench_suffix512.json | head -12'
+SWEEP=${SWEEP:-skip}
+[ "$SWEEP" = quick ] && step sweep 80 'SWEEP_QUICK=1 python3 .ci/kernel-sweep.py | tee $OUT/sweep.jsonl'
+[ "$SWEEP" = full ] && step sweep 150 'python3 .ci/kernel-sweep.py | tee $OUT/sweep.jsonl'
 echo "== total $(($(date +%s) - T0))s" | tee -a "$LOG"

@@ -5,7 +5,8 @@ the step makes (torch.cuda.set_sync_debug_mode, with the line of our code or the
 
 A step whose queueing time is close to its wall time is bound by the host (launches, Python,
 syncs), not by the GPU's work.  Usage: python3 .ci/sync-probe.py [rows_cap tt_tables rank batch];
-prints one JSON line per model and mode.
+prints one JSON line per model and mode.  LAYER_PROFILE=1 also writes the TT layer's torch.profiler
+table (ops by their own CPU time) to $OUT/layer_profile.txt.
 """
 import collections
 import json
@@ -98,7 +99,7 @@ layer = TTEmbeddingBag(rows_cap, 128, rank=rank, mode="sum", device=device)
 for mode in ("off", "on"):
     tt_lookup.SYNC_FREE = mode
     probe(f"layer_tt{'_syncfree' if mode == 'on' else ''}_fwd_bwd", fwd_bwd(layer))
-    if device.type == "cuda":  # where the host's time goes: the ops, by their own CPU time
+    if device.type == "cuda" and os.environ.get("LAYER_PROFILE") == "1":  # the host's time by op: layer_profile.txt
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
