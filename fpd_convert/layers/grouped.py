@@ -12,6 +12,10 @@ any row of that table is computed, as a single table's lookup would raise them. 
 in one pass (no gradients, :mod:`fpd_convert.kernels.triton_pooled`) has no dedup: its range and
 offsets check is read in the same copy.
 
+Under ``FPD_TT_SYNC_FREE=on`` nothing is read at all, and the TT bags of one shape that train
+are looked up as one stacked table (:mod:`fpd_convert.layers.table_batched`): one sort and one
+kernel launch each way for all of them, which is what the host-bound GPU step needs.
+
 Other modules (``nn.EmbeddingBag``, QR/MD bags) are called first in
 :meth:`~GroupedLookups.results`, before the wait, so that the GPU works on them meanwhile; a TT
 bag on the CPU does its whole lookup in :meth:`~GroupedLookups.results`.
