@@ -202,3 +202,22 @@ def test_dlrm_training_step_with_stacked_tables_equals_one_by_one(monkeypatch):
         assert loss == pytest.approx(results[0][0], rel=1e-5)
         for a, b in zip(grads, results[0][1]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_stacked_bf16_cores():
+    """bf16 cores (as fine-tuning under autocast may keep them): bags and gradients in bf16, near fp32."""
+    dev = _device()
+    exact = [make_cores([4, 5, 6], [2, 4, 3], [1, 5, 6, 1], seed=s) for s in range(2)]
+    half = [[c.detach().to(dev, torch.bfloat16).requires_grad_() for c in cores] for cores in exact]
+    ids = [torch.randint(0, 120, (20,), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    keys, pos = torch.sort(torch.cat([i + t * 120 for t, i in enumerate(ids)]).to(dev))
+    out = entry_bags([torch.stack(p) for p in zip(*half)], keys, pos, 40, bag_of=torch.arange(40, device=dev))
+    assert out.dtype == torch.bfloat16
+    ref = [[c.detach().to(torch.bfloat16).double().requires_grad_() for c in cores] for cores in exact]
+    want = torch.cat([tt_rows(cores, i) for cores, i in zip(ref, ids)])
+    torch.testing.assert_close(out.double().cpu(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    got = torch.autograd.grad(out, [c for cores in half for c in cores], g.to(dev, torch.bfloat16))
+    for a, b in zip(got, torch.autograd.grad(want, [c for cores in ref for c in cores], g)):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.double().cpu(), b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
