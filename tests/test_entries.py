@@ -238,3 +238,30 @@ def test_grouped_lookups_train_sync_free(sync_free):
 def test_cuda_auto_path_trains_sync_free(sync_free):
     cuda_training_step_matches_reference()
     assert len(sync_free) == 1
+
+
+def test_entries_of_ids_out_of_range_are_left_out(sync_free):
+    """Without a host sync a bad id cannot stop its batch: its entry is left out (no row, no
+    gradient, as a zero weight would), also past int32 where the sort keys are int32, and the
+    next lookup raises."""
+    ref, fast = _pair()
+    dev = _device()
+    ids, offsets = _bags(120, seed=31)
+    bad = ids.clone()
+    bad[[1, 5, 9]] = torch.tensor([500, -3, 2 ** 32 + 5])
+    w = torch.ones(ids.shape)
+    w[[1, 5, 9]] = 0
+    want = ref(torch.where(w > 0, bad, 0), offsets, per_sample_weights=w)
+    out = fast(bad.to(dev), offsets.to(dev))
+    torch.testing.assert_close(out.detach().cpu(), want.detach(), rtol=1e-5, atol=1e-5)
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(6))
+    (out * g.to(dev)).sum().backward()
+    (want * g).sum().backward()
+    for a, b in zip(fast.cores, ref.cores):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-5)
+    with pytest.raises(TTIndexError, match="out of range.*earlier batch"):
+        fast(ids.to(dev), offsets.to(dev))
+    with torch.no_grad():  # serving, one pass: the same
+        torch.testing.assert_close(fast(bad.to(dev), offsets.to(dev)).cpu(), want.detach(), rtol=1e-5, atol=1e-5)
+        with pytest.raises(TTIndexError, match="out of range.*earlier batch"):
+            fast(ids.to(dev), offsets.to(dev))

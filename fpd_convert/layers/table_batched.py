@@ -14,7 +14,8 @@ code ``t NT + id`` (``NT``: a table's TT positions), and the bags of all tables 
 together.  The sorted-entry kernels (:mod:`fpd_convert.kernels.triton_entries`) read table
 ``t``'s suffix table at ``t`` tables' offset; its first core is row ``t n1 + i1`` of the stacked
 first cores.  One range check covers all (the tables share their row count), read by the first
-table's next lookup as in the one-table sync-free path.
+table's next lookup as in the one-table sync-free path; meanwhile the entries of ids out of range
+are left out (code -1, skipped by the kernels).
 
 Only under ``FPD_TT_SYNC_FREE=on`` (training, sum bags, no row map, exact rows or
 ``padding_idx``), for a group of at least two such calls; ``FPD_TT_TABLE_BATCHED=off`` looks
@@ -106,15 +107,17 @@ def stacked_lookups(calls: Sequence[Call]) -> List[torch.Tensor]:
     raw = torch.stack(flats) if same else torch.cat(flats)
     first._defer_range_check(raw.reshape(-1))  # one check for all: they share the row count
     base = torch.arange(t, device=raw.device) * nt
+    ids = raw.long().clamp(0, n - 1)
     if same:
-        codes = (raw.long().clamp(0, n - 1) + base[:, None]).reshape(-1)
+        codes = (ids + base[:, None]).reshape(-1)
     else:
         sizes = torch.tensor([f.numel() for f in flats])
-        codes = raw.long().clamp(0, n - 1) + base.repeat_interleave(sizes.to(raw.device), output_size=raw.numel())
+        codes = ids + base.repeat_interleave(sizes.to(raw.device), output_size=raw.numel())
+    codes = codes.masked_fill((ids != raw).reshape(-1), -1)  # ids out of range: left out (-1 codes, skipped)
     keys, pos = torch.sort(_sort_keys(codes, t * nt))
     bag_of, counts = _bags_of_entries([c[1] for c in calls], [c[2] for c in calls], first.include_last_offset)
     weights = None if calls[0][3] is None else torch.cat([c[3].reshape(-1) for c in calls])
-    out = entry_bags(cores, keys.long(), pos, sum(counts), bag_of=bag_of, weights=weights)
+    out = entry_bags(cores, keys.long(), pos, sum(counts), bag_of=bag_of, weights=weights, skip=-1)
     return list(torch.split(out, counts))
 
 

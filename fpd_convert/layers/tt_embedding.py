@@ -141,7 +141,7 @@ class StartedLookup(NamedTuple):
     pooled: Optional[torch.Tensor] = None
     #: trained from sorted entries with no host sync (nothing to read; errors are deferred)
     entries: Optional[_Entries] = None
-    #: served in one pass with no host sync (ids clamped; their range error deferred)
+    #: served in one pass with no host sync (entries of bad ids left out; their range error deferred)
     unchecked: bool = False
 
     @property
@@ -501,7 +501,7 @@ class TTEmbeddingBag(_TTTable):
         Served without gradients from a cached suffix table (:func:`pools_in_one_pass`), the
         lookup needs no dedup: only the ids' range and the offsets' validity are launched here,
         and :meth:`finish_lookup` pools the bags in one kernel.  With ``FPD_TT_SYNC_FREE=on``
-        (:func:`sync_free`) nothing is launched for the host to read: serving clamps the ids,
+        (:func:`sync_free`) nothing is launched for the host to read: serving leaves out bad ids,
         training sorts the batch's entries (:meth:`_sorted_entries`), and the ids' range is
         checked by the next lookup (:meth:`raise_deferred_errors`)."""
         self.raise_deferred_errors()
@@ -609,16 +609,20 @@ class TTEmbeddingBag(_TTTable):
         trained = self._core_list() + ([self.exact_rows] if self.exact_rows is not None else [])
         return torch.is_grad_enabled() and any(p.requires_grad for p in trained)
 
-    def _entry_codes(self, ids: torch.Tensor):
+    def _entry_codes(self, ids: torch.Tensor, left_out: Optional[torch.Tensor] = None):
         """``(codes, skip)`` of in-range ids for the Triton bag kernels: each id's TT position or
-        ``-1 - k`` for exact row k (through the row map and exact rows), and ``skip`` (None without
-        ``padding_idx``) in place of the padding entries."""
+        ``-1 - k`` for exact row k (through the row map and exact rows), and ``skip`` (None when
+        nothing is skipped) in place of the padding entries and of the ``left_out`` ones (ids that
+        were out of range, looked up without a host sync)."""
         codes = self._codes(ids)
         codes = ids if codes is None else codes
-        if self.padding_idx is None:
+        if self.padding_idx is not None:
+            pad = ids == self.padding_idx
+            left_out = pad if left_out is None else left_out | pad
+        if left_out is None:
             return codes, None
         skip = torch.iinfo(codes.dtype).min
-        return torch.where(ids == self.padding_idx, torch.full_like(codes, skip), codes), skip
+        return codes.masked_fill(left_out, skip), skip
 
     def _exact_rows_in_use(self) -> Optional[torch.Tensor]:
         return self.exact_rows if self.exact_ids is not None and self.exact_ids.numel() else None
@@ -639,14 +643,17 @@ class TTEmbeddingBag(_TTTable):
                                               and per_sample_weights.device == input.device)
 
     def _sorted_entries(self, input: torch.Tensor, offsets: Optional[torch.Tensor]) -> _Entries:
-        """The batch's entries sorted by id, all on the device (no sync).  Ids out of range are
-        clamped so that every read stays inside the cores; their error is raised by the next
-        lookup (:meth:`raise_deferred_errors`), as CUDA's own embedding kernels report theirs late."""
+        """The batch's entries sorted by id, all on the device (no sync).  Entries whose id is out
+        of range are left out (as padding: no row read, no gradient), and their error is raised
+        by the next lookup (:meth:`raise_deferred_errors`), as CUDA's own embedding kernels report
+        theirs late."""
         flat = input.reshape(-1)
         n = self.num_embeddings
-        keys, pos = torch.sort(_sort_keys(flat, n))
         self._defer_range_check(flat)
-        codes, skip = self._entry_codes(keys.long().clamp_(0, n - 1))
+        # int64 ids may be sorted as int32: out-of-range ones first pinned to -1 or n, not wrapped
+        keys, pos = torch.sort(_sort_keys(flat.clamp(-1, n) if flat.dtype == torch.int64 else flat, n))
+        ids = keys.long().clamp(0, n - 1)
+        codes, skip = self._entry_codes(ids, left_out=ids != keys)
         if input.dim() == 2:
             return _Entries(codes, pos, input.shape[0], None, input.shape[1], skip)
         bags = offsets.numel() - int(self.include_last_offset)
@@ -704,11 +711,15 @@ class TTEmbeddingBag(_TTTable):
 
     def _pool_in_one_pass(self, input: torch.Tensor, offsets: Optional[torch.Tensor],
                           per_sample_weights: Optional[torch.Tensor], clamp: bool = False) -> torch.Tensor:
-        """Bags of checked ids (``clamp``: ids clamped into the table, their check deferred) pooled
-        by :func:`fpd_convert.kernels.triton_pooled.pooled_bags`."""
+        """Bags of checked ids (``clamp``: entries of ids out of range left out, their check
+        deferred) pooled by :func:`fpd_convert.kernels.triton_pooled.pooled_bags`."""
         cores = self._core_list()
         flat = input.reshape(-1)
-        codes, skip = self._entry_codes(flat.clamp(0, self.num_embeddings - 1) if clamp else flat)
+        if clamp:  # entries of ids out of range left out (their error deferred)
+            ids = flat.clamp(0, self.num_embeddings - 1)
+            codes, skip = self._entry_codes(ids, left_out=ids != flat)
+        else:
+            codes, skip = self._entry_codes(flat)
         with torch.no_grad():
             return pooled_bags(cores, self._suffix_cache.table(cores), codes, self.mode,
                                bounds=offsets if input.dim() == 1 else None,

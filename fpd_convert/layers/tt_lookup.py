@@ -74,7 +74,8 @@ def pools_in_one_pass(cores: Sequence[torch.Tensor], kernel: str,
 
 def sync_free() -> bool:
     """``FPD_TT_SYNC_FREE=on``: Triton-path bag lookups read nothing on the host (training from
-    sorted entries, serving in one pass with clamped ids); index errors surface one lookup late."""
+    sorted entries, serving in one pass; entries of ids out of range left out); index errors surface
+    one lookup late."""
     if SYNC_FREE not in ("on", "off"):
         raise ValueError(f"FPD_TT_SYNC_FREE should be 'on' or 'off' but is {SYNC_FREE!r}")
     return SYNC_FREE == "on"
