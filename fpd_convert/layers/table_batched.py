@@ -46,7 +46,7 @@ def batch_key(module, input: torch.Tensor, offsets: Optional[torch.Tensor],
         return None
     cores = module._core_list()
     return (tuple(tuple(c.shape) for c in cores), tuple(c.dtype for c in cores), cores[0].device,
-            module.num_embeddings, module.include_last_offset, weights is not None)
+            module.num_embeddings, module.include_last_offset, weights is not None, input.dtype)
 
 
 def stack_groups(calls: Sequence[tuple]) -> List[List[int]]:
