@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .triton_suffix import _shapes, dot_tiles, supports
+from .triton_suffix import _shapes, dot_tiles, stacked_core_grads, stacked_tables, supports
 from .triton_tt import triton, tl
 
 if triton is not None:
@@ -150,31 +150,6 @@ if os.environ.get("FPD_TT_ENTRIES_LAUNCH"):
 NO_SKIP = -(1 << 62)
 
 
-def _stacked_table(c2: torch.Tensor, c3: torch.Tensor, tables: int):
-    """Each table's suffix table ``S = G3^T G2`` (fp32, ``(T, n3 d3, n2 r1 d2)``, the layout of
-    :func:`~fpd_convert.kernels.triton_suffix.suffix_table`) by one batched GEMM, and its operands
-    ``m2`` ``(T, r2, n2 r1 d2)`` and ``m3`` ``(T, r2, n3 d3)``."""
-    r1, n2, d2, r2 = c2.shape[-4:]
-    with torch.autocast(device_type=c2.device.type, enabled=False):
-        m2 = c2.float().reshape(tables, r1, n2, d2, r2).permute(0, 4, 2, 1, 3).reshape(tables, r2, n2 * r1 * d2)
-        m3 = c3.float().reshape(tables, r2, -1)
-        return m3.transpose(1, 2) @ m2, m2, m3
-
-
-def _stacked_core_grads(ds, m2, m3, shape2, shape3, tables: int, need2: bool, need3: bool):
-    """``(dG2, dG3)`` of every table from its ``dS`` by two batched GEMMs, ``(T, *core shape)``
-    (fp32; None where not needed)."""
-    d2 = d3 = None
-    if ds is not None:
-        with torch.autocast(device_type=ds.device.type, enabled=False):
-            if need2:  # (T, r2, n2 r1 d2) back to (T, r1, n2, d2, r2)
-                r1, n2, dd2, r2 = shape2
-                d2 = (m3 @ ds).reshape(tables, r2, n2, r1, dd2).permute(0, 3, 2, 4, 1)
-            if need3:
-                d3 = (ds @ m2.transpose(1, 2)).transpose(1, 2).reshape(tables, *shape3)
-    return d2, d3
-
-
 class _EntryBags(torch.autograd.Function):
     """Bags of one table (cores as the layer keeps them) or of ``T`` stacked tables (each core
     ``(T, *shape)``, codes ``t NT + position``: one sort, one launch each way for all)."""
@@ -185,7 +160,7 @@ class _EntryBags(torch.autograd.Function):
         tables = c1.shape[0] if stacked else 1
         shapes = tuple(c.shape[1:] if stacked else c.shape for c in (c1, c2, c3))
         c1 = c1.contiguous()
-        s, m2, m3 = _stacked_table(c2, c3, tables)
+        s, m2, m3 = stacked_tables(c2, c3, tables)
         n1, n2, n3, d1, d2, d3, r1, _ = _shapes(shapes)
         out = torch.zeros(bags, d1 * d2 * d3, device=c1.device, dtype=torch.float32)
         e = codes.numel()
@@ -217,7 +192,7 @@ class _EntryBags(torch.autograd.Function):
                 grad.float().contiguous(), c1, s, d1 if need1 else s, ds if ds is not None else s,
                 dx if needx else s, e, CHUNK, bag_len or 1, skip, NEED1=bool(need1), NEEDS=ds is not None,
                 NEEDX=bool(needx), **launch, num_warps=WARPS)
-        d2, d3 = _stacked_core_grads(ds, m2, m3, shapes[1], shapes[2], tables, need2, need3)
+        d2, d3 = stacked_core_grads(ds, m2, m3, shapes[1], shapes[2], tables, need2, need3)
         if not stacked:  # one table: the cores' own shapes (dropping the leading 1 is a view)
             d2, d3 = (None if g is None else g.reshape(shape) for g, shape in zip((d2, d3), shapes[1:]))
         grads = [None if g is None else g.to(t) for g, t in zip((d1, d2, d3), dtypes)]

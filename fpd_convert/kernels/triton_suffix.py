@@ -236,13 +236,6 @@ def worthwhile(cores: Sequence[torch.Tensor], num_ids: int) -> bool:
     return n2 * n3 * d3 <= FACTOR * num_ids * r2 and suffix_bytes(cores) <= MAX_BYTES
 
 
-def _mats(c2, c3):
-    """The cores as GEMM operands: G2 as (r2, n2 r1 d2) (a copy, columns (i2, a, p2)) and G3 as
-    (r2, n3 d3) (a view)."""
-    r1, n2, d2, r2 = c2.shape
-    return c2.permute(3, 1, 0, 2).reshape(r2, n2 * r1 * d2), c3.reshape(c3.shape[0], -1)
-
-
 def suffix_table(c2: torch.Tensor, c3: torch.Tensor) -> torch.Tensor:
     """``S = G3^T G2`` in fp32, rows ``(i3, p3)`` and columns ``(i2, a, p2)``: the ``r1 d2 d3``
     values of a digit pair are ``d3`` runs of ``r1 d2`` consecutive ones (coalesced loads and
@@ -251,9 +244,20 @@ def suffix_table(c2: torch.Tensor, c3: torch.Tensor) -> torch.Tensor:
 
 
 def _table_and_operands(c2, c3):
+    """``(S, m2, m3)`` of one table (:func:`stacked_tables` of one)."""
+    s, m2, m3 = stacked_tables(c2, c3, 1)
+    return s[0], m2[0], m3[0]
+
+
+def stacked_tables(c2: torch.Tensor, c3: torch.Tensor, tables: int):
+    """Each table's ``S`` (fp32, ``(T, n3 d3, n2 r1 d2)``) by one batched GEMM, with its operands:
+    G2 as ``m2`` ``(T, r2, n2 r1 d2)`` (a copy, columns ``(i2, a, p2)``) and G3 as ``m3``
+    ``(T, r2, n3 d3)`` (a view).  ``c2``, ``c3``: one table's cores, or ``T`` tables' stacked."""
+    r1, n2, d2, r2 = c2.shape[-4:]
     with torch.autocast(device_type=c2.device.type, enabled=False):
-        m2, m3 = _mats(c2.float(), c3.float())
-        return m3.t() @ m2, m2, m3
+        m2 = c2.float().reshape(tables, r1, n2, d2, r2).permute(0, 4, 2, 1, 3).reshape(tables, r2, n2 * r1 * d2)
+        m3 = c3.float().reshape(tables, r2, -1)
+        return m3.transpose(1, 2) @ m2, m2, m3
 
 
 def _blocks(cores):
@@ -318,16 +322,24 @@ class _SuffixRows(torch.autograd.Function):
 
 
 def middle_and_last_grads(ds, m2, m3, shape2, shape3, need2: bool, need3: bool):
-    """``(dG2, dG3)`` from ``dS`` (the suffix table's gradient) by two GEMMs: ``dG2 = G3 dS`` and
-    ``dG3 = (dS G2^T)^T``, in the cores' shapes (fp32; None where not needed)."""
+    """``(dG2, dG3)`` of one table from ``dS`` (the suffix table's gradient), in the cores' shapes
+    (:func:`stacked_core_grads` of one)."""
+    d2, d3 = stacked_core_grads(None if ds is None else ds[None], m2[None], m3[None], shape2, shape3, 1,
+                                need2, need3)
+    return None if d2 is None else d2[0], None if d3 is None else d3[0]
+
+
+def stacked_core_grads(ds, m2, m3, shape2, shape3, tables: int, need2: bool, need3: bool):
+    """``(dG2, dG3)`` of every table from its ``dS`` by two batched GEMMs, ``dG2 = G3 dS`` and
+    ``dG3 = (dS G2^T)^T``, ``(T, *core shape)`` (fp32; None where not needed)."""
     d2 = d3 = None
     if ds is not None:
         with torch.autocast(device_type=ds.device.type, enabled=False):
-            if need2:  # (r2, n2 r1 d2) back to (r1, n2, d2, r2)
+            if need2:  # (T, r2, n2 r1 d2) back to (T, r1, n2, d2, r2)
                 r1, n2, dd2, r2 = shape2
-                d2 = (m3 @ ds).reshape(r2, n2, r1, dd2).permute(2, 1, 3, 0)
+                d2 = (m3 @ ds).reshape(tables, r2, n2, r1, dd2).permute(0, 3, 2, 4, 1)
             if need3:
-                d3 = (ds @ m2.t()).t().reshape(shape3)
+                d3 = (ds @ m2.transpose(1, 2)).transpose(1, 2).reshape(tables, *shape3)
     return d2, d3
 
 
