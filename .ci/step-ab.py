@@ -5,7 +5,8 @@ a long first core (row factors with `suffix_rows`, default 512: `factor_rows`) a
 (`suffix_rows` 2048: a 4 MB suffix table, ~10 ids a digit pair instead of ~42); inference with
 the bags pooled in one pass (the default) and through the dedup (`grouped_dedup`, FPD_TT_POOLED=off);
 training from sorted entries with no host sync (`*_syncfree`, FPD_TT_SYNC_FREE=on), its TT tables
-stacked into one lookup (the default there) or one by one (`*_unstacked`, FPD_TT_TABLE_BATCHED=off).
+stacked into one lookup (the default there) or one by one (`*_unstacked`, FPD_TT_TABLE_BATCHED=off),
+and the stacked lookup replayed from CUDA graphs (`*_graphs`, FPD_TT_CUDA_GRAPHS=on).
 
 Usage: python3 .ci/step-ab.py [rows_cap tt_tables rank batch suffix_rows]; prints one JSON line of
 milliseconds per step (median over blocks of 5 steps, after warm-up).  STEP_PROFILE=1 writes per-step profiles to $OUT/step_profile.txt.
@@ -68,7 +69,9 @@ variants = {"dense": (grouped_start, "dense"), "grouped": (grouped_start, "tt"),
             "grouped_dedup": (grouped_start, "tt"), "grouped_syncfree": (grouped_start, "tt"),
             "grouped_suffix_syncfree": (grouped_start, "tt_suffix"),
             "grouped_syncfree_unstacked": (grouped_start, "tt"),
-            "grouped_suffix_syncfree_unstacked": (grouped_start, "tt_suffix")}
+            "grouped_suffix_syncfree_unstacked": (grouped_start, "tt_suffix"),
+            "grouped_syncfree_graphs": (grouped_start, "tt"),
+            "grouped_suffix_syncfree_graphs": (grouped_start, "tt_suffix")}
 try:  # a failure of the one-pass kernel on this GPU must not cost the other figures
     fns["tt_infer"]()
     pooled = "auto"
@@ -82,7 +85,15 @@ except Exception as e:  # noqa: BLE001 - reported in the JSON
     out["syncfree_error"] = f"{type(e).__name__}: {e}"[:2000]
     for v in [v for v in variants if "_syncfree" in v]:
         del variants[v]
-tt_lookup.SYNC_FREE = "off"
+try:  # nor a failure to capture the stacked lookups in CUDA graphs (seen once, captured, replayed)
+    tt_lookup.CUDA_GRAPHS = "on"
+    for _ in range(3):
+        fns["tt_train"]()
+except Exception as e:  # noqa: BLE001 - reported in the JSON
+    out["graphs_error"] = f"{type(e).__name__}: {e}"[:2000]
+    for v in [v for v in variants if v.endswith("_graphs")]:
+        del variants[v]
+tt_lookup.SYNC_FREE, tt_lookup.CUDA_GRAPHS = "off", "off"
 times = {f"{v}_{w}": [] for v in variants for w in ("train", "infer")}
 for block in range(7):
     for v, (start, model) in variants.items():
@@ -90,11 +101,13 @@ for block in range(7):
         tt_lookup.POOLED = "off" if v == "grouped_dedup" else pooled
         tt_lookup.SYNC_FREE = "on" if "_syncfree" in v else "off"
         tt_lookup.TABLE_BATCHED = "off" if v.endswith("_unstacked") else "auto"
+        tt_lookup.CUDA_GRAPHS = "on" if v.endswith("_graphs") else "off"
         for w in ("train", "infer"):
             ms = timed(fns[f"{model}_{w}"])
             if block:  # block 0 warms up
                 times[f"{v}_{w}"].append(ms)
 dlrm.start_lookups, tt_lookup.POOLED, tt_lookup.SYNC_FREE, tt_lookup.TABLE_BATCHED = grouped_start, pooled, "off", "auto"
+tt_lookup.CUDA_GRAPHS = "off"
 for k, v in times.items():
     out[f"{k}_ms"] = sorted(v)[len(v) // 2]
 for w in ("train", "infer"):
@@ -110,6 +123,10 @@ for v in ("grouped_syncfree", "grouped_suffix_syncfree"):  # training and servin
             out[f"tt_vs_dense_{w}_{v[8:]}"] = out[f"dense_{w}_ms"] / out[f"{v}_{w}_ms"]
         # the TT tables of one shape trained as one stacked table, against one by one
         out[f"stacked_vs_unstacked_train_{v[8:]}"] = out[f"{v}_unstacked_train_ms"] / out[f"{v}_train_ms"]
+for v in ("grouped_syncfree", "grouped_suffix_syncfree"):  # the stacked lookups replayed from CUDA graphs
+    if f"{v}_graphs" in variants:
+        out[f"tt_vs_dense_train_{v[8:]}_graphs"] = out["dense_train_ms"] / out[f"{v}_graphs_train_ms"]
+        out[f"graphs_vs_ops_train_{v[8:]}"] = out[f"{v}_train_ms"] / out[f"{v}_graphs_train_ms"]
 out["pooled_vs_dedup_infer"] = out["grouped_dedup_infer_ms"] / out["grouped_infer_ms"]
 print(json.dumps(out))
 

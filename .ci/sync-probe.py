@@ -1,5 +1,6 @@
 """Where a DLRM step waits on the host (GPU): for the dense model and the TT models (balanced and
-long first core, with and without FPD_TT_SYNC_FREE, its tables stacked or one by one), the wall time of a step, the time the host
+long first core, with and without FPD_TT_SYNC_FREE, its tables stacked or one by one, or replayed
+from CUDA graphs), the wall time of a step, the time the host
 takes to queue it (steps queued back to back, no synchronize between them), and each host sync
 the step makes (torch.cuda.set_sync_debug_mode, with the line of our code or the script that made it).
 
@@ -117,13 +118,18 @@ with device:
               "tt_suffix": build_model(arch, _largest(arch, tt_tables, rank, 512))}
 for name, net in models.items():
     train, serve = _step_fn(net, arch, batch, 1.1, device, 0.01, 0), _serve_fn(net, arch, batch, 1.1, device, 0)
-    for mode in (("off", "on", "unstacked") if name != "dense" else ("off",)):
+    for mode in (("off", "on", "unstacked", "graphs") if name != "dense" else ("off",)):
         tt_lookup.SYNC_FREE = "off" if mode == "off" else "on"
         tt_lookup.TABLE_BATCHED = "off" if mode == "unstacked" else "auto"  # sync-free: tables stacked or not
-        suffix = {"off": "", "on": "_syncfree", "unstacked": "_syncfree_unstacked"}[mode]
-        probe(f"{name}{suffix}_train", train)
-        probe(f"{name}{suffix}_infer", serve)
-    tt_lookup.SYNC_FREE, tt_lookup.TABLE_BATCHED = "off", "auto"
+        tt_lookup.CUDA_GRAPHS = "on" if mode == "graphs" else "off"  # the stacked lookups replayed from graphs
+        suffix = {"off": "", "on": "_syncfree", "unstacked": "_syncfree_unstacked", "graphs": "_syncfree_graphs"}[mode]
+        try:
+            probe(f"{name}{suffix}_train", train)
+        except Exception as e:  # noqa: BLE001 - a failed capture must not cost the other figures
+            print(json.dumps({"run": f"{name}{suffix}_train", "error": f"{type(e).__name__}: {e}"[:2000]}), flush=True)
+        if mode != "graphs":  # serving has no gradients: never graphed
+            probe(f"{name}{suffix}_infer", serve)
+    tt_lookup.SYNC_FREE, tt_lookup.TABLE_BATCHED, tt_lookup.CUDA_GRAPHS = "off", "auto", "off"
     models[name] = None
     del net, train, serve
     if device.type == "cuda":

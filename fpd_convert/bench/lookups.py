@@ -141,16 +141,25 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
                 tt_lookup.POOLED = saved
         forward["tt_dedup_forward_lookups_s"] = fwd_dedup
     if tt_lookup.SYNC_FREE == "off" and choose_kernel(kernel, list(tt.cores)) == "triton":
-        def sync_free(fn):  # the same layer with FPD_TT_SYNC_FREE=on: nothing read on the host
+        def sync_free(fn, graphs="off"):  # the same layer with FPD_TT_SYNC_FREE=on: nothing read on the host
             def run():
-                saved, tt_lookup.SYNC_FREE = tt_lookup.SYNC_FREE, "on"
+                saved = tt_lookup.SYNC_FREE, tt_lookup.CUDA_GRAPHS
+                tt_lookup.SYNC_FREE, tt_lookup.CUDA_GRAPHS = "on", graphs
                 try:
                     fn()
                 finally:
-                    tt_lookup.SYNC_FREE = saved
+                    tt_lookup.SYNC_FREE, tt_lookup.CUDA_GRAPHS = saved
             return run
         forward["tt_syncfree_forward_lookups_s"] = sync_free(forward["tt_forward_lookups_s"])
         fwd_bwd["tt_syncfree_fwd_bwd_lookups_s"] = sync_free(fwd_bwd["tt_fwd_bwd_lookups_s"])
+        if dev.type == "cuda":  # and its training lookup replayed from CUDA graphs (layers.graphed)
+            graphed = sync_free(fwd_bwd["tt_fwd_bwd_lookups_s"], graphs="on")
+            try:
+                for _ in range(3):  # seen once, captured, replayed
+                    graphed()
+                fwd_bwd["tt_graphs_fwd_bwd_lookups_s"] = graphed
+            except RuntimeError as e:  # a failed capture is a finding, not the end of the run
+                out["graphs_error"] = str(e)[:2000]
     # inference and training are timed apart: each in the steady state of its own loop
     for fns in (forward, fwd_bwd):
         for key, seconds in interleaved_medians(fns, dev, reps).items():
@@ -161,8 +170,9 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
         if "tt_dedup_forward_lookups_s" in out:
             out["forward_ratio_dedup"] = out["tt_dedup_forward_lookups_s"] / out["dense_forward_lookups_s"]
         for what in ("forward", "fwd_bwd"):
-            if f"tt_syncfree_{what}_lookups_s" in out:
-                out[f"{what}_ratio_syncfree"] = out[f"tt_syncfree_{what}_lookups_s"] / out[f"dense_{what}_lookups_s"]
+            for mode in ("syncfree", "graphs"):
+                if f"tt_{mode}_{what}_lookups_s" in out:
+                    out[f"{what}_ratio_{mode}"] = out[f"tt_{mode}_{what}_lookups_s"] / out[f"dense_{what}_lookups_s"]
         for bits in (8, 4):
             if f"int{bits}_forward_lookups_s" in out:
                 out[f"int{bits}_forward_ratio"] = out[f"int{bits}_forward_lookups_s"] / out["dense_forward_lookups_s"]
@@ -188,6 +198,8 @@ def format_lookups(r: dict) -> str:
             line += f"  (reference {r[f'tt_reference_{what}_lookups_s'] / 1e6:8.2f})"
         if f"tt_syncfree_{what}_lookups_s" in r:
             line += f"  (no host sync {r[f'tt_syncfree_{what}_lookups_s'] / 1e6:8.2f})"
+        if f"tt_graphs_{what}_lookups_s" in r:
+            line += f"  (CUDA graphs {r[f'tt_graphs_{what}_lookups_s'] / 1e6:8.2f})"
         if f"tt_dedup_{what}_lookups_s" in r:
             line += f"  (through the dedup {r[f'tt_dedup_{what}_lookups_s'] / 1e6:8.2f})"
         if f"tt_plain_{what}_lookups_s" in r:

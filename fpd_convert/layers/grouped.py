@@ -14,7 +14,9 @@ offsets check is read in the same copy.
 
 Under ``FPD_TT_SYNC_FREE=on`` nothing is read at all, and the TT bags of one shape that train
 are looked up as one stacked table (:mod:`fpd_convert.layers.table_batched`): one sort and one
-kernel launch each way for all of them, which is what the host-bound GPU step needs.
+kernel launch each way for all of them, which is what the host-bound GPU step needs; with
+``FPD_TT_CUDA_GRAPHS=on`` too, that stacked lookup is replayed from CUDA graphs
+(:mod:`fpd_convert.layers.graphed`).
 
 Other modules (``nn.EmbeddingBag``, QR/MD bags) are called first in
 :meth:`~GroupedLookups.results`, before the wait, so that the GPU works on them meanwhile; a TT
@@ -27,8 +29,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .graphed import graphed_lookups
 from .table_batched import stack_groups, stacked_lookups
 from .tt_embedding import TTEmbeddingBag
+from .tt_lookup import cuda_graphs
 
 #: (module, input, offsets, per_sample_weights)
 Call = Tuple[nn.Module, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
@@ -41,8 +45,12 @@ class GroupedLookups:
         self._calls = list(calls)
         self._started: List[object] = []
         self._stacked = {}  # call index -> its bags, for TT tables looked up stacked (sync-free training)
-        for group in stack_groups(self._calls):
-            self._stacked.update(zip(group, stacked_lookups([self._calls[k] for k in group])))
+        # with CUDA graphs, a TT table of a shape of its own is a stack of one: graphed as well
+        graphs = cuda_graphs() and any(call[1].is_cuda for call in self._calls)
+        for group in stack_groups(self._calls, min_size=1 if graphs else 2):
+            calls = [self._calls[k] for k in group]
+            outs = graphed_lookups(calls)  # FPD_TT_CUDA_GRAPHS=on: replayed from CUDA graphs
+            self._stacked.update(zip(group, outs if outs is not None else stacked_lookups(calls)))
         heads = []
         for k, (module, input, offsets, weights) in enumerate(self._calls):
             started = None

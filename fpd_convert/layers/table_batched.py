@@ -49,14 +49,15 @@ def batch_key(module, input: torch.Tensor, offsets: Optional[torch.Tensor],
             module.num_embeddings, module.include_last_offset, weights is not None, input.dtype)
 
 
-def stack_groups(calls: Sequence[tuple]) -> List[List[int]]:
-    """Indices of the calls to look up stacked, in groups of two or more that share a key."""
+def stack_groups(calls: Sequence[tuple], min_size: int = 2) -> List[List[int]]:
+    """Indices of the calls to look up stacked, in groups of ``min_size`` or more that share a key
+    (1: a table alone is a stack of one, as CUDA graphs take it, :mod:`fpd_convert.layers.graphed`)."""
     groups = {}
     for k, (module, input, offsets, weights) in enumerate(calls):
         key = batch_key(module, input, offsets, weights)
         if key is not None:
             groups.setdefault(key, []).append(k)
-    return [g for g in groups.values() if len(g) > 1]
+    return [g for g in groups.values() if len(g) >= min_size]
 
 
 def _bags_of_entries(inputs, offsets, include_last_offset: bool):
@@ -106,13 +107,12 @@ def stacked_lookups(calls: Sequence[Call]) -> List[torch.Tensor]:
     same = len({f.numel() for f in flats}) == 1
     raw = torch.stack(flats) if same else torch.cat(flats)
     first._defer_range_check(raw.reshape(-1))  # one check for all: they share the row count
-    base = torch.arange(t, device=raw.device) * nt
     ids = raw.long().clamp(0, n - 1)
     if same:
-        codes = (ids + base[:, None]).reshape(-1)
-    else:
-        sizes = torch.tensor([f.numel() for f in flats])
-        codes = ids + base.repeat_interleave(sizes.to(raw.device), output_size=raw.numel())
+        codes = (ids + torch.arange(t, device=raw.device)[:, None] * nt).reshape(-1)
+    else:  # each table's part offset by its own base (no host-made tensor: a CUDA graph can capture it)
+        parts = torch.split(ids, [f.numel() for f in flats])
+        codes = torch.cat([part + k * nt for k, part in enumerate(parts)])
     codes = codes.masked_fill((ids != raw).reshape(-1), -1)  # ids out of range: left out (-1 codes, skipped)
     keys, pos = torch.sort(_sort_keys(codes, t * nt))
     bag_of, counts = _bags_of_entries([c[1] for c in calls], [c[2] for c in calls], first.include_last_offset)

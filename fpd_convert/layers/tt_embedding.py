@@ -23,7 +23,8 @@ from ..kernels.triton_entries import entry_bags
 from ..kernels.triton_pooled import pooled_bags
 from ..kernels.triton_suffix import SuffixCache
 from .row_index import BitRank, build_row_index, row_codes
-from .tt_lookup import default_kernel, lookup_rows, pools_in_one_pass, sync_free, trains_sync_free
+from .tt_lookup import (cuda_graphs, default_kernel, lookup_rows, pools_in_one_pass, range_check_stash,
+                        sync_free, trains_sync_free)
 
 
 _POSITIONS = np.arange(1 << 16, dtype=np.int64)
@@ -489,6 +490,11 @@ class TTEmbeddingBag(_TTTable):
 
     def forward(self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None,
                 per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if input.is_cuda and cuda_graphs():  # a sync-free training lookup replayed from CUDA graphs
+            from .graphed import graphed_lookups  # (that module builds on this one)
+            outs = graphed_lookups([(self, input, offsets, per_sample_weights)])
+            if outs is not None:
+                return outs[0]
         return self.finish_lookup(self.start_lookup(input, offsets, per_sample_weights))
 
     def start_lookup(self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None,
@@ -665,8 +671,19 @@ class TTEmbeddingBag(_TTTable):
         return _Entries(codes, pos, bags, bag_of, None, skip)
 
     def _defer_range_check(self, flat: torch.Tensor) -> None:
-        """Copies the ids' range to the host without waiting (read by :meth:`raise_deferred_errors`)."""
+        """Copies the ids' range to the host without waiting (read by :meth:`raise_deferred_errors`);
+        under :func:`~fpd_convert.layers.tt_lookup.stashing_range_checks` (a CUDA graph capture)
+        only computes it and hands it to the stash."""
         head = torch.stack(torch.aminmax(flat)).long()
+        stash = range_check_stash()
+        if stash is not None:  # (layer, head, whether a CUDA graph is being captured now)
+            stash.append((self, head, head.is_cuda and torch.cuda.is_current_stream_capturing()))
+            return
+        self.defer_range_head(head)
+
+    def defer_range_head(self, head: torch.Tensor) -> None:
+        """Starts the copy of ``head`` (``[min id, max id]`` on the device) to the host; the next
+        lookup waits for it and raises if it is out of range."""
         if head.is_cuda:
             host = torch.empty(2, dtype=torch.int64, pin_memory=True)
             host.copy_(head, non_blocking=True)
@@ -681,6 +698,7 @@ class TTEmbeddingBag(_TTTable):
         it may hold a CUDA event, which cannot be copied."""
         state = self.__dict__.copy()
         state["_deferred"] = None
+        state.pop("_cuda_graphs", None)  # captured graphs (layers.graphed) belong to this instance
         return state
 
     def raise_deferred_errors(self) -> None:

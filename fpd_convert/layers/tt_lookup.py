@@ -17,8 +17,9 @@ at the layer's next lookup.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,9 +35,13 @@ SYNC_FREE = os.environ.get("FPD_TT_SYNC_FREE", "off")
 #: "auto": under FPD_TT_SYNC_FREE=on, a group of lookups (several tables at once) trains its TT
 #: tables of one shape as one stacked table (:mod:`fpd_convert.layers.table_batched`); "off": one by one
 TABLE_BATCHED = os.environ.get("FPD_TT_TABLE_BATCHED", "auto")
+#: "on": under FPD_TT_SYNC_FREE=on, a group's stacked training lookup (forward and backward) is
+#: replayed from CUDA graphs (:mod:`fpd_convert.layers.graphed`); "off" (default): run op by op
+CUDA_GRAPHS = os.environ.get("FPD_TT_CUDA_GRAPHS", "off")
 
 __all__ = ["KERNELS", "default_kernel", "choose_kernel", "lookup_rows", "pools_in_one_pass", "row_digits",
-           "sync_free", "table_batched", "trains_sync_free", "tt_rows"]
+           "sync_free", "table_batched", "cuda_graphs", "stashing_range_checks", "range_check_stash",
+           "trains_sync_free", "tt_rows"]
 
 
 def default_kernel() -> str:
@@ -87,6 +92,36 @@ def table_batched() -> bool:
     if TABLE_BATCHED not in ("auto", "off"):
         raise ValueError(f"FPD_TT_TABLE_BATCHED should be 'auto' or 'off' but is {TABLE_BATCHED!r}")
     return TABLE_BATCHED == "auto"
+
+
+def cuda_graphs() -> bool:
+    """``FPD_TT_CUDA_GRAPHS=on``: under ``FPD_TT_SYNC_FREE=on``, the stacked training lookups of a
+    group are captured once and replayed from CUDA graphs (see :mod:`fpd_convert.layers.graphed`)."""
+    if CUDA_GRAPHS not in ("on", "off"):
+        raise ValueError(f"FPD_TT_CUDA_GRAPHS should be 'on' or 'off' but is {CUDA_GRAPHS!r}")
+    return CUDA_GRAPHS == "on"
+
+
+_RANGE_STASH: Optional[List[tuple]] = None
+
+
+@contextlib.contextmanager
+def stashing_range_checks(stash: List[tuple]) -> Iterator[List[tuple]]:
+    """While open, a sync-free lookup appends ``(layer, head, captured)`` to ``stash`` (``head``: its
+    ids' ``[min, max]`` on the device; ``captured``: computed inside a CUDA graph capture) instead of copying its range to the host: what a CUDA graph
+    capture needs (no pinned copy, no event in the graph); the caller defers each head after a
+    replay (``layer.defer_range_head(head)``)."""
+    global _RANGE_STASH
+    saved, _RANGE_STASH = _RANGE_STASH, stash
+    try:
+        yield stash
+    finally:
+        _RANGE_STASH = saved
+
+
+def range_check_stash() -> Optional[List[tuple]]:
+    """The open :func:`stashing_range_checks` list, or None."""
+    return _RANGE_STASH
 
 
 def trains_sync_free(cores: Sequence[torch.Tensor], kernel: str) -> bool:
