@@ -5,7 +5,8 @@
 #   2. the bench of issue 5's targets (10M x 128 rank 32, batch 65,536; lookups and the DLRM step),
 #      with the code's defaults (no sweep in front of it: what a user gets);
 #   3. the DLRM step's A/B (grouped, one by one, long first cores, dedup serving, sync-free training
-#      with the TT tables stacked or one by one, or replayed from CUDA graphs);
+#      with the TT tables stacked or one by one, or replayed from CUDA graphs; entries suffix-major
+#      or by id);
 #   4. where the step's time goes: wall time, the host's time to queue it, its host syncs (sync-probe);
 #   5. the whole layer's A/B (one-pass vs dedup serving, sync-free chunks, relaxed vs acq_rel adds);
 #   6. the bench with a long first core (512 rows a suffix);
@@ -35,7 +36,7 @@ step() {
   echo "== $name: rc $rc in $(($(date +%s) - start))s (cap ${cap}s)" | tee -a "$LOG"
 }
 
-[ "${SKIP_TESTS:-0}" = 1 ] || step pytest 200 'python3 -m pytest -q -p no:cacheprovider tests/test_pooled.py \
+[ "${SKIP_TESTS:-0}" = 1 ] || step pytest 240 'python3 -m pytest -q -p no:cacheprovider tests/test_pooled.py \
   tests/test_entries.py tests/test_table_batched.py tests/test_graphed.py tests/test_kernels.py tests/test_tt_layers.py tests/test_row_index.py tests/test_training.py \
   tests/test_checkpoints.py 2>&1 | tee $OUT/pytest.log | tail -15'
 # a path whose tests fail on this GPU is timed without (its figures would be of wrong values)

@@ -6,7 +6,9 @@ a long first core (row factors with `suffix_rows`, default 512: `factor_rows`) a
 the bags pooled in one pass (the default) and through the dedup (`grouped_dedup`, FPD_TT_POOLED=off);
 training from sorted entries with no host sync (`*_syncfree`, FPD_TT_SYNC_FREE=on), its TT tables
 stacked into one lookup (the default there) or one by one (`*_unstacked`, FPD_TT_TABLE_BATCHED=off),
-and the stacked lookup replayed from CUDA graphs (`*_graphs`, FPD_TT_CUDA_GRAPHS=on).
+and the stacked lookup replayed from CUDA graphs (`*_graphs`, FPD_TT_CUDA_GRAPHS=on); with a long
+first core the sync-free entries are sorted suffix-major (the default there: `dS` summed per digit
+pair) or by id (`*_idorder`, FPD_TT_ENTRY_ORDER=id).
 
 Usage: python3 .ci/step-ab.py [rows_cap tt_tables rank batch suffix_rows]; prints one JSON line of
 milliseconds per step (median over blocks of 5 steps, after warm-up).  STEP_PROFILE=1 writes per-step profiles to $OUT/step_profile.txt.
@@ -21,6 +23,7 @@ import torch
 import fpd_convert.models.dlrm as dlrm
 from fpd_convert.bench.dlrm_step import _largest, _serve_fn, _step_fn, terabyte_architecture
 from fpd_convert.models import build_model
+from fpd_convert.kernels import triton_entries
 from fpd_convert.layers import tt_lookup
 from fpd_convert.models.parts import lookup
 
@@ -71,7 +74,9 @@ variants = {"dense": (grouped_start, "dense"), "grouped": (grouped_start, "tt"),
             "grouped_syncfree_unstacked": (grouped_start, "tt"),
             "grouped_suffix_syncfree_unstacked": (grouped_start, "tt_suffix"),
             "grouped_syncfree_graphs": (grouped_start, "tt"),
-            "grouped_suffix_syncfree_graphs": (grouped_start, "tt_suffix")}
+            "grouped_suffix_syncfree_graphs": (grouped_start, "tt_suffix"),
+            "grouped_suffix_syncfree_idorder": (grouped_start, "tt_suffix"),
+            "grouped_suffix_syncfree_graphs_idorder": (grouped_start, "tt_suffix")}
 try:  # a failure of the one-pass kernel on this GPU must not cost the other figures
     fns["tt_infer"]()
     pooled = "auto"
@@ -91,7 +96,7 @@ try:  # nor a failure to capture the stacked lookups in CUDA graphs (seen once, 
         fns["tt_train"]()
 except Exception as e:  # noqa: BLE001 - reported in the JSON
     out["graphs_error"] = f"{type(e).__name__}: {e}"[:2000]
-    for v in [v for v in variants if v.endswith("_graphs")]:
+    for v in [v for v in variants if "_graphs" in v]:
         del variants[v]
 tt_lookup.SYNC_FREE, tt_lookup.CUDA_GRAPHS = "off", "off"
 times = {f"{v}_{w}": [] for v in variants for w in ("train", "infer")}
@@ -101,13 +106,14 @@ for block in range(7):
         tt_lookup.POOLED = "off" if v == "grouped_dedup" else pooled
         tt_lookup.SYNC_FREE = "on" if "_syncfree" in v else "off"
         tt_lookup.TABLE_BATCHED = "off" if v.endswith("_unstacked") else "auto"
-        tt_lookup.CUDA_GRAPHS = "on" if v.endswith("_graphs") else "off"
+        tt_lookup.CUDA_GRAPHS = "on" if "_graphs" in v else "off"
+        triton_entries.ENTRY_ORDER = "id" if v.endswith("_idorder") else "auto"
         for w in ("train", "infer"):
             ms = timed(fns[f"{model}_{w}"])
             if block:  # block 0 warms up
                 times[f"{v}_{w}"].append(ms)
 dlrm.start_lookups, tt_lookup.POOLED, tt_lookup.SYNC_FREE, tt_lookup.TABLE_BATCHED = grouped_start, pooled, "off", "auto"
-tt_lookup.CUDA_GRAPHS = "off"
+tt_lookup.CUDA_GRAPHS, triton_entries.ENTRY_ORDER = "off", "auto"
 for k, v in times.items():
     out[f"{k}_ms"] = sorted(v)[len(v) // 2]
 for w in ("train", "infer"):
@@ -127,6 +133,9 @@ for v in ("grouped_syncfree", "grouped_suffix_syncfree"):  # the stacked lookups
     if f"{v}_graphs" in variants:
         out[f"tt_vs_dense_train_{v[8:]}_graphs"] = out["dense_train_ms"] / out[f"{v}_graphs_train_ms"]
         out[f"graphs_vs_ops_train_{v[8:]}"] = out[f"{v}_train_ms"] / out[f"{v}_graphs_train_ms"]
+for v in ("grouped_suffix_syncfree", "grouped_suffix_syncfree_graphs"):  # suffix-major entries vs by id
+    if f"{v}_idorder" in variants:
+        out[f"suffix_order_vs_id_order_train_{v[8:]}"] = out[f"{v}_idorder_train_ms"] / out[f"{v}_train_ms"]
 out["pooled_vs_dedup_infer"] = out["grouped_dedup_infer_ms"] / out["grouped_infer_ms"]
 print(json.dumps(out))
 
@@ -136,10 +145,11 @@ if os.environ.get("STEP_PROFILE") and device.type == "cuda":
     path = os.path.join(os.environ.get("OUT", "."), "step_profile.txt")
     with open(path, "w") as f:
         for name, model in (("dense", "dense"), ("grouped", "tt"), ("grouped_suffix", "tt_suffix"),
-                            ("grouped_suffix_syncfree", "tt_suffix")):
-            if name.endswith("_syncfree") and name not in variants:
+                            ("grouped_suffix_syncfree", "tt_suffix"), ("grouped_suffix_syncfree_idorder", "tt_suffix")):
+            if "_syncfree" in name and name not in variants:
                 continue
-            tt_lookup.SYNC_FREE = "on" if name.endswith("_syncfree") else "off"
+            tt_lookup.SYNC_FREE = "on" if "_syncfree" in name else "off"
+            triton_entries.ENTRY_ORDER = "id" if name.endswith("_idorder") else "auto"
             for w in ("train", "infer"):
                 fn = fns[f"{model}_{w}"]
                 fn()

@@ -29,7 +29,8 @@ from fpd_convert.kernels import triton_entries, triton_pooled, triton_suffix, tr
 TARGET = GPUTarget("cuda", 90, 32)
 # cores (1, 250, 8, 32), (32, 200, 4, 32), (32, 200, 4, 1); tiles as the launchers pick them
 VALUES = dict(NT=250 * 200 * 200, SS=200 * 4 * 200 * 32 * 4, N2=200, N3=200, R1=32, R2=32, D1=8, D2=4, D3=4, BD1=8, BD2=4, BD3=4, BR1=32, BR2=32,
-              P1=16, P3=16, Q1=32, Q2=32, QC=16, PREC="tf32x3", NEED1=True, NEEDS=True,
+              P1=16, P3=16, Q1=32, Q2=32, QC=16, PREC="tf32x3", NEED1=True, NEEDS=True, N1=250, SM=False,
+              NEEDS_ID=True, SM_DS=False,
               MODE=0, FIXED=False, HAS_W=False, HAS_SKIP=False, HAS_EXACT=False, BY_LEN=False, NEEDX=False)
 INDEX_POINTERS = ("idx_ptr", "perm_ptr", "code_ptr", "bounds_ptr", "pos_ptr", "bag_ptr")
 
@@ -84,9 +85,10 @@ def main() -> int:
             variants = [dict(MODE=m, FIXED=f, HAS_W=o, HAS_SKIP=o, HAS_EXACT=o)
                         for m, f, o in itertools.product((0, 1, 2), (False, True), (False, True))]
         if name.endswith(("_entries_fwd_kernel", "_entries_bwd_kernel")):  # bags by length or map, options
-            variants = [dict(BY_LEN=b, HAS_W=o, HAS_EXACT=o) for b, o in itertools.product((False, True), (False, True))]
-            if "bwd" in name:
-                variants = [dict(v, NEEDX=v["HAS_EXACT"]) for v in variants]
+            variants = [dict(BY_LEN=b, HAS_W=o, HAS_EXACT=o, SM=m)
+                        for b, o, m in itertools.product((False, True), (False, True), (False, True))]
+            if "bwd" in name:  # dS per id (id-major codes) or per run of a digit pair (suffix-major)
+                variants = [dict(v, NEEDX=v["HAS_EXACT"], NEEDS_ID=not v["SM"], SM_DS=v["SM"]) for v in variants]
         for overrides in variants:
             sig, constants = signature(fn, **overrides)
             try:

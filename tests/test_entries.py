@@ -34,16 +34,17 @@ def _bags(n, seed, count=40):
 
 @pytest.mark.parametrize("row_factors,dim_factors,ranks", SHAPES)
 @pytest.mark.parametrize("weighted", [False, True])
-def test_entry_bags_equal_reference(row_factors, dim_factors, ranks, weighted):
-    from fpd_convert.kernels.triton_entries import entry_bags
+@pytest.mark.parametrize("by_suffix", [False, True])
+def test_entry_bags_equal_reference(row_factors, dim_factors, ranks, weighted, by_suffix):
+    from fpd_convert.kernels.triton_entries import entry_bags, suffix_major_codes
     dev = _device()
     cores = [c.detach().to(dev).requires_grad_() for c in make_cores(row_factors, dim_factors, ranks)]
     n = row_factors[0] * row_factors[1] * row_factors[2]
     ids, offsets = (t.to(dev) for t in _bags(n, seed=sum(row_factors)))
     w = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)).to(dev) if weighted else None
-    keys, pos = torch.sort(ids)
+    keys, pos = torch.sort(suffix_major_codes(ids, cores) if by_suffix else ids)
     bag_of = torch.searchsorted(offsets, torch.arange(ids.numel(), device=dev), right=True) - 1
-    out = entry_bags(cores, keys, pos, offsets.numel(), bag_of=bag_of, weights=w)
+    out = entry_bags(cores, keys, pos, offsets.numel(), bag_of=bag_of, weights=w, suffix_major=by_suffix)
     want = F.embedding_bag(ids, tt_rows(cores, torch.arange(n, device=dev)), offsets, mode="sum",
                            per_sample_weights=w)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
@@ -53,8 +54,8 @@ def test_entry_bags_equal_reference(row_factors, dim_factors, ranks, weighted):
     # (B, L) bags, and entries left out (skip): sum over the kept ones only
     skip = -(1 << 62)
     codes = torch.where(keys == keys[5], torch.full_like(keys, skip), keys)
-    out = entry_bags(cores, codes, pos, 8, bag_len=5, skip=skip)
-    kept = torch.where(ids == keys[5], torch.zeros_like(ids), torch.ones_like(ids)).float()
+    out = entry_bags(cores, codes, pos, 8, bag_len=5, skip=skip, suffix_major=by_suffix)
+    kept = torch.where(ids == ids[pos[5]], torch.zeros_like(ids), torch.ones_like(ids)).float()
     want = F.embedding_bag(ids.view(8, 5), tt_rows(cores, torch.arange(n, device=dev)), mode="sum",
                            per_sample_weights=kept.view(8, 5))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
@@ -82,10 +83,13 @@ def test_entry_bags_bf16_cores():
         torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
-@pytest.fixture
-def sync_free(monkeypatch):
-    """FPD_TT_SYNC_FREE=on, with the kernel wrapped to count its calls (it still does the work)."""
+@pytest.fixture(params=["id", "suffix"])
+def sync_free(monkeypatch, request):
+    """FPD_TT_SYNC_FREE=on, with the kernel wrapped to count its calls (it still does the work);
+    the entries sorted by id, and suffix-major (FPD_TT_ENTRY_ORDER: dS summed per digit pair)."""
+    from fpd_convert.kernels import triton_entries
     monkeypatch.setattr(tt_lookup, "SYNC_FREE", "on")
+    monkeypatch.setattr(triton_entries, "ENTRY_ORDER", request.param)
     calls = []
     real = tt_embedding_module.entry_bags
 

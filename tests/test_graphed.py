@@ -308,3 +308,11 @@ def test_gradients_accumulated_over_replays_are_not_doubled(monkeypatch):
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_entry_order_switch_is_part_of_a_graph_layout(monkeypatch):
+    from fpd_convert.kernels import triton_entries
+    calls = _calls(_tables(2))
+    key = layout_key(calls)
+    monkeypatch.setattr(triton_entries, "ENTRY_ORDER", "suffix")
+    assert layout_key(calls) != key  # a graph captured in one order is not replayed in the other

@@ -23,10 +23,13 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def stacked(monkeypatch):
-    """FPD_TT_SYNC_FREE=on; counts the stacked lookups (they still do the work)."""
+@pytest.fixture(params=["id", "suffix"])
+def stacked(monkeypatch, request):
+    """FPD_TT_SYNC_FREE=on; counts the stacked lookups (they still do the work); entries sorted
+    by id, and suffix-major (FPD_TT_ENTRY_ORDER)."""
+    from fpd_convert.kernels import triton_entries
     monkeypatch.setattr(tt_lookup, "SYNC_FREE", "on")
+    monkeypatch.setattr(triton_entries, "ENTRY_ORDER", request.param)
     calls = []
     real = table_batched_module.stacked_lookups
 

@@ -39,6 +39,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..kernels import triton_entries
 from .table_batched import Call, batch_key, stacked_lookups
 from .tt_lookup import cuda_graphs, stashing_range_checks
 
@@ -74,13 +75,19 @@ def _arguments(calls: Sequence[Call]) -> List[torch.Tensor]:
 
 def layout_key(calls: Sequence[Call]) -> tuple:
     """What a replay needs unchanged from the capture: the tables, where their parameters are,
-    and the shapes and dtypes of every argument."""
+    the shapes and dtypes of every argument, and the entries' order switch (it changes the
+    captured ops)."""
     parts = []
     for module, ids, offsets, weights in calls:
         params = tuple((p.data_ptr(), p.requires_grad) for p in module.parameters())
         parts.append((id(module), params, tuple(ids.shape), ids.dtype, ids.device)
                      + tuple(None if t is None else (tuple(t.shape), t.dtype) for t in (offsets, weights)))
-    return tuple(parts)
+    return (triton_entries.ENTRY_ORDER,) + tuple(parts)
+
+
+def _cores_of(key: tuple) -> tuple:
+    """Where the first table's parameters were when ``key`` was made."""
+    return key[1][1]
 
 
 class GraphedStack:
@@ -141,7 +148,7 @@ def graphed_lookups(calls: Sequence[Call]) -> Optional[List[torch.Tensor]]:
     if entry is _FAILED:
         return None
     if entry is None:
-        for old in [k for k in graphs if k[0][1] != key[0][1]]:  # cores moved or replaced: stale graphs
+        for old in [k for k in graphs if _cores_of(k) != _cores_of(key)]:  # cores moved or replaced: stale
             del graphs[old]
         if len(graphs) < MAX_GRAPHS:
             graphs[key] = _SEEN

@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..kernels.triton_entries import entry_bags
+from ..kernels.triton_entries import entry_bags, order_by_suffix, suffix_major_codes
 from .tt_embedding import TTEmbeddingBag, _sort_keys
 from .tt_lookup import table_batched
 
@@ -113,11 +113,15 @@ def stacked_lookups(calls: Sequence[Call]) -> List[torch.Tensor]:
     else:  # each table's part offset by its own base (no host-made tensor: a CUDA graph can capture it)
         parts = torch.split(ids, [f.numel() for f in flats])
         codes = torch.cat([part + k * nt for k, part in enumerate(parts)])
+    by_suffix = order_by_suffix(first._core_list(), codes.numel(), t)
+    if by_suffix:  # sorted suffix-major: the backward sums dS per digit pair (triton_entries)
+        codes = suffix_major_codes(codes, first._core_list())
     codes = codes.masked_fill((ids != raw).reshape(-1), -1)  # ids out of range: left out (-1 codes, skipped)
     keys, pos = torch.sort(_sort_keys(codes, t * nt))
     bag_of, counts = _bags_of_entries([c[1] for c in calls], [c[2] for c in calls], first.include_last_offset)
     weights = None if calls[0][3] is None else torch.cat([c[3].reshape(-1) for c in calls])
-    out = entry_bags(cores, keys.long(), pos, sum(counts), bag_of=bag_of, weights=weights, skip=-1)
+    out = entry_bags(cores, keys.long(), pos, sum(counts), bag_of=bag_of, weights=weights, skip=-1,
+                     suffix_major=by_suffix)
     return list(torch.split(out, counts))
 
 

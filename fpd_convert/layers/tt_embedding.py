@@ -19,7 +19,7 @@ from torch import nn
 
 from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, factor_dims, factor_rows
 from ..kernels.cpu_tt import EndTable
-from ..kernels.triton_entries import entry_bags
+from ..kernels.triton_entries import entry_bags, order_by_suffix, suffix_major_codes
 from ..kernels.triton_pooled import pooled_bags
 from ..kernels.triton_suffix import SuffixCache
 from .row_index import BitRank, build_row_index, row_codes
@@ -129,6 +129,7 @@ class _Entries(NamedTuple):
     bag_of: Optional[torch.Tensor]  # the bag of each batch position (-1: none), or
     bag_len: Optional[int]  # bags of this many consecutive entries
     skip: Optional[int]
+    suffix_major: bool = False  # codes in suffix-major order (triton_entries.suffix_major_codes)
 
 
 class StartedLookup(NamedTuple):
@@ -537,7 +538,7 @@ class TTEmbeddingBag(_TTTable):
         if entries is not None:
             return entry_bags(self._core_list(), entries.codes, entries.pos, entries.bags, bag_of=entries.bag_of,
                               bag_len=entries.bag_len, weights=per_sample_weights, skip=entries.skip,
-                              exact_rows=self._exact_rows_in_use())
+                              exact_rows=self._exact_rows_in_use(), suffix_major=entries.suffix_major)
         if pooled is not None:
             lo, hi, valid = pooled.tolist() if values is None else values
             self._check_range(lo, hi)
@@ -657,18 +658,28 @@ class TTEmbeddingBag(_TTTable):
         n = self.num_embeddings
         self._defer_range_check(flat)
         # int64 ids may be sorted as int32: out-of-range ones first pinned to -1 or n, not wrapped
-        keys, pos = torch.sort(_sort_keys(flat.clamp(-1, n) if flat.dtype == torch.int64 else flat, n))
-        ids = keys.long().clamp(0, n - 1)
-        codes, skip = self._entry_codes(ids, left_out=ids != keys)
+        raw = flat.clamp(-1, n) if flat.dtype == torch.int64 else flat
+        cores = self._core_list()
+        by_suffix = order_by_suffix(cores, flat.numel())
+        if by_suffix:  # codes first, then sorted suffix-major (the kernels sum dS per digit pair)
+            ids = raw.long().clamp(0, n - 1)
+            codes, skip = self._entry_codes(ids, left_out=ids != raw)
+            codes = suffix_major_codes(codes, cores)
+            keys, pos = torch.sort(_sort_keys(codes.clamp(min=-(1 << 31)), math.prod(self.tt_shape.row_factors)))
+            codes = codes.index_select(0, pos)
+        else:
+            keys, pos = torch.sort(_sort_keys(raw, n))
+            ids = keys.long().clamp(0, n - 1)
+            codes, skip = self._entry_codes(ids, left_out=ids != keys)
         if input.dim() == 2:
-            return _Entries(codes, pos, input.shape[0], None, input.shape[1], skip)
+            return _Entries(codes, pos, input.shape[0], None, input.shape[1], skip, by_suffix)
         bags = offsets.numel() - int(self.include_last_offset)
         starts = offsets[:bags].long()
         at = torch.arange(flat.numel(), device=flat.device)
         bag_of = torch.searchsorted(starts, at, right=True) - 1
         if self.include_last_offset:  # entries from the last offset on belong to no bag
             bag_of = torch.where(at < offsets[-1], bag_of, torch.full_like(bag_of, -1))
-        return _Entries(codes, pos, bags, bag_of, None, skip)
+        return _Entries(codes, pos, bags, bag_of, None, skip, by_suffix)
 
     def _defer_range_check(self, flat: torch.Tensor) -> None:
         """Copies the ids' range to the host without waiting (read by :meth:`raise_deferred_errors`);
