@@ -24,8 +24,11 @@ What a graph asks of the training loop (the rules of ``make_graphed_callables``)
   is correct and slower.
 - The pooled outputs and the cores' gradients live in the graph's memory: the next replay
   overwrites them.  A training step uses them before that; keep a copy to hold on to one.
-- Gradients are set to zero (or None, the default of ``zero_grad``) between steps: accumulating
-  gradients over several backwards of replays is not supported.
+- A replay's gradients reach the cores only while their ``.grad`` is None (``zero_grad()``'s
+  default, ``set_to_none=True``): autograd may then keep the graph's gradient tensor itself as
+  ``.grad``, which the next replay rewrites.  A lookup whose tables hold a gradient (accumulation
+  over several batches, ``zero_grad(set_to_none=False)``) runs op by op, which accumulates
+  correctly.
 
 Index errors keep the sync-free semantics: the entries of ids out of range are left out, and the
 error is raised by the table's next lookup (each replay's ``[min, max]`` is copied to the host
@@ -132,8 +135,9 @@ class GraphedStack:
 
 def graphed_lookups(calls: Sequence[Call]) -> Optional[List[torch.Tensor]]:
     """The pooled bags of a stackable group (``table_batched.stack_groups``; a layer's own call,
-    ``TTEmbeddingBag.forward``, is checked here), replayed from CUDA graphs, or None where this call runs op by op (switch off, not CUDA, no gradients, inside
-    another capture, a layout seen for the first time or past :data:`MAX_GRAPHS`, or the last
+    ``TTEmbeddingBag.forward``, is checked here), replayed from CUDA graphs, or None where this
+    call runs op by op (switch off, not CUDA, no gradients, inside another capture, a table
+    holding a gradient, a layout seen for the first time or past :data:`MAX_GRAPHS`, or the last
     replay's backward still pending)."""
     ids = calls[0][1]
     if not cuda_graphs() or not ids.is_cuda or not torch.is_grad_enabled():
@@ -142,6 +146,8 @@ def graphed_lookups(calls: Sequence[Call]) -> Optional[List[torch.Tensor]]:
         return None
     if len(calls) == 1 and batch_key(*calls[0]) is None:  # a lone layer's call: only a stackable one
         return None
+    if any(p.grad is not None for call in calls for p in call[0].parameters()):
+        return None  # a gradient kept from before may be the graph's own memory: accumulate op by op
     graphs = calls[0][0].__dict__.setdefault("_cuda_graphs", {})
     key = layout_key(calls)
     entry = graphs.get(key)
