@@ -132,7 +132,10 @@ def test_a_table_larger_than_a_memory_cap_still_compresses(tmp_path):
     rows, dim = 1_600_000, 64  # 410 MB on disk
     src = tmp_path / "big.safetensors"
     write_table_safetensors(src, "t.weight", rows, dim, torch.float32, structured_rows(rows, dim))
-    cap = 350 << 20  # the process may allocate 350 MB more than after its imports: less than the table
+    # the process may allocate 390 MB more than after its imports: less than the table (410 MB), more
+    # than the streamed path's peak, which varies from run to run with the worker threads' allocator
+    # arenas (it failed 1-3 of 4 runs under 300-320 MB, none under 340 MB; 350 MB failed once in a `.ci/run`)
+    cap = 390 << 20
     runs = {}
     for path in ("stream", "memory"):
         runs[path] = subprocess.run([sys.executable, "-c", _CAPPED, str(src), path, str(cap)], capture_output=True,
