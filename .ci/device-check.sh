@@ -9,12 +9,12 @@
 #      or by id);
 #   4. where the step's time goes: wall time, the host's time to queue it, its host syncs (sync-probe);
 #   5. the whole layer's A/B (one-pass vs dedup serving, sync-free chunks, relaxed vs acq_rel adds);
-#   6. the bench with a long first core (512 rows a suffix);
+#   6. the bench with the balanced row factors (the default layout, a long first core, is step 2's);
 #   7. SWEEP=quick or full: the kernel sweep (launch settings; the eighth session's run kept the defaults).
 # Needs the tensorly wheel in .whl/ (the device image lacks tensorly). Writes at most 8 files to
 # $OUT (the device tool brings back no more): log.txt (versions, each step's time and exit status,
 # stderr), pytest.log, bench.json, step_ab.json, step_profile.txt (STEP_PROFILE=1), sync_probe.jsonl,
-# layer_ab.jsonl, bench_suffix512.json (and sweep.jsonl in place of step_profile.txt with SWEEP set).
+# layer_ab.jsonl, bench_balanced.json (and sweep.jsonl in place of step_profile.txt with SWEEP set).
 # SKIP_TESTS=1 skips 1.
 set -uo pipefail
 T0=$(date +%s)
@@ -49,8 +49,8 @@ step sync-probe 100 'python3 .ci/sync-probe.py | tee $OUT/sync_probe.jsonl'
 step layer-ab 90 'python3 .ci/layer-ab.py | tee $OUT/layer_ab.jsonl'
 # the backward kernels atomic adds as they were before (acq_rel: a MEMBAR around each) against relaxed
 step layer-ab-acq-rel 45 'FPD_TT_ATOMIC_SEM=acq_rel LAYER_AB_QUICK=1 python3 .ci/layer-ab.py | tee -a $OUT/layer_ab.jsonl'
-step bench-suffix512 80 'python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 \
-  --suffix-rows 512 --json > $OUT/bench_suffix512.json; grep -E "ratio|row_factors" -A3 $OUT/bench_suffix512.json | head -12'
+step bench-balanced 80 'python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 \
+  --suffix-rows balanced --json > $OUT/bench_balanced.json; grep -E "ratio|row_factors" -A3 $OUT/bench_balanced.json | head -12'
 SWEEP=${SWEEP:-skip}
 [ "$SWEEP" = quick ] && step sweep 80 'SWEEP_QUICK=1 python3 .ci/kernel-sweep.py | tee $OUT/sweep.jsonl'
 [ "$SWEEP" = full ] && step sweep 150 'python3 .ci/kernel-sweep.py | tee $OUT/sweep.jsonl'

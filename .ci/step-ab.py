@@ -1,5 +1,5 @@
-"""DLRM training step and inference on the GPU in one process: TT tables with grouped lookups
-(one host sync a step for all TT tables, `fpd_convert.layers.grouped`) vs one lookup after the
+"""DLRM training step and inference on the GPU in one process: TT tables (balanced row factors) with
+grouped lookups (one host sync a step for all TT tables, `fpd_convert.layers.grouped`) vs one lookup after the
 other (one sync per TT table), and the dense model, in alternating blocks; the TT model also with
 a long first core (row factors with `suffix_rows`, default 512: `factor_rows`) and a less long one
 (`suffix_rows` 2048: a 4 MB suffix table, ~10 ids a digit pair instead of ~42); inference with
@@ -58,7 +58,7 @@ arch = terabyte_architecture(rows_cap, 128)
 out = {"rows_cap": rows_cap, "tt_tables": tt_tables, "rank": rank, "batch": batch, "device": str(device),
        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
 with device:
-    models = {"dense": build_model(arch, None), "tt": build_model(arch, _largest(arch, tt_tables, rank)),
+    models = {"dense": build_model(arch, None), "tt": build_model(arch, _largest(arch, tt_tables, rank, "balanced")),
               "tt_suffix": build_model(arch, _largest(arch, tt_tables, rank, suffix_rows)),
               "tt_suffix2048": build_model(arch, _largest(arch, tt_tables, rank, min(2048, rows_cap // 2)))}
 out["suffix_row_factors"] = [t.row_factors for t in _largest(arch, tt_tables, rank, suffix_rows).values()]

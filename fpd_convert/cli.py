@@ -44,6 +44,19 @@ def _int_list(text, option: str):
         raise click.BadParameter(f"expected comma-separated integers but got {text!r}", param_hint=option) from None
 
 
+class SuffixRows(click.ParamType):
+    """``--suffix-rows``: auto, balanced, or an int >= 2."""
+
+    name = "auto|balanced|INT"
+
+    def convert(self, value, param, ctx):
+        from .tt.layout import parse_suffix_rows
+        try:
+            return parse_suffix_rows(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
 def _rank_value(text):
     if text is None:
         return None
@@ -64,9 +77,10 @@ def _rank_value(text):
 @click.option("--order", type=click.IntRange(2, 4), default=3, show_default=True, help="Number of TT cores.")
 @click.option("--dim-factors", help="Factors of the tables' dim, e.g. 2,4,8 (their count sets the order; default: "
               "as balanced as possible). A first factor of 2 makes CPU lookups faster.")
-@click.option("--suffix-rows", type=click.IntRange(2), default=None,
-              help="Product of the trailing row factors; the first factor takes the rest (default: balanced "
-              "factors). 512 keeps the table CPU inference caches in L2: faster CPU lookups, same error.")
+@click.option("--suffix-rows", type=SuffixRows(), default="auto", show_default=True,
+              help="Row factors. auto: a long first core over the smallest suffix whose TT is no larger than "
+              "the balanced one at the same ranks (balanced with --tol); balanced; or an int, the product of "
+              "the trailing row factors (the first takes the rest). A small suffix keeps CPU lookups in cache.")
 @click.option("--svd", type=click.Choice(["auto", "truncated_svd", "randomized_svd"]), default="auto",
               show_default=True, help="SVD of the in-memory (TensorLy) path.")
 @click.option("--svd-path", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
@@ -278,9 +292,9 @@ def demo(folder, train_rows, ratio):
 @click.option("--reps", type=int, default=10, show_default=True)
 @click.option("--dim-factors", default=None, help="Lookups: the TT's factors of --dim, e.g. 2,4,8 "
               "[default: as balanced as possible].")
-@click.option("--suffix-rows", type=click.IntRange(2), default=None,
-              help="The TT tables' trailing row factors multiply to this; the first takes the rest "
-              "[default: balanced factors].")
+@click.option("--suffix-rows", type=SuffixRows(), default="auto", show_default=True,
+              help="The TT tables' row factors: auto (the byte-neutral long first core at --rank, as compress "
+              "picks), balanced, or an int the trailing row factors multiply to (the first takes the rest).")
 @click.option("--batches", type=click.IntRange(1), default=1, show_default=True,
               help="Lookups: cycle through this many distinct batches (1: the same batch every time).")
 @click.option("--step", is_flag=True, help="Also time a DLRM training step, dense vs TT tables.")

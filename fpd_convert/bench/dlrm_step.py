@@ -13,7 +13,7 @@ lookup replayed from CUDA graphs (``FPD_TT_CUDA_GRAPHS=on``: :mod:`fpd_convert.l
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from torch import nn
 
 from ..layers import TTEmbeddingBag, tt_lookup
 from ..models import build_model
-from ..tt import TTShape, clamp_ranks, factor_dims, factor_rows
+from ..tt import TTShape, choose_row_factors, clamp_ranks, factor_dims
 from .lookups import zipf_ids
 from .timing import device_name, median_seconds, resolve_device
 
@@ -38,11 +38,12 @@ def terabyte_architecture(rows_cap: int, dim: int = 128, bottom=(512, 256), top=
             "tables": [{"key": f"emb_l.{i}.weight", "rows": n, "dim": dim} for i, n in enumerate(rows)]}
 
 
-def _largest(architecture: dict, count: int, rank: int, suffix_rows: Optional[int] = None):
+def _largest(architecture: dict, count: int, rank: int, suffix_rows: Union[str, int, None] = "auto"):
     tables = sorted(architecture["tables"], key=lambda t: -t["rows"] * t["dim"])[:count]
     shapes = {}
     for t in tables:
-        rf, df = factor_rows(t["rows"], 3, suffix_rows), factor_dims(t["dim"], 3)
+        df = factor_dims(t["dim"], 3)
+        rf = choose_row_factors(t["rows"], df, rank, suffix_rows)
         shapes[t["key"]] = TTShape(t["rows"], t["dim"], rf, df, clamp_ranks(rank, rf, df))
     return shapes
 
@@ -104,10 +105,10 @@ def _sync_free(graphs: bool = False):
 def bench_dlrm_step(model: Optional[str] = None, rows_cap: Optional[int] = None, dim: int = 128,
                     tt_tables: int = 5, rank: int = 32, batch: Optional[int] = None, zipf: float = 1.1,
                     device: str = "auto", reps: int = 10, lr: float = 0.01, seed: int = 0,
-                    suffix_rows: Optional[int] = None) -> dict:
+                    suffix_rows: Union[str, int, None] = "auto") -> dict:
     """Samples/s of the training step, dense vs TT, and their ratio; the same for inference
     (forward alone, without gradients, after the training steps).  ``suffix_rows``: the TT
-    tables' trailing row factors multiply to this (see :func:`fpd_convert.tt.factor_rows`)."""
+    tables' row factors (see :func:`fpd_convert.tt.choose_row_factors`; ``"auto"`` as ``compress``)."""
     dev = resolve_device(device)
     if batch is None:
         batch = 65_536 if dev.type == "cuda" else 2_048
@@ -124,8 +125,7 @@ def bench_dlrm_step(model: Optional[str] = None, rows_cap: Optional[int] = None,
         architecture = terabyte_architecture(rows_cap, dim)
         shapes = _largest(architecture, tt_tables, rank, suffix_rows)
         what = f"Criteo-Terabyte DLRM, tables capped at {rows_cap:,} rows, {tt_tables} largest in TT rank {rank}"
-        if suffix_rows:
-            what += f", suffix rows {suffix_rows}"
+        what += ", row factors " + ", ".join(sorted({"x".join(map(str, s.row_factors)) for s in shapes.values()}))
     out = {"model": what, "batch": batch, "device": device_name(dev), "torch": torch.__version__,
            "tt_tables": len(shapes)}
     for name, tt in (("dense", None), ("tt", shapes)):

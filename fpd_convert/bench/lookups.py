@@ -6,14 +6,14 @@ measured in the same process.
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..kernels import triton_suffix
 from ..layers import TTEmbeddingBag, choose_kernel, tt_lookup
-from ..tt import factor_rows
+from ..tt import choose_row_factors, factor_dims
 from .timing import device_name, interleaved_medians, resolve_device
 
 
@@ -56,7 +56,7 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
                   zipf: float = 1.1, device: str = "auto", reps: int = 10, seed: int = 0,
                   dense: Optional[bool] = None, kernel: str = "auto", reference: bool = True,
                   hot_rows: float = 0.0, exact_rows: float = 0.0, batches: int = 1, quantized: bool = True,
-                  dim_factors: Optional[Sequence[int]] = None, suffix_rows: Optional[int] = None) -> dict:
+                  dim_factors: Optional[Sequence[int]] = None, suffix_rows: Union[str, int, None] = "auto") -> dict:
     """Lookups per second (forward, forward+backward) of TT and dense bags, and their ratios.
 
     ``kernel`` picks the TT path (see :mod:`fpd_convert.layers.tt_lookup`); with
@@ -68,7 +68,8 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
     With ``quantized`` (CPU), int8 and int4 row-wise quantized copies of the dense table are
     timed too (forward only): the usual alternative to a TT table.  ``dim_factors`` sets the
     TT's factorization of ``dim`` (default: :func:`fpd_convert.tt.factor_dims`); ``suffix_rows``
-    its row factors (:func:`fpd_convert.tt.factor_rows`; default balanced).
+    its row factors (:func:`fpd_convert.tt.choose_row_factors`: ``"auto"``, as ``compress``
+    picks them at ``rank``; ``"balanced"``; or a suffix row count).
     """
     if batches < 1:
         raise ValueError(f"batches should be >= 1 but got {batches}")
@@ -77,9 +78,8 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
     pool = [zipf_ids(rows, batch * pooling, zipf, dev, g) for _ in range(batches)]
     turn = itertools.count()
     offsets = torch.arange(0, batch * pooling, pooling, device=dev)
-    shape = dict(dim_factors=list(dim_factors)) if dim_factors else {}
-    if suffix_rows:
-        shape["row_factors"] = factor_rows(rows, len(dim_factors) if dim_factors else 3, suffix_rows)
+    df = list(dim_factors) if dim_factors else factor_dims(dim, 3)
+    shape = dict(dim_factors=df, row_factors=choose_row_factors(rows, df, rank, suffix_rows))
     tt = TTEmbeddingBag(rows, dim, rank=rank, mode="sum", device=dev, **shape)
     tt.kernel = kernel
     out = {"rows": rows, "dim": dim, "rank": rank, "row_factors": tt.tt_shape.row_factors,

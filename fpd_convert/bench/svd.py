@@ -23,7 +23,7 @@ import torch
 from ..checkpoints.atomic import atomic_path
 from ..convert.svd_runner import MEMORY_FACTOR, memory_available
 from ..kernels.reference import tt_rows
-from ..tt import clamp_ranks, factor_dims, factor_rows
+from ..tt import choose_row_factors, clamp_ranks, factor_dims
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -41,10 +41,13 @@ def write_table_safetensors(path: Path, key: str, rows: int, dim: int, dtype: to
             f.write(chunk(s, min(rows, s + chunk_rows)).to(dtype).contiguous().numpy().view("uint8").tobytes())
 
 
-def structured_rows(rows: int, dim: int, rank: int = 8, noise: float = 0.3, seed: int = 0):
-    """``chunk(start, stop)``: rows of a fixed random TT table of rank ``rank`` plus noise (unit scale)."""
+def structured_rows(rows: int, dim: int, rank: int = 8, noise: float = 0.3, seed: int = 0,
+                    row_factors: Optional[Sequence[int]] = None):
+    """``chunk(start, stop)``: rows of a fixed random TT table of rank ``rank`` plus noise (unit scale),
+    in ``row_factors`` (default: the layout ``compress`` picks at ``rank``)."""
     g = torch.Generator().manual_seed(seed)
-    rf, df = factor_rows(rows, 3), factor_dims(dim, 3)
+    df = factor_dims(dim, 3)
+    rf = list(row_factors) if row_factors is not None else choose_row_factors(rows, df, rank)
     ranks = clamp_ranks(rank, rf, df, warn=False)
     cores = [torch.randn(ranks[j], rf[j], df[j], ranks[j + 1], generator=g) for j in range(3)]
     scale = 1.0 / math.sqrt(math.prod(ranks))
@@ -104,7 +107,8 @@ def bench_svd(rows: int = 1_000_000, dim: int = 64, rank: int = 32, dtype: str =
     src = where / f"table_{rows}x{dim}.safetensors"
     table_bytes = rows * dim * torch.tensor([], dtype=torch_dtype).element_size()
     t = time.perf_counter()
-    write_table_safetensors(src, "table.weight", rows, dim, torch_dtype, structured_rows(rows, dim))
+    write_table_safetensors(src, "table.weight", rows, dim, torch_dtype, structured_rows(rows, dim, row_factors=choose_row_factors(
+        rows, factor_dims(dim, 3), rank)))  # structured in the layout compress picks at the bench's rank
     out = {"rows": rows, "dim": dim, "rank": rank, "dtype": dtype, "table_bytes": table_bytes,
            "write_seconds": time.perf_counter() - t, "threads": torch.get_num_threads(),
            "memory_available": memory_available(), "torch": torch.__version__, "results": []}

@@ -128,7 +128,7 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
              keep_larger: bool = False, svd_path: str = "auto", workers: int = 1, power_iters: int = 1,
              log: Optional[Callable[[str], None]] = None, fidelity: Optional[FidelityOptions] = None,
              data: Union[str, Path, None] = None, data_rows: Optional[int] = 1_000_000,
-             dim_factors: Optional[Sequence[int]] = None, suffix_rows: Optional[int] = None) -> CompressionSummary:
+             dim_factors: Optional[Sequence[int]] = None, suffix_rows: Union[str, int, None] = "auto") -> CompressionSummary:
     """Replace the chosen tables of ``model`` by TT cores (TT-SVD) and write ``output``.
 
     Ranks: one of ``rank`` (int or list), ``ratio`` (per table), ``budget`` (total bytes of the
@@ -140,9 +140,12 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     ``svd_path``: ``memory`` (TensorLy), ``stream`` (row chunks, for tables that do not fit)
     or ``auto`` (by size); ``workers`` tables are decomposed at once when memory allows.
     ``dim_factors`` (e.g. ``[2, 4, 8]``) replaces the most balanced factorization of the tables'
-    dim, for every chosen table; their count sets the order.  ``suffix_rows`` (e.g. 512) fixes
-    the product of the trailing row factors and gives the first factor the rest (see
-    :func:`fpd_convert.tt.factor_rows`): faster CPU inference, same error (docs/benchmarks.md).
+    dim, for every chosen table; their count sets the order.  ``suffix_rows`` picks the row
+    factors: ``"auto"`` (default) the smallest suffix whose TT is no larger than the balanced one
+    at the same ranks (:mod:`fpd_convert.tt.layout`; balanced with ``tol``), ``"balanced"``, or an
+    int (e.g. 512) that fixes the product of the trailing row factors and gives the first factor
+    the rest (:func:`fpd_convert.tt.factor_rows`).  A long first core keeps CPU lookups in cache
+    at the same AUC (docs/benchmarks.md).
     ``log`` receives the plan (expected memory) before the work starts.
 
     ``fidelity`` (importance-aware compression, see :mod:`.allocation`; default

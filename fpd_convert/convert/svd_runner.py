@@ -15,14 +15,14 @@ import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm
 
 from ..checkpoints.lazy_tables import row_reader
-from ..tt import (TTDecomposition, decompose_table, factor_dims, factor_rows, resolve_ranks, streaming_peak_bytes,
-                  streaming_tt_svd)
+from ..tt import (TTDecomposition, choose_row_factors, decompose_table, factor_dims, factor_rows, parse_suffix_rows,
+                  resolve_ranks, streaming_peak_bytes, streaming_tt_svd)
 
 SVD_PATHS = ("auto", "memory", "stream")
 MEMORY_FACTOR = 5.5  # expected peak of the in-memory path / table bytes in float32
@@ -59,12 +59,14 @@ def memory_available() -> int:
 def plan_table(key: str, name: str, rows: int, dim: int, order: int = 3, rank=None, ratio=None,
                budget_bytes=None, tol=None, svd_path: str = "auto", oversample: int = 10,
                available: Optional[int] = None, dim_factors: Optional[Sequence[int]] = None,
-               suffix_rows: Optional[int] = None) -> TablePlan:
+               suffix_rows: Union[str, int, None] = "auto") -> TablePlan:
     """Shape, ranks, path and expected peak memory of one table's TT-SVD.
 
     ``dim_factors`` (their count sets the order) replaces the most balanced factorization of
     ``dim``; e.g. ``[2, 4, 8]`` for 64 makes CPU lookups ~1.5x faster (docs/benchmarks.md).
-    ``suffix_rows`` fixes the product of the trailing row factors (see :func:`factor_rows`)."""
+    ``suffix_rows``: ``"auto"`` (the byte-neutral long first core at the ranks the choice gives
+    on the balanced shape, see :mod:`fpd_convert.tt.layout`; balanced in tolerance mode),
+    ``"balanced"``, or the product of the trailing row factors (see :func:`factor_rows`)."""
     if svd_path not in SVD_PATHS:
         raise ValueError(f"svd path should be one of {', '.join(SVD_PATHS)} but got {svd_path!r}")
     if dim_factors is not None:
@@ -72,11 +74,15 @@ def plan_table(key: str, name: str, rows: int, dim: int, order: int = 3, rank=No
         if math.prod(df) != dim or min(df) < 1 or not 2 <= len(df) <= 4:
             raise ValueError(f"dim factors {df} should be 2 to 4 positive ints whose product is the dim of "
                              f"table {name} ({dim}) but multiply to {math.prod(df)}")
-        rf = factor_rows(rows, len(df), suffix_rows)
     else:
-        rf, df = factor_rows(rows, order, suffix_rows), factor_dims(dim, order)
+        df = factor_dims(dim, order)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # clamped ranks show in the summary
+        reference = None
+        if parse_suffix_rows(suffix_rows) == "auto" and tol is None and rank is None:
+            # ratio or budget: the ranks they give on the balanced shape
+            reference = resolve_ranks(rows, dim, factor_rows(rows, len(df)), df, rank, ratio, budget_bytes)
+        rf = choose_row_factors(rows, df, rank if rank is not None else reference, suffix_rows)
         ranks = None if tol is not None else resolve_ranks(rows, dim, rf, df, rank, ratio, budget_bytes)
     memory_peak = int(MEMORY_FACTOR * rows * dim * 4)
     stream_rank = max(ranks) if ranks is not None else TOL_MAX_RANK
