@@ -1,0 +1,39 @@
+"""The scripts under examples/ run as a user would run them and print what they promise."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run(script, *args):
+    r = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_convert_a_checkpoint(tmp_path):
+    out = run("convert_a_checkpoint.py", "--dir", str(tmp_path), "--train-rows", "20000", "--test-rows", "5000")
+    # the default layout is the long first core, no larger than balanced, table by table
+    sizes = {}
+    for layout, table, factors, after in re.findall(r"^(auto|balanced)\s+(\d+): .*row factors (\[[\d, ]+\]).*"
+                                                    r"-> ([\d,]+) bytes", out, re.M):
+        sizes[layout, table] = (factors, int(after.replace(",", "")))
+    assert len(sizes) == 10, out
+    assert sizes["auto", "0"][0] == "[235, 16, 16]" and sizes["balanced", "0"][0] == "[50, 40, 30]"
+    assert all(sizes["auto", t][1] <= sizes["balanced", t][1] for t in "01234")
+    assert "loaded DLRMNet with 5 TT tables" in out
+    auc = float(re.search(r"test AUC of the compressed model: ([\d.]+)", out).group(1))
+    assert 0.6 < auc < 1.0
+    assert re.search(r"^compressed\s+[\d.]+ MB", out, re.M)
+    assert (tmp_path / "compressed_auto.safetensors").exists() and (tmp_path / "baseline.pt").exists()
+
+
+def test_tt_layer():
+    out = run("tt_layer.py", "--rows", "20000", "--dim", "16", "--rank", "8", "--batch", "256")
+    err = float(re.search(r"relative error ([\d.]+)", out).group(1))
+    assert 0 < err < 0.5  # a table of TT rank 8 plus noise
+    loss = re.search(r"loss ([\d.e+-]+) -> ([\d.e+-]+)", out)
+    assert float(loss.group(2)) < float(loss.group(1))
+    assert "reloaded layer gives the same bags: True" in out
