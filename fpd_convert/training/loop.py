@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..checkpoints import atomic_path
 from .metrics import evaluate
+from .sparse_grads import sparse_table_gradients
 
 
 class LogitModel(torch.nn.Module):
@@ -121,6 +122,8 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
     result = FitResult(best_state, None)
     bar = tqdm(total=max_steps, desc="train", unit="step", disable=True if (not progress or rank != 0) else None, file=sys.stderr, mininterval=1.0,
                initial=st["step"])
+    sparse_grads = sparse_table_gradients(model, optimizer, distributed)  # dense tables: exact sparse updates
+    sparse_grads.__enter__()  # left in the finally below
     try:
         for epoch in range(st["epoch"], epochs):
             for i, batch in enumerate(train_data):
@@ -168,6 +171,7 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
             break
     finally:
         bar.close()
+        sparse_grads.__exit__(None, None, None)
         for s, h in old.items():
             signal.signal(s, h)
     if val_data is None:
