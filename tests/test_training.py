@@ -152,3 +152,15 @@ def test_report_on_criteo_text_with_strict(workdir, tmp_path):
     bad.write_text(open(real).read() + "\n7\tnot a line\n")
     r = CliRunner().invoke(main, args + ["--data", str(bad)])
     assert r.exit_code == 1 and "bad.txt:1001: malformed line" in r.output
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, capsys):
+    import fpd_convert.training.loop as loop
+    monkeypatch.setattr(loop, "LINE_EVERY_S", 0.0)  # a line each time the loss is read (every 50 steps)
+    synth(tmp_path / "train.npz", 6_000, seed=0)
+    train(tmp_path / "train.npz", tmp_path / "m.pt", batch_size=64, max_steps=60, force=True)  # progress on
+    err = capsys.readouterr().err  # captured: not a terminal, so no bar
+    assert "step 1/60, epoch 1/1: loss" in err and "step 51/60, epoch 1/1: loss" in err, err
+    assert "samples/s" in err
+    train(tmp_path / "train.npz", tmp_path / "m2.pt", batch_size=64, max_steps=60, force=True, progress=False)
+    assert "step 51" not in capsys.readouterr().err

@@ -26,6 +26,9 @@ from ..checkpoints import atomic_path
 from .metrics import evaluate
 from .sparse_grads import sparse_table_gradients
 
+#: seconds between progress lines when stderr is not a terminal (no progress bar then)
+LINE_EVERY_S = 30.0
+
 
 class LogitModel(torch.nn.Module):
     """Wraps a model so that ``forward`` gives logits (what DDP and the loss need)."""
@@ -122,6 +125,7 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
     result = FitResult(best_state, None)
     bar = tqdm(total=max_steps, desc="train", unit="step", disable=True if (not progress or rank != 0) else None, file=sys.stderr, mininterval=1.0,
                initial=st["step"])
+    last_line = [time.time()]
     sparse_grads = sparse_table_gradients(model, optimizer, distributed)  # dense tables: exact sparse updates
     sparse_grads.__enter__()  # left in the finally below
     try:
@@ -146,6 +150,10 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
                 if st["step"] % 50 == 1:  # loss.item() syncs the GPU: read it now and then
                     rate = (st["samples"] - done_samples0) / max(time.time() - t0, 1e-9)
                     bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
+                    if progress and rank == 0 and bar.disable and time.time() - last_line[0] >= LINE_EVERY_S:
+                        last_line[0] = time.time()  # no bar (stderr is not a terminal): a line now and then
+                        log(f"step {st['step']:,}" + (f"/{max_steps:,}" if max_steps else "") +
+                            f", epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, {rate:,.0f} samples/s")
                 if eval_every and st["step"] % eval_every == 0 and run_eval():
                     result.stopped_early = True
                     break
