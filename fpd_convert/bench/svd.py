@@ -107,8 +107,8 @@ def bench_svd(rows: int = 1_000_000, dim: int = 64, rank: int = 32, dtype: str =
     src = where / f"table_{rows}x{dim}.safetensors"
     table_bytes = rows * dim * torch.tensor([], dtype=torch_dtype).element_size()
     t = time.perf_counter()
-    write_table_safetensors(src, "table.weight", rows, dim, torch_dtype, structured_rows(rows, dim, row_factors=choose_row_factors(
-        rows, factor_dims(dim, 3), rank)))  # structured in the layout compress picks at the bench's rank
+    layout = choose_row_factors(rows, factor_dims(dim, 3), rank)  # the row factors compress picks at this rank
+    write_table_safetensors(src, "table.weight", rows, dim, torch_dtype, structured_rows(rows, dim, row_factors=layout))
     out = {"rows": rows, "dim": dim, "rank": rank, "dtype": dtype, "table_bytes": table_bytes,
            "write_seconds": time.perf_counter() - t, "threads": torch.get_num_threads(),
            "memory_available": memory_available(), "torch": torch.__version__, "results": []}

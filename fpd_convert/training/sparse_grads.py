@@ -4,8 +4,9 @@ A dense table's gradient is zero outside the rows a batch looked up, but as a de
 is the table's full size: every step allocates it, and the optimizer reads and writes the whole
 table and its state.  For a 1M x 64 table that is ~1 GB of memory traffic a step for a batch
 that touches a few thousand rows: ``train`` of a DLRM with such a table, batch 512, on 2 CPU
-cores took 438 ms a step with dense gradients and 13 ms with sparse ones (docs/benchmarks.md).  ``nn.EmbeddingBag(sparse=True)`` gives a sparse gradient
-instead, as facebookresearch/dlrm trains its tables.
+cores took 438 ms a step with dense gradients and 13 ms with sparse ones (docs/benchmarks.md).
+``nn.EmbeddingBag(sparse=True)`` gives a sparse gradient instead, as facebookresearch/dlrm
+trains its tables.
 
 Only where the result is the same: plain SGD and Adagrad without weight decay (their update of
 a row with a zero gradient is zero, so updating only the looked-up rows is exact), and not
