@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import cuda, needs_triton
-from fpd_convert.kernels import cpu_tt, triton_suffix, triton_tt
+from fpd_convert.kernels import cpu_suffix, cpu_tt, triton_suffix, triton_tt
 from fpd_convert.kernels.reference import tt_rows
 from fpd_convert.layers import TTEmbeddingBag, TTEmbedding, choose_kernel
 
@@ -68,6 +68,42 @@ def test_cpu_path_two_and_four_cores():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         for a, b in zip(out_g, ref_g):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("row_factors,dim_factors,ranks", SHAPES + [
+    ([20, 30], [4, 2], [1, 5, 1]), ([3, 4, 5, 6], [2, 2, 1, 2], [1, 3, 4, 2, 1]),
+    ([2, 9, 8, 3], [2, 1, 2, 2], [1, 2, 3, 2, 1]), ([7, 3, 5], [2, 2, 8], [1, 3, 5, 1])])
+def test_cpu_suffix_path_equals_reference_for_any_order(row_factors, dim_factors, ranks):
+    # 2, 3 and 4 cores; runs of 1 to 16 values moved by the table's swaps (8 and 16 bytes go wide)
+    cores = make_cores(row_factors, dim_factors, ranks)
+    n = int(torch.tensor(row_factors).prod())
+    idx = sample_indices(n, 2 * n, unique=False)  # unsorted, with repeats: their gradients add up
+    ref, ref_g = grads(tt_rows, cores, idx)
+    out, out_g = grads(cpu_suffix.tt_rows_suffix, cores, idx)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(out_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_suffix_table_in_bf16_is_close_to_the_fp32_reference():
+    cores = make_cores([5, 7, 6], [2, 4, 8], [1, 3, 4, 1], dtype=torch.bfloat16)  # 8 bf16: one 16-byte run
+    idx = sample_indices(210, 80)
+    out = cpu_suffix.tt_rows_suffix(cores, idx)
+    assert out.dtype == torch.bfloat16
+    ref = tt_rows([c.float() for c in cores], idx).detach()
+    torch.testing.assert_close(out.detach().float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+def test_cpu_suffix_path_is_chosen_by_multiply_adds():
+    # the default layout of a 1M x 64 rank-16 table (1,024 suffixes) against the balanced one
+    long_first = [torch.empty(1, 977, 4, 16), torch.empty(16, 32, 4, 16), torch.empty(16, 32, 4, 1)]
+    balanced = [torch.empty(1, 100, 4, 16), torch.empty(16, 100, 4, 16), torch.empty(16, 100, 4, 1)]
+    assert cpu_suffix.suffix_cost(long_first, 3300) == 16 * 32 * 4 * 16 * 32 * 4 + 3300 * 16 * 64
+    assert cpu_suffix.shared_cost(long_first, 3300) == 3300 * 4 * 16 * 4 * 16 + 3300 * 16 * 16 * 4
+    assert cpu_suffix.worthwhile(long_first, 3300)  # a batch of 8,192 Zipf ids
+    assert not cpu_suffix.worthwhile(long_first, 100)  # few ids: the table would cost more than they do
+    assert not cpu_suffix.worthwhile(balanced, 3300)  # 10,000 suffixes
+    assert not cpu_suffix.worthwhile(long_first[:1], 3300)
 
 
 # (row factors, dim factors, ranks, which end the table leaves out): 2, 3 and 4 cores, both ends
@@ -267,11 +303,14 @@ def test_dispatch_choices():
         choose_kernel("cuda", cpu_cores)
 
 
-@pytest.mark.parametrize("kernel", ["reference", "cpu"] + (["triton", "triton-suffix"] if triton_tt.available() else []))
+@pytest.mark.parametrize("kernel", ["reference", "cpu", "cpu-suffix"]
+                         + (["triton", "triton-suffix"] if triton_tt.available() else []))
 def test_layer_paths_agree_through_pooling_and_training(kernel, monkeypatch):
     # the Triton kernels run on CUDA where there is a GPU, in the interpreter on the CPU otherwise
     device = "cuda" if kernel.startswith("triton") and torch.cuda.is_available() else "cpu"
     monkeypatch.setattr(triton_suffix, "FACTOR", 1e9 if kernel == "triton-suffix" else 0.0)
+    chosen = []  # the CPU path's choice between the suffix table and the shared prefixes
+    monkeypatch.setattr(cpu_suffix, "worthwhile", lambda cores, n: chosen.append(n) or kernel == "cpu-suffix")
     kernel = kernel.split("-")[0]
     torch.manual_seed(0)
     ref = TTEmbeddingBag(210, 12, rank=4, row_factors=[5, 7, 6], dim_factors=[2, 3, 2], mode="mean")
@@ -288,6 +327,7 @@ def test_layer_paths_agree_through_pooling_and_training(kernel, monkeypatch):
                                atol=1e-5)
     for a, b in zip(fast.cores, ref.cores):
         torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-5)
+    assert bool(chosen) == kernel.startswith("cpu")  # (asked with the batch's 5 distinct ids)
     with torch.no_grad():  # inference: the CPU path serves from its prefix table
         torch.testing.assert_close(fast(ids.to(device), offsets.to(device)).cpu(), ref(ids, offsets), rtol=1e-4,
                                    atol=1e-5)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cpu_suffix import suffix_table
+
 
 def _levels(indices: torch.Tensor, row_factors: Sequence[int]):
     """Per level j (1..k): distinct prefix codes and, for j >= 2, the parent of each."""
@@ -166,24 +168,9 @@ class EndTable:
     @staticmethod
     @torch.no_grad()
     def suffixes(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-        """All products ``G_2[i_2] ... G_k[i_k]`` as ``(N_suffix, r_1, d_2..d_k)``, level by level
-        from the right as one GEMM each (no per-suffix copy of a core slice): core
-        ``(r', n, d, r)`` times acc ``(r, S, D)``.  Each level's one copy puts its result in the
-        layout the next needs, ``(r', n S, d D)``, and the last one straight in the table's
-        ``(n S, r', d D)`` (peak: the table and one GEMM result)."""
-        acc = cores[-1][..., 0]  # (r_{k-1}, n_k, d_k)
-        if len(cores) == 2:
-            return acc.transpose(0, 1).contiguous()
-        for j in range(len(cores) - 2, 0, -1):
-            r_out, n, d, r = cores[j].shape
-            _, s, dd = acc.shape
-            prod = (cores[j].reshape(r_out * n * d, r) @ acc.reshape(r, s * dd)).reshape(r_out, n, d, s, dd)
-            if j > 1:
-                acc = prod.permute(0, 1, 3, 2, 4).reshape(r_out, n * s, d * dd)
-            else:
-                acc = prod.permute(1, 3, 0, 2, 4).reshape(n * s, r_out, d * dd)
-            del prod
-        return acc
+        """All products ``G_2[i_2] ... G_k[i_k]`` as ``(N_suffix, r_1, d_2..d_k)``
+        (:func:`fpd_convert.kernels.cpu_suffix.suffix_table`, without gradients)."""
+        return suffix_table(cores)
 
     @staticmethod
     @torch.no_grad()

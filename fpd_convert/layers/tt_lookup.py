@@ -3,8 +3,9 @@
 ``kernel="auto"`` picks, for three float cores on a CUDA device with Triton, the
 Triton kernels (the suffix-table kernels when the batch's distinct ids are many enough for
 the table's digit pairs, see :mod:`fpd_convert.kernels.triton_suffix`, else the per-index
-ones); on the CPU, the shared-prefix path (and the cached end table
-when no gradient is needed and the table is small); otherwise the plain PyTorch
+ones); on the CPU, a suffix table built per call or the shared-prefix path, whichever takes
+fewer multiply-adds (and the cached end table when no gradient is needed and the table is
+small); otherwise the plain PyTorch
 reference, which every fast path is tested against.  ``FPD_TT_KERNEL`` in the
 environment sets the default for all layers (``reference``, ``cpu``, ``triton``, ``auto``).
 
@@ -24,7 +25,7 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..kernels import cpu_tt, triton_suffix, triton_tt
+from ..kernels import cpu_suffix, cpu_tt, triton_suffix, triton_tt
 from ..kernels.reference import row_digits, tt_rows
 
 KERNELS = ("auto", "reference", "cpu", "triton")
@@ -138,9 +139,11 @@ def lookup_rows(cores: Sequence[torch.Tensor], unique_ids: torch.Tensor, kernel:
                 suffix_cache: Optional[triton_suffix.SuffixCache] = None) -> torch.Tensor:
     """Rows of the TT table for deduplicated indices, by the chosen path.
 
-    The shared-prefix and per-index Triton paths walk sorted ids: with ``is_sorted=False`` the
-    ids are sorted for them and the rows put back in the given order; the end-table, suffix
-    and reference paths take any order.  Without gradients, ``row_cache`` (CPU path) and
+    On the CPU, rows that need gradients (or that no cache holds) come from a suffix table built
+    for the call (:mod:`fpd_convert.kernels.cpu_suffix`) where that takes fewer multiply-adds than
+    the shared-prefix path.  The shared-prefix and per-index Triton paths walk sorted ids: with
+    ``is_sorted=False`` the ids are sorted for them and the rows put back in the given order; the
+    end-table, suffix and reference paths take any order.  Without gradients, ``row_cache`` (CPU path) and
     ``suffix_cache`` (Triton path) keep a product of cores between calls while it fits.
     """
     path = choose_kernel(kernel, cores)
@@ -154,6 +157,8 @@ def lookup_rows(cores: Sequence[torch.Tensor], unique_ids: torch.Tensor, kernel:
             return triton_suffix.suffix_rows(cores, unique_ids)
     if path == "reference":
         return tt_rows(cores, unique_ids)
+    if path == "cpu" and cpu_suffix.worthwhile(cores, unique_ids.numel()):  # any order
+        return cpu_suffix.tt_rows_suffix(cores, unique_ids)
     if is_sorted:
         return _sorted_path(path, cores, unique_ids)
     if unique_ids.device.type == "cpu":  # numpy's sort is several times faster on the CPU
