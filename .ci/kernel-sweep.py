@@ -188,11 +188,12 @@ def profile(name, step, n=5):
 try:  # where the whole layer's time goes (dedup, index check, rows, pooling, backward), per path
     triton_tt.VARIANT = winner
     offsets = torch.arange(batch, device=device)
+    upstream = torch.randn(batch, dim, device=device)  # a dense gradient, not sum()'s expanded one
     for kernel in ("triton", "cpu"):
         bag.kernel = kernel
-        profile(f"TTEmbeddingBag kernel={kernel}", lambda: bag(ids, offsets).sum().backward())
+        profile(f"TTEmbeddingBag kernel={kernel}", lambda: bag(ids, offsets).backward(upstream))
     dense = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device)
-    profile("nn.EmbeddingBag sparse", lambda: dense(ids, offsets).sum().backward())
+    profile("nn.EmbeddingBag sparse", lambda: dense(ids, offsets).backward(upstream))
 except Exception as e:
     print(json.dumps({"profile_error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
 for dtype in (torch.int64, torch.int32):  # dedup: the layer's torch.unique on the batch's ids

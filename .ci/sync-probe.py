@@ -84,11 +84,12 @@ def probe(name, fn, steps=10):
 # one table alone (10M x 128, rank 32, one-hot bags): the host's time against the wall time
 ids = zipf_ids(rows_cap, batch, 1.1, device, torch.Generator().manual_seed(0))
 offsets = torch.arange(batch, device=device)
+upstream = torch.randn(batch, 128, device=device)  # a dense gradient, as a model's next layer gives
 
 
 def fwd_bwd(layer):
     def run():
-        layer(ids, offsets).sum().backward()
+        layer(ids, offsets).backward(upstream)
         for p in layer.parameters():
             p.grad = None
     return run
