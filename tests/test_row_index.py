@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import cuda
+from fpd_convert.kernels import cpu_suffix
 from fpd_convert.layers import TTEmbeddingBag
 from fpd_convert.layers import row_index
 from fpd_convert.layers.row_index import BitRank, build_row_index, row_codes
@@ -74,6 +75,23 @@ def test_layer_with_overlapping_map_and_exact_rows_equals_its_dense_view():
         torch.testing.assert_close(bag(ids, offsets), ref)  # the differentiable path
     bag.to(torch.float64).to(torch.float32)  # device/dtype moves keep the index usable
     torch.testing.assert_close(bag(ids, offsets), ref)
+
+
+@pytest.mark.parametrize("suffix_table", [True, False])
+def test_cpu_training_paths_with_map_and_exact_rows_give_the_reference_gradients(suffix_table, monkeypatch):
+    # the CPU path's two ways to differentiable rows (a suffix table per call, or shared prefixes)
+    monkeypatch.setattr(cpu_suffix, "worthwhile", lambda cores, n: suffix_table)
+    ids = torch.tensor([57, 0, 100, 4, 3, 209, 200, 57, 150])
+    offsets = torch.tensor([0, 3, 5])
+    g = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for kernel in ("reference", "cpu"):
+        bag = _layer()
+        bag.kernel = kernel
+        (bag(ids, offsets) * g).sum().backward()
+        grads.append([p.grad for p in (*bag.cores, bag.exact_rows)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 @cuda
