@@ -187,7 +187,8 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
 
 
 def format_lookups(r: dict) -> str:
-    batches = f" a batch, {r['batches']} batches in turn" if r.get("batches", 1) > 1 else ""
+    batches = (f" a batch, {r['batches']} batches in turn" if r.get("batches", 1) > 1
+               else ", one batch repeated: --batches N for fresh ones")
     lines = [f"{r['rows']:,} x {r['dim']} (rows {r.get('row_factors')}, dims {r.get('dim_factors')}), rank {r['rank']}, "
              f"batch {r['batch']:,} x pooling {r['pooling']}, "
              f"Zipf {r['zipf']} ({r['unique_ids']:,} unique ids{batches}), "
