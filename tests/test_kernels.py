@@ -94,7 +94,7 @@ def test_cpu_suffix_table_in_bf16_is_close_to_the_fp32_reference():
     torch.testing.assert_close(out.detach().float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
 
 
-def test_cpu_suffix_path_is_chosen_by_multiply_adds():
+def test_cpu_suffix_path_is_chosen_by_multiply_adds(monkeypatch):
     # the default layout of a 1M x 64 rank-16 table (1,024 suffixes) against the balanced one
     long_first = [torch.empty(1, 977, 4, 16), torch.empty(16, 32, 4, 16), torch.empty(16, 32, 4, 1)]
     balanced = [torch.empty(1, 100, 4, 16), torch.empty(16, 100, 4, 16), torch.empty(16, 100, 4, 1)]
@@ -104,6 +104,9 @@ def test_cpu_suffix_path_is_chosen_by_multiply_adds():
     assert not cpu_suffix.worthwhile(long_first, 100)  # few ids: the table would cost more than they do
     assert not cpu_suffix.worthwhile(balanced, 3300)  # 10,000 suffixes
     assert not cpu_suffix.worthwhile(long_first[:1], 3300)
+    assert cpu_suffix.table_bytes(long_first) == 1024 * 16 * 16 * 4
+    monkeypatch.setattr(cpu_suffix, "MAX_BYTES", 1024 * 16 * 16 * 4 - 1)  # a table too big: never
+    assert not cpu_suffix.worthwhile(long_first, 3300)
 
 
 # (row factors, dim factors, ranks, which end the table leaves out): 2, 3 and 4 cores, both ends

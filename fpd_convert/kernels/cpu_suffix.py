@@ -111,7 +111,17 @@ def shared_cost(cores: Sequence[torch.Tensor], n_ids: int) -> int:
     return cost
 
 
+#: largest suffix table (and as much again for its gradient) built for one training lookup
+MAX_BYTES = 256 << 20
+
+
+def table_bytes(cores: Sequence[torch.Tensor]) -> int:
+    """Bytes of the :func:`suffix_table` of these cores."""
+    return suffix_count(cores) * cores[0].shape[3] * math.prod(c.shape[2] for c in cores[1:]) * cores[0].element_size()
+
+
 def worthwhile(cores: Sequence[torch.Tensor], n_ids: int) -> bool:
     """Whether :func:`tt_rows_suffix` costs fewer multiply-adds than the shared-prefix path for
-    ``n_ids`` distinct ids (at least two cores)."""
-    return len(cores) >= 2 and suffix_cost(cores, n_ids) < shared_cost(cores, n_ids)
+    ``n_ids`` distinct ids (at least two cores), with a table of at most :data:`MAX_BYTES`."""
+    return (len(cores) >= 2 and table_bytes(cores) <= MAX_BYTES
+            and suffix_cost(cores, n_ids) < shared_cost(cores, n_ids))
