@@ -85,6 +85,15 @@ def test_cpu_suffix_path_equals_reference_for_any_order(row_factors, dim_factors
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("start", [0, 1, 2, 4])  # storage offsets of 0, 4, 8 and 16 bytes
+@pytest.mark.parametrize("run", [1, 2, 3, 4, 8])  # values moved together: 4 to 32 bytes
+def test_cpu_suffix_layout_swap_for_any_run_and_offset(start, run):
+    base = torch.randn(start + 2 * 3 * 5 * run)
+    x = base[start:]
+    want = x.reshape(2, 3, 5, run).transpose(1, 2).contiguous()
+    assert torch.equal(cpu_suffix._swap_middle(x, 2, 3, 5, run), want)
+
+
 def test_cpu_suffix_table_in_bf16_is_close_to_the_fp32_reference():
     cores = make_cores([5, 7, 6], [2, 4, 8], [1, 3, 4, 1], dtype=torch.bfloat16)  # 8 bf16: one 16-byte run
     idx = sample_indices(210, 80)

@@ -24,9 +24,9 @@ def _swap_middle(x: torch.Tensor, b: int, a: int, s: int, c: int) -> torch.Tenso
     viewed as one complex128 or float64): torch's copy of a permutation with runs of 4 floats
     took 166 us for 1 MB against 17 us so (2 cores)."""
     x = x.reshape(b, a, s, c)
-    run = c * x.element_size()
+    run, offset = c * x.element_size(), x.storage_offset() * x.element_size()
     for unit, wide in ((16, torch.complex128), (8, torch.float64)):
-        if run % unit == 0:
+        if run % unit == 0 and offset % unit == 0 and x.is_contiguous():
             return x.view(wide).transpose(1, 2).contiguous().view(x.dtype)
     return x.transpose(1, 2).contiguous()
 
