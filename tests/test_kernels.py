@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import cuda, needs_triton
-from fpd_convert.kernels import cpu_suffix, cpu_tt, triton_suffix, triton_tt
+from fpd_convert.kernels import cpu_pool, cpu_suffix, cpu_tt, triton_suffix, triton_tt
 from fpd_convert.kernels.reference import tt_rows
 from fpd_convert.layers import TTEmbeddingBag, TTEmbedding, choose_kernel
 
@@ -116,6 +116,49 @@ def test_cpu_suffix_path_is_chosen_by_multiply_adds(monkeypatch):
     assert cpu_suffix.table_bytes(long_first) == 1024 * 16 * 16 * 4
     monkeypatch.setattr(cpu_suffix, "MAX_BYTES", 1024 * 16 * 16 * 4 - 1)  # a table too big: never
     assert not cpu_suffix.worthwhile(long_first, 3300)
+
+
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
+@pytest.mark.parametrize("pad", [None, 2])
+@pytest.mark.parametrize("shape", ["offsets", "2d"])
+def test_cpu_pooling_by_row_equals_embedding_bag(mode, weighted, pad, shape):
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    if shape == "2d":
+        inverse, offsets = torch.tensor([[0, 2, 2], [4, 1, 2], [3, 3, 3]]), None
+    else:  # an empty bag, a bag of padding only, repeats
+        inverse, offsets = torch.tensor([0, 2, 2, 4, 1, 2, 3, 3, 2]), torch.tensor([0, 3, 3, 8])
+    weights = torch.rand(inverse.shape, generator=g, dtype=torch.float64) if weighted else None
+    up = torch.randn(inverse.shape[0] if shape == "2d" else 4, 3, generator=g, dtype=torch.float64)
+    got_rows, want_rows = rows.clone().requires_grad_(), rows.clone().requires_grad_()
+    got = cpu_pool.pool_rows(got_rows, inverse, offsets, mode, weights, pad)
+    want = torch.nn.functional.embedding_bag(inverse, want_rows, offsets, mode=mode, per_sample_weights=weights,
+                                             padding_idx=pad)
+    torch.testing.assert_close(got, want)
+    got.backward(up)
+    want.backward(up)
+    torch.testing.assert_close(got_rows.grad, want_rows.grad)
+    if pad is not None:
+        assert got_rows.grad[pad].abs().sum() == 0  # padding entries learn nothing
+
+
+def test_layer_pools_by_row_on_the_cpu_only_where_it_may(monkeypatch):
+    calls = []
+    real = cpu_pool.pool_rows
+    monkeypatch.setattr("fpd_convert.layers.tt_embedding.pool_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bag = TTEmbeddingBag(210, 12, rank=4, row_factors=[5, 7, 6], dim_factors=[2, 3, 2], mode="mean",
+                         include_last_offset=True)
+    ids, offsets = torch.tensor([3, 3, 209, 0, 17, 3, 150]), torch.tensor([0, 2, 5, 7])
+    ref = bag.to_dense().detach()
+    want = torch.nn.functional.embedding_bag(ids, ref, offsets, mode="mean", include_last_offset=True)
+    torch.testing.assert_close(bag(ids, offsets), want)
+    assert calls == [1]  # trained, last offset at the end: pooled by row
+    with torch.no_grad():
+        bag(ids, offsets)
+    bag(ids[:2], torch.tensor([0, 1, 2]))  # one bag an id: a gather
+    bag.mode = "max"
+    bag(ids, offsets)
+    assert calls == [1]  # no gradient, one-hot or max: not by row
 
 
 # (row factors, dim factors, ranks, which end the table leaves out): 2, 3 and 4 cores, both ends

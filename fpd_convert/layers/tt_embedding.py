@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, factor_dims, factor_rows
+from ..kernels.cpu_pool import pool_rows
+from ..kernels.cpu_sort import sort_with_positions
 from ..kernels.cpu_tt import EndTable
 from ..kernels.triton_entries import entry_bags, order_by_suffix, suffix_major_codes
 from ..kernels.triton_pooled import pooled_bags
@@ -27,40 +29,27 @@ from .tt_lookup import (cuda_graphs, default_kernel, lookup_rows, pools_in_one_p
                         sync_free, trains_sync_free)
 
 
-_POSITIONS = np.arange(1 << 16, dtype=np.int64)
-
-
-def _positions(n: int) -> np.ndarray:
-    """``np.arange(n)`` (int64), without a new array for the usual batch sizes."""
-    return _POSITIONS[:n] if n <= _POSITIONS.size else np.arange(n, dtype=np.int64)
-
-
 def _unique(flat: torch.Tensor, limit: int):
     """Sorted distinct values and the inverse map, for ids already checked to be in ``[0, limit)``.
 
-    On the CPU, each id is packed with its position into one int64 key and the keys are
-    sorted by numpy (a vectorized sort: 2.3x faster than ``np.unique``'s argsort and 5x
-    faster than ``torch.unique`` for 8k ids); the positions then give the inverse.
+    On the CPU the ids are sorted with their positions (:func:`fpd_convert.kernels.cpu_sort.sort_with_positions`),
+    which then give the inverse.
     """
     if flat.device.type != "cpu" or flat.numel() == 0:
         uniq, inverse = torch.unique(_sort_keys(flat, limit), return_inverse=True)
         return uniq.to(flat.dtype), inverse
-    ids = flat.numpy().astype(np.int64, copy=False)
-    n = ids.size
-    bits = max(1, (n - 1).bit_length())
-    if limit >= 1 << (62 - bits):  # the key would overflow: plain unique
+    ids = flat.numpy()
+    found = sort_with_positions(ids, limit)
+    if found is None:  # the key would overflow: plain unique
         uniq, inverse = np.unique(ids, return_inverse=True)
-        return torch.from_numpy(uniq), torch.from_numpy(inverse.reshape(-1)).long()
-    keys = np.left_shift(ids, bits)
-    keys |= _positions(n)
-    keys.sort()
-    values = keys >> bits
+        return torch.from_numpy(uniq.astype(np.int64, copy=False)), torch.from_numpy(inverse.reshape(-1)).long()
+    values, pos = found
+    n = ids.size
     first = np.empty(n, dtype=bool)
     first[0] = True
     np.not_equal(values[1:], values[:-1], out=first[1:])
-    keys &= (1 << bits) - 1
     inverse = np.empty(n, dtype=np.int64)
-    inverse[keys] = first.cumsum() - 1
+    inverse[pos] = first.cumsum() - 1
     return torch.from_numpy(values[first]), torch.from_numpy(inverse)
 
 
@@ -562,8 +551,19 @@ class TTEmbeddingBag(_TTTable):
         if last_offset and self._has_trailing_entries(input, offsets):
             rows, inverse, pad = self._trailing_as_padding(rows, inverse, offsets, pad)
             offsets, last_offset = offsets[:-1], False
+        if self._pools_by_row(rows, per_sample_weights) and (inverse.dim() == 2 or offsets is not None) \
+                and (not last_offset or (offsets.numel() and int(offsets[-1]) == input.numel())):
+            return pool_rows(rows, inverse, offsets[:-1] if last_offset else offsets, self.mode,
+                             per_sample_weights, pad)
         return F.embedding_bag(inverse, rows, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
                                include_last_offset=last_offset, padding_idx=pad)
+
+    def _pools_by_row(self, rows: torch.Tensor, per_sample_weights: Optional[torch.Tensor]) -> bool:
+        """Whether the bags are pooled by :func:`fpd_convert.kernels.cpu_pool.pool_rows`, whose backward
+        sums each row's entries in one pass: rows on the CPU that need a gradient, mode sum or mean,
+        weights (if any) that do not."""
+        return (rows.requires_grad and rows.device.type == "cpu" and self.mode != "max"
+                and (per_sample_weights is None or not per_sample_weights.requires_grad))
 
     @staticmethod
     def _has_trailing_entries(input: torch.Tensor, offsets: Optional[torch.Tensor]) -> bool:
