@@ -213,7 +213,7 @@ def train(train_data, output, val_data, table_rows, dim, epochs, batch_size, lr,
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adagrad", "adam"]), default="adagrad", show_default=True)
-@click.option("--lr", type=float, default=0.001, show_default=True, help="MLPs and dense tables.")
+@click.option("--lr", type=float, default=0.0001, show_default=True, help="MLPs and dense tables.")
 @click.option("--tt-lr", type=float, default=0.01, show_default=True, help="TT cores.")
 @click.option("--epochs", type=int, default=1, show_default=True)
 @click.option("--max-steps", type=int)

@@ -40,7 +40,7 @@ def table_rows_of_model(model) -> list:
 
 
 def finetune(compressed, train_data, output, val_data=None, device: str = "auto", optimizer: str = "adagrad",
-             lr: float = 0.001, tt_lr: Optional[float] = 0.01, epochs: int = 1, max_steps: Optional[int] = None,
+             lr: float = 0.0001, tt_lr: Optional[float] = 0.01, epochs: int = 1, max_steps: Optional[int] = None,
              batch_size: int = 512, eval_every: Optional[int] = None, patience: Optional[int] = None,
              resume: bool = False, force: bool = False, progress: bool = True, workers: int = 0,
              seed: int = 0, interrupt_after: Optional[int] = None, val_batches: Optional[int] = None,
@@ -50,9 +50,11 @@ def finetune(compressed, train_data, output, val_data=None, device: str = "auto"
     ``resume=True`` continues from it.  ``interrupt_after`` stops after that many steps as a
     signal would (for tests).
 
-    Defaults (Adagrad, lr 0.001 for MLPs and dense tables, 0.01 for TT cores): the dense
-    parts are already trained and overfit at the baseline's rate; the TT cores have the most
-    to recover.  The input model is evaluated first, so the output is never worse on ``val``."""
+    Defaults (Adagrad, lr 0.0001 for MLPs and dense tables, 0.01 for TT cores): the dense
+    parts are already trained, and a fresh Adagrad state moves every weight by about ``lr`` in
+    its first steps (at 0.001 that undid more than the fine-tuning recovered: docs/benchmarks.md);
+    the TT cores have the most to recover.  The input model is evaluated first, so the output is
+    never worse on ``val``."""
     compressed, output = Path(compressed), Path(output)
     state_path = output.with_name(output.name + ".resume.pt")
     dev = _init_distributed(resolve_device(device))
