@@ -219,6 +219,9 @@ class EndTable:
         self._n_rest = n_rest
         small = n_rest * r < 1 << 31  # int32 bag rows where they fit
         self._pattern = torch.arange(r, dtype=torch.int32 if small else torch.int64, device=table.device).repeat(d_end)
+        self._pattern_np = self._pattern.numpy() if table.device.type == "cpu" else None
+        if self._offsets.device != table.device:
+            self._offsets = self._offsets.to(table.device)
         self._key = key
 
     def rows(self, cores: Sequence[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
@@ -230,11 +233,12 @@ class EndTable:
         self._refresh(cores)
         n_rest, n_end = self._n_rest, self._weights.shape[0]
         r = self._table.shape[0] // n_rest
-        if indices.device.type == "cpu":
+        if indices.device.type == "cpu":  # numpy's small ops cost a third of torch's here
             ids = indices.numpy()
             end, rest = np.divmod(ids, n_rest) if self._first else np.divmod(ids, n_end)[::-1]
-            rest, end = torch.from_numpy(rest.astype(np.int32 if self._pattern.dtype == torch.int32 else np.int64)), \
-                torch.from_numpy(end)
+            pattern = self._pattern_np
+            bags = torch.from_numpy(((rest.astype(pattern.dtype) * r)[:, None] + pattern).reshape(-1))
+            end = torch.from_numpy(end)
         else:
             if self._first:
                 end = torch.div(indices, n_rest, rounding_mode="floor")
@@ -242,14 +246,13 @@ class EndTable:
             else:
                 rest = torch.div(indices, n_end, rounding_mode="floor")
                 end = indices - rest * n_end
-            rest = rest.to(self._pattern.dtype)
-        bags = torch.add((rest * r)[:, None], self._pattern).reshape(-1)
+            bags = torch.add((rest.to(self._pattern.dtype) * r)[:, None], self._pattern).reshape(-1)
         weights = self._weights.index_select(0, end).reshape(-1)
         count = bags.numel() // r
-        if self._offsets.numel() < count or self._offsets.device != bags.device:
+        if self._offsets.numel() < count:  # (kept on the table's device)
             self._offsets = torch.arange(0, max(count, 1) * r, r, dtype=torch.int32, device=bags.device)
-        with torch.no_grad():
-            out = F.embedding_bag(bags, self._table, self._offsets[:count], mode="sum", per_sample_weights=weights)
+        # table and weights hold no gradient (built without one): no graph is recorded
+        out = F.embedding_bag(bags, self._table, self._offsets[:count], mode="sum", per_sample_weights=weights)
         u = indices.numel()
         if self._first:
             return out.reshape(u, -1)

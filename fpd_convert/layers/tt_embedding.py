@@ -25,8 +25,8 @@ from ..kernels.triton_entries import entry_bags, order_by_suffix, suffix_major_c
 from ..kernels.triton_pooled import pooled_bags
 from ..kernels.triton_suffix import SuffixCache
 from .row_index import BitRank, build_row_index, row_codes
-from .tt_lookup import (cuda_graphs, default_kernel, lookup_rows, pools_in_one_pass, range_check_stash,
-                        sync_free, trains_sync_free)
+from .tt_lookup import (choose_kernel, cuda_graphs, default_kernel, lookup_rows, pools_in_one_pass,
+                        range_check_stash, sync_free, trains_sync_free)
 
 
 def _unique(flat: torch.Tensor, limit: int):
@@ -485,7 +485,28 @@ class TTEmbeddingBag(_TTTable):
             outs = graphed_lookups([(self, input, offsets, per_sample_weights)])
             if outs is not None:
                 return outs[0]
+        served = self._serve_from_end_table(input, offsets, per_sample_weights)
+        if served is not None:
+            return served
         return self.finish_lookup(self.start_lookup(input, offsets, per_sample_weights))
+
+    def _serve_from_end_table(self, input: torch.Tensor, offsets: Optional[torch.Tensor],
+                              per_sample_weights: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """One-hot bags served on the CPU without gradients from the cached end table, the general
+        path's steps without its dispatch (None where it does not apply): about 30 us less a call,
+        1.5-2x faster at 16-128 ids (CPU serving's batches), the same at 8k.  No weights, no padding,
+        no row map or exact rows."""
+        if (input.device.type != "cpu" or per_sample_weights is not None or self.padding_idx is not None
+                or (self._index_ids is not None and self._index_ids.numel()) or self._needs_gradients()):
+            return None
+        cores = self._core_list()
+        if choose_kernel(self.kernel, cores) != "cpu" or not self._row_cache.fits(cores) \
+                or not input.numel() or self._one_hot(input, offsets) is not True:
+            return None
+        self.raise_deferred_errors()
+        self._check_indices(input)
+        uniq, inverse = _unique(input.reshape(-1), self.num_embeddings)
+        return self._row_cache.rows(cores, uniq).index_select(0, inverse)
 
     def start_lookup(self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None,
                      per_sample_weights: Optional[torch.Tensor] = None) -> "StartedLookup":
