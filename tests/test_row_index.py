@@ -77,6 +77,23 @@ def test_layer_with_overlapping_map_and_exact_rows_equals_its_dense_view():
     torch.testing.assert_close(bag(ids, offsets), ref)
 
 
+def test_cpu_serving_with_map_and_exact_rows_equals_the_dense_view(monkeypatch):
+    bag = _layer()
+    bag.requires_grad_(False)
+    dense = bag.to_dense()
+    served = []
+    real = TTEmbeddingBag._serve_from_end_table
+    monkeypatch.setattr(TTEmbeddingBag, "_serve_from_end_table",
+                        lambda self, *a: served.append(real(self, *a)) or served[-1])
+    for ids in (torch.tensor([57, 0, 100, 4, 3, 209, 200, 57]),  # exact rows (0, 57, 200) and mapped ones
+                torch.tensor([100, 3, 4, 209, 3])):  # mapped, none exact
+        want = torch.nn.functional.embedding(ids, dense)
+        torch.testing.assert_close(bag(ids, torch.arange(ids.numel())), want)
+        torch.testing.assert_close(bag(ids.view(-1, 1)), want)
+        assert served[-1] is not None
+    assert bag.exact_rows.grad is None
+
+
 @pytest.mark.parametrize("suffix_table", [True, False])
 def test_cpu_training_paths_with_map_and_exact_rows_give_the_reference_gradients(suffix_table, monkeypatch):
     # the CPU path's two ways to differentiable rows (a suffix table per call, or shared prefixes)
