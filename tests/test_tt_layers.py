@@ -262,15 +262,15 @@ def test_one_hot_bags_equal_embedding_bag(mode, include_last_offset):
 def test_cpu_serving_from_the_end_table_equals_the_general_path(mode, include_last_offset, int_dtype, monkeypatch):
     bag, ref = make_bag(mode, include_last_offset=include_last_offset)
     bag.requires_grad_(False)
-    served = []
-    real = TTEmbeddingBag._serve_from_end_table
-    monkeypatch.setattr(TTEmbeddingBag, "_serve_from_end_table",
+    served = []  # whether each lookup was served from the end table
+    real = TTEmbeddingBag.serves_from_end_table
+    monkeypatch.setattr(TTEmbeddingBag, "serves_from_end_table",
                         lambda self, *a: served.append(real(self, *a)) or served[-1])
     x = torch.randint(0, N, (50,), generator=torch.Generator().manual_seed(3)).to(int_dtype)
     one_hot = torch.arange(51 if include_last_offset else 50, dtype=int_dtype)
     for args in ((x, one_hot), (x.view(50, 1),)):
         torch.testing.assert_close(bag(*args), ref(*args), atol=1e-5, rtol=1e-5)
-        assert served[-1] is not None  # no gradient, one id a bag, no weights, padding or row map: served
+        assert served[-1]  # no gradient, one id a bag, no weights or padding: served
     with pytest.raises(TTIndexError, match="index 1000 is out of range"):
         bag(torch.tensor([3, 1000], dtype=int_dtype), one_hot[:3] if include_last_offset else one_hot[:2])
     with pytest.raises(RuntimeError, match="scalar types"):
@@ -278,16 +278,20 @@ def test_cpu_serving_from_the_end_table_equals_the_general_path(mode, include_la
     # what it leaves to the general path: several ids a bag, weights, gradients, an empty batch
     not_one_hot = torch.tensor([0, 2, 10] + ([50] if include_last_offset else []), dtype=int_dtype)
     torch.testing.assert_close(bag(x, not_one_hot), ref(x, not_one_hot), atol=1e-5, rtol=1e-5)
-    assert served[-1] is None
+    assert not served[-1]
     if mode == "sum":
         bag(x, one_hot, per_sample_weights=torch.rand(50))
-        assert served[-1] is None
+        assert not served[-1]
     bag.requires_grad_(True)
     bag(x, one_hot).sum().backward()
-    assert served[-1] is None and bag.cores[0].grad is not None
+    assert not served[-1] and bag.cores[0].grad is not None
     with torch.no_grad():
         assert bag(x[:0], one_hot[:1] if include_last_offset else one_hot[:0]).shape == (0, D)
-    assert served[-1] is None
+        assert not served[-1]
+        from fpd_convert.layers.grouped import GroupedLookups  # a model's grouped lookups serve it too
+        torch.testing.assert_close(GroupedLookups([(bag, x, one_hot, None)]).results()[0], ref(x, one_hot),
+                                   atol=1e-5, rtol=1e-5)
+        assert served[-2:] == [True, True]  # asked by the group, then by the plain call
 
 
 @cuda

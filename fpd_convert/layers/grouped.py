@@ -20,7 +20,8 @@ kernel launch each way for all of them, which is what the host-bound GPU step ne
 
 Other modules (``nn.EmbeddingBag``, QR/MD bags) are called first in
 :meth:`~GroupedLookups.results`, before the wait, so that the GPU works on them meanwhile; a TT
-bag on the CPU does its whole lookup in :meth:`~GroupedLookups.results`.
+bag on the CPU does its whole lookup in :meth:`~GroupedLookups.results`, one served from its end
+table (:meth:`TTEmbeddingBag.serves_from_end_table`) by a plain call.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class GroupedLookups:
             started = None
             if k in self._stacked:
                 pass
-            elif isinstance(module, TTEmbeddingBag):
+            elif isinstance(module, TTEmbeddingBag) and not module.serves_from_end_table(input, offsets, weights):
                 started = module.start_lookup(input, offsets, weights)
                 if started.head is not None:
                     heads.append(started.head)

@@ -485,27 +485,30 @@ class TTEmbeddingBag(_TTTable):
             outs = graphed_lookups([(self, input, offsets, per_sample_weights)])
             if outs is not None:
                 return outs[0]
-        served = self._serve_from_end_table(input, offsets, per_sample_weights)
-        if served is not None:
-            return served
+        if self.serves_from_end_table(input, offsets, per_sample_weights):
+            return self._serve_from_end_table(input)
         return self.finish_lookup(self.start_lookup(input, offsets, per_sample_weights))
 
-    def _serve_from_end_table(self, input: torch.Tensor, offsets: Optional[torch.Tensor],
-                              per_sample_weights: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """One-hot bags served on the CPU without gradients from the cached end table, the general
-        path's steps without its dispatch (None where it does not apply: weights, padding, gradients).
+    def serves_from_end_table(self, input: torch.Tensor, offsets: Optional[torch.Tensor],
+                              per_sample_weights: Optional[torch.Tensor] = None) -> bool:
+        """Whether this lookup is served on the CPU straight from the cached end table: one-hot bags,
+        no gradient, no weights, no padding (:class:`fpd_convert.layers.grouped.GroupedLookups` asks too)."""
+        if (input.device.type != "cpu" or per_sample_weights is not None or self.padding_idx is not None
+                or _device_dedup(input) or self._needs_gradients()):
+            return False
+        cores = self._core_list()
+        return (choose_kernel(self.kernel, cores) == "cpu" and self._row_cache.fits(cores) and input.numel() > 0
+                and self._one_hot(input, offsets) is True)
+
+    def _serve_from_end_table(self, input: torch.Tensor) -> torch.Tensor:
+        """The rows of one-hot bags (:meth:`serves_from_end_table`): the general path's steps without
+        its dispatch.
 
         Ids with an exact row get a TT row too, overwritten by their exact row, rather than the
         general path's split of the batch and reordering of its rows: exact hits are few among a
-        batch's distinct ids (the hot ids repeat).  About 10 us less a call without a row map, ~50 us
+        batch's distinct ids (the hot ids repeat).  About 10 us less a call without a row map, ~40 us
         less with one (2,048 ids)."""
-        if (input.device.type != "cpu" or per_sample_weights is not None or self.padding_idx is not None
-                or self._needs_gradients()):
-            return None
         cores = self._core_list()
-        if choose_kernel(self.kernel, cores) != "cpu" or not self._row_cache.fits(cores) \
-                or not input.numel() or self._one_hot(input, offsets) is not True:
-            return None
         self.raise_deferred_errors()
         self._check_indices(input)
         uniq, inverse = _unique(input.reshape(-1), self.num_embeddings)
