@@ -10,7 +10,8 @@
 #   4. where the step's time goes: wall time, the host's time to queue it, its host syncs (sync-probe);
 #   5. the whole layer's A/B (one-pass vs dedup serving, sync-free chunks, relaxed vs acq_rel adds);
 #   6. the bench with the balanced row factors (the default layout, a long first core, is step 2's);
-#   6b. the CPU lookups bench on the machine's 16 cores (a line in log.txt);
+#   6b. fwd+bwd with `.sum().backward()` against a dense upstream gradient (.ci/grad-ab.py, a line in log.txt);
+#   6c. the CPU lookups bench on the machine's 16 cores (a line in log.txt);
 #   7. SWEEP=quick or full: the kernel sweep (launch settings; the eighth session's run kept the defaults).
 # Needs the tensorly wheel in .whl/ (the device image lacks tensorly). Writes at most 8 files to
 # $OUT (the device tool brings back no more): log.txt (versions, each step's time and exit status,
@@ -52,6 +53,8 @@ step layer-ab 90 'python3 .ci/layer-ab.py | tee $OUT/layer_ab.jsonl'
 step layer-ab-acq-rel 45 'FPD_TT_ATOMIC_SEM=acq_rel LAYER_AB_QUICK=1 python3 .ci/layer-ab.py | tee -a $OUT/layer_ab.jsonl'
 step bench-balanced 80 'python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 \
   --suffix-rows balanced --json > $OUT/bench_balanced.json; grep -E "ratio|row_factors" -A3 $OUT/bench_balanced.json | head -12'
+# how the bench's new upstream gradient moves the GPU fwd+bwd ratio against the eighth session's way
+step grad-ab 45 'python3 .ci/grad-ab.py | tee -a $OUT/log.txt'
 # the CPU target's bench on this machine's 16 cores (issue 5 asks for 2-16; ours has 2), into the log
 step bench-cpu16 40 'python3 -m fpd_convert bench --device cpu --reps 20 --batches 32 --json \
   | python3 -c "import json, sys; print(\"bench-cpu16\", json.dumps(json.load(sys.stdin)))" | tee -a $OUT/log.txt'
