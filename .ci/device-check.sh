@@ -11,7 +11,8 @@
 #   5. the whole layer's A/B (one-pass vs dedup serving, sync-free chunks, relaxed vs acq_rel adds);
 #   6. the bench with the balanced row factors (the default layout, a long first core, is step 2's);
 #   6b. fwd+bwd with `.sum().backward()` against a dense upstream gradient (.ci/grad-ab.py, a line in log.txt);
-#   6c. the CPU lookups bench on the machine's 16 cores (a line in log.txt);
+#   6c. the bench with the dim factors ascending, [4, 4, 8] (a line in log.txt);
+#   6d. the CPU lookups bench on the machine's 16 cores (a line in log.txt);
 #   7. SWEEP=quick or full: the kernel sweep (launch settings; the eighth session's run kept the defaults).
 # Needs the tensorly wheel in .whl/ (the device image lacks tensorly). Writes at most 8 files to
 # $OUT (the device tool brings back no more): log.txt (versions, each step's time and exit status,
@@ -55,6 +56,11 @@ step bench-balanced 80 'python3 -m fpd_convert bench --rows 10000000 --dim 128 -
   --suffix-rows balanced --json > $OUT/bench_balanced.json; grep -E "ratio|row_factors" -A3 $OUT/bench_balanced.json | head -12'
 # how the bench's new upstream gradient moves the GPU fwd+bwd ratio against the eighth session's way
 step grad-ab 45 'python3 .ci/grad-ab.py | tee -a $OUT/log.txt'
+# the ascending dim factors [4, 4, 8] against the default [8, 4, 4] on the GPU: 1.35x on the CPU's
+# forward at 1M x 64 ([2, 4, 8]), but the Triton tiles pad a small first factor (a line in log.txt)
+step bench-dims 60 'python3 -m fpd_convert bench --rows 10000000 --dim 128 --rank 32 --batch 65536 --reps 10 \
+  --dim-factors 4,4,8 --json | python3 -c "import json, sys; r = json.load(sys.stdin)[\"lookups\"]; print(\"bench-dims\", \
+  json.dumps({k: v for k, v in r.items() if \"ratio\" in k or \"lookups_s\" in k or k == \"dim_factors\"}))" | tee -a $OUT/log.txt'
 # the CPU target's bench on this machine's 16 cores (issue 5 asks for 2-16; ours has 2), into the log
 step bench-cpu16 40 'python3 -m fpd_convert bench --device cpu --reps 20 --batches 32 --json \
   | python3 -c "import json, sys; print(\"bench-cpu16\", json.dumps(json.load(sys.stdin)))" | tee -a $OUT/log.txt'
