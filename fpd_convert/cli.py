@@ -25,6 +25,8 @@ def friendly_errors(fn):
 @click.version_option(__version__, prog_name="fpd-convert")
 def main():
     """Compress trained recommender models with tensor-train (TT) embedding tables."""
+    from .allocator import keep_freed_memory
+    keep_freed_memory()  # CPU steps reuse freed buffers instead of faulting fresh pages in (FPD_MALLOC=system: off)
 
 
 def data_options(fn):
