@@ -165,6 +165,28 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(f_bag, tuple(bag.cores))
 
 
+def test_tt_embedding_shapes_and_gradients_match_nn_embedding_on_its_rows():
+    # a gather of the distinct ids' rows (not F.embedding) when there is no padding: same values,
+    # shapes (0-d, empty, 2D) and gradients as nn.Embedding over the TT's full table
+    torch.manual_seed(0)
+    emb = TTEmbedding(60, 6, rank=3)
+    for x in [torch.tensor(5), torch.zeros(0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long),
+              torch.tensor([[1, 2, 2], [59, 0, 1]])]:
+        cores = [c.detach().clone().requires_grad_() for c in emb.cores]
+        ref = nn.functional.embedding(x, tt_rows(cores, torch.arange(60)))
+        out = emb(x)
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        if not x.numel():  # nothing looked up: no graph, as before
+            continue
+        up = torch.randn(out.shape)
+        out.backward(up)
+        ref.backward(up)
+        for c, r in zip(emb.cores, cores):
+            torch.testing.assert_close(c.grad if c.grad is not None else torch.zeros_like(c), r.grad, atol=1e-5, rtol=1e-4)
+            c.grad = None
+
+
 def _with_cores(module, cores):
     """The module with its parameters swapped for gradcheck's inputs."""
     return lambda *a: torch.func.functional_call(module, {f"cores.{j}": c for j, c in enumerate(cores)}, a)

@@ -857,6 +857,8 @@ class TTEmbedding(_TTTable):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows, inverse, pad, _ = self._unique_rows(input)
+        if pad is None:  # a gather: its backward (index_add) is ~3x faster than embedding's on the CPU
+            return rows.index_select(0, inverse.reshape(-1)).reshape(*inverse.shape, rows.shape[1])
         return F.embedding(inverse, rows, padding_idx=pad)
 
     @classmethod
