@@ -169,7 +169,7 @@ class EndTable:
         return self._end_bytes(cores, 0 if self._first_is_end(cores) else len(cores) - 1)
 
     def fits(self, cores: Sequence[torch.Tensor]) -> bool:
-        shapes = tuple(c.shape for c in cores) + (cores[0].dtype, self.max_bytes)
+        shapes = tuple(c.shape for c in cores) + (cores[0].dtype, cores[0].device, self.max_bytes, self.cache_bytes)
         if shapes != self._fits_key:  # asked on every lookup: answer from the last shapes
             self._fits_key = shapes
             self._fits = len(cores) >= 2 and self.nbytes_for(cores) <= self.max_bytes
