@@ -103,5 +103,8 @@ def test_bench_times_the_layout_compress_would_pick():
     for extra in ([], ["--suffix-rows", "balanced"]):
         r = CliRunner().invoke(main, args + extra)
         assert r.exit_code == 0, r.output
-        picked[bool(extra)] = json.loads(r.output)["lookups"]["row_factors"]
+        result = json.loads(r.output)["lookups"]
+        picked[bool(extra)] = result["row_factors"]
+        # the end CPU serving reads (both tables are small here: the one with fewer bag entries) and its table
+        assert result["cpu_serving"]["end"] in ("first", "last") and result["cpu_serving"]["table_bytes"] > 0
     assert picked[False] == choose_row_factors(20_000, factor_dims(16, 3), 16) != picked[True] == factor_rows(20_000, 3)

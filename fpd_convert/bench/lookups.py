@@ -93,6 +93,10 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
            "unique_ids": round(sum(int(b.unique().numel()) for b in pool) / batches), "lookups": batch * pooling,
            "batches": batches,
            "kernel": choose_kernel(kernel, list(tt.cores))}
+    cores = list(tt.cores)
+    if out["kernel"] == "cpu" and tt._row_cache.fits(cores):  # which end CPU serving reads, and its table
+        out["cpu_serving"] = {"end": "first" if tt._row_cache._first_is_end(cores) else "last",
+                              "table_bytes": tt._row_cache.nbytes_for(cores)}
     if out["kernel"] == "triton":  # which Triton kernels a training batch of this size takes
         out["triton_rows"] = "suffix" if triton_suffix.worthwhile(list(tt.cores), out["unique_ids"]) else "per-index"
     layers = {"tt": tt}
@@ -194,6 +198,8 @@ def format_lookups(r: dict) -> str:
              f"Zipf {r['zipf']} ({r['unique_ids']:,} unique ids{batches}), "
              f"{r['device']}, torch {r['torch']}, "
              f"TT path: {r['kernel']}" + (f" ({r['triton_rows']} kernels)" if "triton_rows" in r else "")
+             + (f", serving from the {r['cpu_serving']['end']} core's end "
+                f"({r['cpu_serving']['table_bytes'] / 2**20:.1f} MB table)" if "cpu_serving" in r else "")
              + (f", row map {r['hot_rows']:,} + exact {r['exact_rows']:,} rows"
                                           if "hot_rows" in r else "")]
     for what in ("forward", "fwd_bwd"):
