@@ -315,7 +315,7 @@ def demo(folder, train_rows, ratio):
 @click.option("--svd-paths", default="memory,stream", show_default=True, help="--svd: the paths to run.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True, help="--svd: dtype of the table on disk.")
-@click.option("--folder", type=click.Path(file_okay=False), default=None,
+@click.option("--folder", type=click.Path(file_okay=False, exists=True), default=None,
               help="--svd: where to write the table (default: the temp folder).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors

@@ -156,3 +156,8 @@ def test_bench_svd_runs_both_paths(tmp_path):
         assert x["seconds"] > 0 and x["peak_rss_bytes"] > x["process_baseline_rss_bytes"] > 0
     assert by_path["stream"]["relative_error"] <= by_path["memory"]["relative_error"] * 1.02 + 1e-6
     assert list(tmp_path.iterdir()) == []  # the table and outputs are cleaned up
+
+
+def test_bench_svd_refuses_a_folder_that_does_not_exist(tmp_path):
+    r = CliRunner().invoke(main, ["bench", "--svd", "--rows", "3000", "--folder", str(tmp_path / "missing")])
+    assert r.exit_code != 0 and "does not exist" in r.output and not (tmp_path / "missing").exists()
