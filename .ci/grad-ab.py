@@ -11,7 +11,8 @@ import sys
 import torch
 
 from fpd_convert.bench.lookups import zipf_ids
-from fpd_convert.bench.timing import interleaved_medians, resolve_device
+from fpd_convert.bench.timing import interleaved_medians
+from fpd_convert.devices import resolve_device
 from fpd_convert.layers import TTEmbeddingBag
 from fpd_convert.tt import choose_row_factors, factor_dims
 

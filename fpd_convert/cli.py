@@ -281,17 +281,18 @@ def demo(folder, train_rows, ratio):
 
 
 @main.command()
-@click.option("--rows", type=int, default=1_000_000, show_default=True)
-@click.option("--dim", type=int, default=64, show_default=True)
-@click.option("--rank", type=int, default=16, show_default=True)
-@click.option("--batch", type=int, default=None, help="Bags per batch [8192 for lookups; DLRM step: 65536 on "
-              "CUDA, 2048 on CPU].")
-@click.option("--pooling", type=int, default=1, show_default=True, help="Ids per bag.")
-@click.option("--zipf", type=float, default=1.1, show_default=True)
+@click.option("--rows", type=click.IntRange(1), default=1_000_000, show_default=True)
+@click.option("--dim", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--rank", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=None, help="Bags per batch [8192 for lookups; DLRM step: "
+              "65536 on CUDA, 2048 on CPU].")
+@click.option("--pooling", type=click.IntRange(1), default=1, show_default=True, help="Ids per bag.")
+@click.option("--zipf", type=click.FloatRange(0), default=1.1, show_default=True,
+              help="Exponent of the ids' popularity (0: uniform).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--kernel", type=click.Choice(["auto", "reference", "cpu", "triton"]), default="auto",
               show_default=True, help="TT row path to time (the reference is timed beside it).")
-@click.option("--reps", type=int, default=10, show_default=True)
+@click.option("--reps", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--dim-factors", default=None, help="Lookups: the TT's factors of --dim, e.g. 2,4,8 "
               "[default: as balanced as possible].")
 @click.option("--suffix-rows", type=SuffixRows(), default="auto", show_default=True,
@@ -302,8 +303,8 @@ def demo(folder, train_rows, ratio):
 @click.option("--step", is_flag=True, help="Also time a DLRM training step, dense vs TT tables.")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
               help="DLRM step on this compressed file's model (implies --step).")
-@click.option("--tt-tables", type=int, default=5, show_default=True, help="DLRM step: tables in TT.")
-@click.option("--rows-cap", type=int, default=None,
+@click.option("--tt-tables", type=click.IntRange(0), default=5, show_default=True, help="DLRM step: tables in TT.")
+@click.option("--rows-cap", type=click.IntRange(1), default=None,
               help="DLRM step: cap on table rows [10M on CUDA, 200k on CPU].")
 @click.option("--hot-rows", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Lookups: give the TT table a row map of this fraction of its hottest ids (timed beside the "

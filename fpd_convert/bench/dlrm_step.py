@@ -23,7 +23,8 @@ from ..layers import TTEmbeddingBag, tt_lookup
 from ..models import build_model
 from ..tt import TTShape, choose_row_factors, clamp_ranks, factor_dims
 from .lookups import zipf_ids
-from .timing import device_name, median_seconds, resolve_device
+from ..devices import resolve_device
+from .timing import device_name, median_seconds
 
 # Criteo Terabyte (day 0-23) table sizes, as in the MLPerf DLRM v1 reference.
 TERABYTE_ROWS = [39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10,

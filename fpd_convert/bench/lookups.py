@@ -14,7 +14,8 @@ from torch import nn
 from ..kernels import triton_suffix
 from ..layers import TTEmbeddingBag, choose_kernel, tt_lookup
 from ..tt import choose_row_factors, factor_dims
-from .timing import device_name, interleaved_medians, resolve_device
+from ..devices import resolve_device
+from .timing import device_name, interleaved_medians
 
 
 def zipf_ids(rows: int, n: int, exponent: float, device, generator=None) -> torch.Tensor:

@@ -12,17 +12,9 @@ import torch.distributed as dist
 from ..checkpoints import check_output, read_compressed, write_compressed
 from ..convert.load import compressed_state_from_model, load
 from ..data import CriteoData
+from ..devices import resolve_device
 from .loop import fit
 from .optim import make_optimizer
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but this machine has no CUDA device")
-    return d
 
 
 def _init_distributed(device: torch.device) -> torch.device:

@@ -1,0 +1,37 @@
+"""`fpd-convert bench`'s bad input: a clear message and a non-zero exit, before any timing."""
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fpd_convert.cli import main
+from fpd_convert.devices import resolve_device
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rows", "0"], "'--rows': 0 is not in the range x>=1"),
+    (["--batch", "0"], "'--batch': 0 is not in the range x>=1"),
+    (["--pooling", "0"], "'--pooling': 0 is not in the range x>=1"),
+    (["--reps", "0"], "'--reps': 0 is not in the range x>=1"),
+    (["--zipf", "-1"], "'--zipf': -1.0 is not in the range x>=0"),
+    (["--dim", "0"], "'--dim': 0 is not in the range x>=1"),
+    (["--device", "gpu7"], "--device should be auto, cpu, cuda or cuda:N but got 'gpu7'"),
+    (["--device", "meta"], "--device should be auto, cpu, cuda or cuda:N but got 'meta'"),
+    (["--svd", "--rows", "0"], "'--rows': 0 is not in the range x>=1"),
+])
+def test_bench_refuses_bad_options_with_a_message(args, message):
+    r = CliRunner().invoke(main, ["bench", *args])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert "Traceback" not in r.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_bench_on_cuda_without_a_gpu_says_so():
+    r = CliRunner().invoke(main, ["bench", "--device", "cuda", "--rows", "1000"])
+    assert r.exit_code == 1 and "--device cuda was asked for but this machine has no CUDA device" in r.output
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda:0")
+
+
+def test_resolve_device_auto_and_cpu():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
