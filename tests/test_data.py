@@ -78,6 +78,9 @@ def test_npz_and_npy_readers(tmp_path):
     for p, q in zip(a, b):
         assert torch.equal(p.sparse, q.sparse) and torch.equal(p.labels, q.labels) and torch.equal(p.dense, q.dense)
     np.testing.assert_allclose(a[0].dense.numpy(), np.log1p(np.maximum(x_int[:1000], 0)), rtol=1e-6)
+    for bad in (dict(batch_size=0), dict(batch_size=10, max_rows=0)):  # the Python API refuses them too
+        with pytest.raises(DataError, match="should be >= 1"):
+            CriteoData(tmp_path / "d.npz", rows, **bad)
     assert torch.equal(a[1].sparse, torch.from_numpy(x_cat[1000:2000]).long())
 
 

@@ -33,6 +33,8 @@ class CriteoData(torch.utils.data.IterableDataset):
     def __init__(self, path, table_rows: Sequence[int], batch_size: int = 4096, dense_transform: str = "log",
                  strict: bool = False, max_rows: Optional[int] = None, shard: int = 0, num_shards: int = 1):
         super().__init__()
+        if batch_size < 1 or (max_rows is not None and max_rows < 1):
+            raise DataError(f"batch size and max rows should be >= 1 but got {batch_size} and {max_rows}")
         self.path, self.table_rows, self.batch_size = Path(path), list(table_rows), batch_size
         self.dense_transform, self.strict, self.max_rows = dense_transform, strict, max_rows
         self.shard, self.num_shards = shard, num_shards

@@ -1,4 +1,4 @@
-"""`fpd-convert bench`'s bad input: a clear message and a non-zero exit, before any timing."""
+"""Bad numeric options and devices: a clear message and a non-zero exit, before any work (no traceback)."""
 import pytest
 import torch
 from click.testing import CliRunner
@@ -35,3 +35,22 @@ def test_bench_on_cuda_without_a_gpu_says_so():
 def test_resolve_device_auto_and_cpu():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["finetune", "in.safetensors", "--train", "t.npz", "-o", "o.safetensors", "--batch-size", "0"],
+     "'--batch-size': 0 is not in the range x>=1"),
+    (["finetune", "in.safetensors", "--train", "t.npz", "-o", "o.safetensors", "--max-steps", "0"],
+     "'--max-steps': 0 is not in the range x>=1"),
+    (["finetune", "in.safetensors", "--train", "t.npz", "-o", "o.safetensors", "--tt-lr", "-1"],
+     "'--tt-lr': -1.0 is not in the range x>=0"),
+    (["train", "t.npz", "-o", "o.pt", "--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
+    (["synth", "o.npz", "--rows", "0"], "'--rows': 0 is not in the range x>=1"),
+    (["report", "a.pt", "b.safetensors", "--max-rows", "0"], "'--max-rows': 0 is not in the range x>=1"),
+    (["demo", "--train-rows", "0"], "'--train-rows': 0 is not in the range x>=1"),
+])
+def test_other_commands_refuse_bad_numbers_before_reading_anything(tmp_path, args, message):
+    with CliRunner().isolated_filesystem(temp_dir=tmp_path):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code != 0 and message in r.output, r.output
+        assert not any(p.name.startswith(("o.", "fpd-demo")) for p in tmp_path.rglob("*"))
