@@ -70,8 +70,8 @@ def _rank_value(text):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Compressed .safetensors file.")
 @click.option("--tables", help="Comma-separated table names, weight keys or indices (default: the 5 largest).")
-@click.option("--min-rows", type=int, help="Compress every table with at least this many rows.")
-@click.option("--num-largest", type=int, default=5, show_default=True, help="How many of the largest tables.")
+@click.option("--min-rows", type=click.IntRange(1), help="Compress every table with at least this many rows.")
+@click.option("--num-largest", type=click.IntRange(1), default=5, show_default=True, help="How many of the largest tables.")
 @click.option("--rank", help="TT rank: one int, or inner ranks 'r1,r2' (default 32 if no other rule).")
 @click.option("--ratio", type=float, help="Target compression ratio per table (dense params / TT params).")
 @click.option("--budget", help="Total size of the compressed tables, e.g. 3GB, 50MB.")
@@ -99,7 +99,7 @@ def _rank_value(text):
               "TT-SVD in natural row order.")
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Training data sample for row importance (any format the data readers take).")
-@click.option("--data-rows", type=int, default=1_000_000, show_default=True, help="Samples of --data to count.")
+@click.option("--data-rows", type=click.IntRange(1), default=1_000_000, show_default=True, help="Samples of --data to count.")
 @click.option("--hot-rows", type=click.FloatRange(0, 1), default=0.02, show_default=True,
               help="Fraction of rows moved to the leading TT rows (the row map).")
 @click.option("--exact-rows", type=click.FloatRange(0, 1), default=None,

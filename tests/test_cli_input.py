@@ -48,6 +48,9 @@ def test_resolve_device_auto_and_cpu():
     (["synth", "o.npz", "--rows", "0"], "'--rows': 0 is not in the range x>=1"),
     (["report", "a.pt", "b.safetensors", "--max-rows", "0"], "'--max-rows': 0 is not in the range x>=1"),
     (["demo", "--train-rows", "0"], "'--train-rows': 0 is not in the range x>=1"),
+    (["compress", "m.pt", "-o", "o.safetensors", "--min-rows", "-5"], "'--min-rows': -5 is not in the range x>=1"),
+    (["compress", "m.pt", "-o", "o.safetensors", "--num-largest", "0"], "'--num-largest': 0 is not in the range x>=1"),
+    (["compress", "m.pt", "-o", "o.safetensors", "--data-rows", "0"], "'--data-rows': 0 is not in the range x>=1"),
 ])
 def test_other_commands_refuse_bad_numbers_before_reading_anything(tmp_path, args, message):
     with CliRunner().isolated_filesystem(temp_dir=tmp_path):
