@@ -291,6 +291,20 @@ def test_truncated_and_random_bytes(tmp_path):
     assert r.exit_code == 1 and "safetensors" in r.output
 
 
+def test_a_checkpoint_given_where_a_compressed_file_goes_is_named_for_what_it_is(tmp_path):
+    torch.save(dlrm_checkpoint(dlrm_state()), tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=r"looks like a zip archive \(a PyTorch checkpoint or a numpy .npz\), "
+                                              r"not a compressed .safetensors file"):
+        read_compressed_meta(tmp_path / "m.pt")
+    (tmp_path / "a.npy").write_bytes(b"\x93NUMPY" + os.urandom(100))
+    with pytest.raises(CheckpointError, match="looks like a numpy .npy array"):
+        read_compressed_meta(tmp_path / "a.npy")
+    (tmp_path / "rand.safetensors").write_bytes(b"\x07" + os.urandom(4095))  # no known first bytes
+    with pytest.raises(CheckpointError, match="not a readable safetensors file") as caught:
+        read_compressed_meta(tmp_path / "rand.safetensors")
+    assert "looks like" not in str(caught.value)  # nothing to guess from
+
+
 def test_unsafe_pickle_needs_opt_in(tmp_path):
     obj = dlrm_checkpoint(dlrm_state())
     obj["extra"] = NotATensor()  # an arbitrary class: unpickling it could run code

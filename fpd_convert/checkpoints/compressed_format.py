@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from ..tt import TTShape
 from ..tt import core_quant
 from .atomic import atomic_path
-from .safe_load import CheckpointError
+from .safe_load import CheckpointError, looks_like
 
 FORMAT_NAME = "fpd-convert"
 FORMAT_VERSION = 1
@@ -114,7 +114,10 @@ def read_compressed_meta(path: os.PathLike) -> CompressedMeta:
         with safe_open(str(path), framework="pt") as f:
             return CompressedMeta.from_strings(path, f.metadata())
     except SafetensorError as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        kind = looks_like(path)
+        hint = (f"; it looks like {kind}, not a compressed .safetensors file as `fpd-convert compress` writes"
+                if kind else "")
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}){hint}") from None
 
 
 def read_compressed(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], CompressedMeta]:

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .safe_load import CheckpointError
+from .safe_load import CheckpointError, looks_like
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -117,7 +117,9 @@ def map_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]
             metadata = f.metadata() or {}
             keys = list(f.keys())
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        kind = looks_like(path)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})"
+                              + (f"; it looks like {kind}" if kind else "")) from None
     header_len, header = safetensors_header(path)
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size

@@ -22,6 +22,22 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked; the message says why and what to do."""
 
 
+def looks_like(path: os.PathLike) -> str:
+    """What a file's first bytes say it is, for error messages ("" when they say nothing known)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return ""
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (a PyTorch checkpoint or a numpy .npz)"
+    if head.startswith(b"\x80"):
+        return "a pickle (an older PyTorch checkpoint)"
+    if head.startswith(b"\x93NUMPY"):
+        return "a numpy .npy array"
+    return ""
+
+
 def _numpy_scalar_globals() -> list:
     core = getattr(np, "_core", None) or np.core
     allowed = [core.multiarray.scalar, np.dtype]
