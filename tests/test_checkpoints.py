@@ -305,6 +305,21 @@ def test_a_checkpoint_given_where_a_compressed_file_goes_is_named_for_what_it_is
     assert "looks like" not in str(caught.value)  # nothing to guess from
 
 
+def test_inputs_that_are_not_regular_files_say_what_they_are(tmp_path):
+    from fpd_convert.data import load_arrays
+    for suffix in (".pt", ".npz"):
+        os.mkfifo(tmp_path / f"pipe{suffix}")
+        (tmp_path / f"dir{suffix}").mkdir()
+    cases = (("pipe", "not a regular file"), ("missing", "no such file"), ("dir", "a directory, not a file"))
+    for name, reason in cases:
+        with pytest.raises(CheckpointError, match=reason):
+            read_source(tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=reason):
+            read_compressed_meta(tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match=reason):  # data: DataError
+            load_arrays(tmp_path / f"{name}.npz")
+
+
 def test_unsafe_pickle_needs_opt_in(tmp_path):
     obj = dlrm_checkpoint(dlrm_state())
     obj["extra"] = NotATensor()  # an arbitrary class: unpickling it could run code

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..paths import not_a_file
 from ..tt import TTShape
 from ..tt import core_quant
 from .atomic import atomic_path
@@ -108,8 +109,8 @@ def write_compressed(path: os.PathLike, tensors: Dict[str, torch.Tensor], meta: 
 def read_compressed_meta(path: os.PathLike) -> CompressedMeta:
     """Only the metadata (no tensor is read)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    if not_a_file(path):
+        raise CheckpointError(f"{path}: {not_a_file(path)}")
     try:
         with safe_open(str(path), framework="pt") as f:
             return CompressedMeta.from_strings(path, f.metadata())

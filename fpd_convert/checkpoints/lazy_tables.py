@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from ..paths import not_a_file
 from .safe_load import CheckpointError, looks_like
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -108,8 +109,8 @@ def map_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]
     """
     from safetensors import SafetensorError, safe_open
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    if not_a_file(path):
+        raise CheckpointError(f"{path}: {not_a_file(path)}")
     try:
         # framework "numpy": its mapping is read-only and shared (the "pt" one is a private,
         # writable mapping of the whole file, which counts against memory limits)

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..paths import not_a_file
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked; the message says why and what to do."""
@@ -55,8 +57,8 @@ def load_torch_file(path: os.PathLike, allow_unsafe: bool = False, mmap: bool = 
     pickles that need globals beyond tensors and numpy scalars.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    if not_a_file(path):
+        raise CheckpointError(f"{path}: {not_a_file(path)}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
     use_mmap = mmap and zipfile.is_zipfile(path)

@@ -15,6 +15,7 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
+from ..paths import not_a_file
 from .batch import NUM_DENSE, Batch, make_batch
 from .criteo_text import DataError
 
@@ -23,8 +24,8 @@ def load_arrays(path) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.n
     """(dense, sparse, labels, counts or None) for a ``.npz`` file or a ``day_N_*.npy`` prefix/file."""
     path = Path(path)
     if path.suffix == ".npz":
-        if not path.is_file():
-            raise DataError(f"{path}: no such file")
+        if not_a_file(path):
+            raise DataError(f"{path}: {not_a_file(path)}")
         try:
             z = np.load(path, allow_pickle=False)
         except Exception as e:

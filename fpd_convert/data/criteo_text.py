@@ -15,6 +15,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from ..paths import not_a_file
 from .batch import NUM_DENSE, NUM_SPARSE, Batch, make_batch
 
 NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
@@ -67,8 +68,8 @@ def read_criteo_text(path, table_rows: Sequence[int], batch_size: int = 4096, st
     path = Path(path)
     if len(table_rows) != NUM_SPARSE:
         raise DataError(f"Criteo data has {NUM_SPARSE} categorical features but the model has {len(table_rows)} tables")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    if not_a_file(path):
+        raise DataError(f"{path}: {not_a_file(path)}")
     labels: List[int] = []
     dense: List[list] = []
     cats: List[list] = []
