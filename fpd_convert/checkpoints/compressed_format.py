@@ -109,8 +109,8 @@ def write_compressed(path: os.PathLike, tensors: Dict[str, torch.Tensor], meta: 
 def read_compressed_meta(path: os.PathLike) -> CompressedMeta:
     """Only the metadata (no tensor is read)."""
     path = Path(path)
-    if not_a_file(path):
-        raise CheckpointError(f"{path}: {not_a_file(path)}")
+    if (reason := not_a_file(path)):
+        raise CheckpointError(f"{path}: {reason}")
     try:
         with safe_open(str(path), framework="pt") as f:
             return CompressedMeta.from_strings(path, f.metadata())

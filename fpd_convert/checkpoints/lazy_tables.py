@@ -109,8 +109,8 @@ def map_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]
     """
     from safetensors import SafetensorError, safe_open
     path = Path(path)
-    if not_a_file(path):
-        raise CheckpointError(f"{path}: {not_a_file(path)}")
+    if (reason := not_a_file(path)):
+        raise CheckpointError(f"{path}: {reason}")
     try:
         # framework "numpy": its mapping is read-only and shared (the "pt" one is a private,
         # writable mapping of the whole file, which counts against memory limits)

@@ -57,8 +57,8 @@ def load_torch_file(path: os.PathLike, allow_unsafe: bool = False, mmap: bool = 
     pickles that need globals beyond tensors and numpy scalars.
     """
     path = Path(path)
-    if not_a_file(path):
-        raise CheckpointError(f"{path}: {not_a_file(path)}")
+    if (reason := not_a_file(path)):
+        raise CheckpointError(f"{path}: {reason}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
     use_mmap = mmap and zipfile.is_zipfile(path)

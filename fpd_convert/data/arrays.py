@@ -24,8 +24,8 @@ def load_arrays(path) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.n
     """(dense, sparse, labels, counts or None) for a ``.npz`` file or a ``day_N_*.npy`` prefix/file."""
     path = Path(path)
     if path.suffix == ".npz":
-        if not_a_file(path):
-            raise DataError(f"{path}: {not_a_file(path)}")
+        if (reason := not_a_file(path)):
+            raise DataError(f"{path}: {reason}")
         try:
             z = np.load(path, allow_pickle=False)
         except Exception as e:

@@ -68,8 +68,8 @@ def read_criteo_text(path, table_rows: Sequence[int], batch_size: int = 4096, st
     path = Path(path)
     if len(table_rows) != NUM_SPARSE:
         raise DataError(f"Criteo data has {NUM_SPARSE} categorical features but the model has {len(table_rows)} tables")
-    if not_a_file(path):
-        raise DataError(f"{path}: {not_a_file(path)}")
+    if (reason := not_a_file(path)):
+        raise DataError(f"{path}: {reason}")
     labels: List[int] = []
     dense: List[list] = []
     cats: List[list] = []
