@@ -1,4 +1,5 @@
 """Every fast TT path against the plain PyTorch reference: values and core gradients."""
+import numpy as np
 import pytest
 import torch
 
@@ -168,6 +169,7 @@ END_TABLE_SHAPES = [
     ([7, 9], [3, 5], [1, 4, 1], "first"),
     ([3, 4, 5, 2], [2, 2, 3, 2], [1, 3, 4, 2, 1], "last"),
     ([40, 3, 2], [2, 2, 4], [1, 4, 6, 1], "first"),
+    ([5, 4, 2], [2, 3, 2], [1, 3, 4, 1], "first"),  # 8 suffixes: the id split is a shift and a mask
 ]
 
 
@@ -431,3 +433,39 @@ def cuda_training_step_matches_reference():
 def test_cuda_auto_path_is_triton_and_matches_reference(variant, suffix, monkeypatch):
     monkeypatch.setattr(triton_suffix, "FACTOR", 1e9 if suffix else 0.0)
     cuda_training_step_matches_reference()
+
+
+def test_distinct_ids_without_a_sort():
+    from fpd_convert.kernels import cpu_dedup
+    rng = np.random.default_rng(0)
+    for n, limit, dtype in [(5000, 300, np.int64), (64, 1 << 20, np.int32), (1, 7, np.int64), (70000, 90000, np.int64)]:
+        ids = rng.integers(0, limit, n).astype(dtype)
+        distinct, inverse = cpu_dedup.distinct_ids(ids, limit)
+        assert np.array_equal(np.sort(distinct), np.unique(ids))  # each id once, in some order
+        assert inverse.dtype == np.int32 and np.array_equal(distinct[inverse], ids)
+    empty = cpu_dedup.distinct_ids(np.zeros(0, np.int64), 10)
+    assert empty[0].size == 0 and empty[1].size == 0
+    for bad in ([3, -1, 2], [3, 10, 2], [-7]):  # a negative id must not be counted from the end
+        with pytest.raises(IndexError):
+            cpu_dedup.distinct_ids(np.array(bad), 10)
+    assert cpu_dedup.distinct_ids(np.array([1, 2]), cpu_dedup.MAX_ROWS + 1) is None  # left to the sort
+
+
+def test_distinct_ids_in_threads_each_use_their_own_map():
+    import threading
+    from fpd_convert.kernels import cpu_dedup
+    failures = []
+
+    def work(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(200):
+            ids = rng.integers(0, 5000, 3000)
+            distinct, inverse = cpu_dedup.distinct_ids(ids, 5000)
+            if not (np.array_equal(distinct[inverse], ids) and distinct.size == np.unique(ids).size):
+                failures.append(seed)
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures

