@@ -27,6 +27,11 @@ _local = threading.local()
 _POSITIONS = np.arange(1 << 16, dtype=np.int32)
 
 
+def _arange(n: int) -> np.ndarray:
+    """``np.arange(n)`` as int32, without a new array for the usual batch sizes."""
+    return _POSITIONS[:n] if n <= _POSITIONS.size else np.arange(n, dtype=np.int32)
+
+
 def _scratch(rows: int) -> np.ndarray:
     scratch = getattr(_local, "scratch", None)
     if scratch is None or scratch.size < rows:
@@ -47,10 +52,9 @@ def distinct_ids(ids: np.ndarray, limit: int) -> Optional[Tuple[np.ndarray, np.n
     if n and ids.min() < 0:  # numpy would count it from the end
         raise IndexError(f"index {ids.min()} is negative")
     scratch = _scratch(limit)[:limit]
-    pos = _POSITIONS[:n] if n <= _POSITIONS.size else np.arange(n, dtype=np.int32)
+    pos = _arange(n)
     scratch[ids] = pos  # raises IndexError for an id >= limit
     first = np.flatnonzero(scratch[ids] == pos)  # one surviving position per distinct id
     distinct = ids[first]
-    scratch[distinct] = _POSITIONS[:first.size] if first.size <= _POSITIONS.size else np.arange(first.size,
-                                                                                               dtype=np.int32)
+    scratch[distinct] = _arange(distinct.size)
     return distinct, scratch[ids]
