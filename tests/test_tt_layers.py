@@ -321,9 +321,10 @@ def test_cpu_serving_from_the_end_table_equals_the_general_path(mode, include_la
         assert bag(x[:0], one_hot[:1] if include_last_offset else one_hot[:0]).shape == (0, D)
         assert not served[-1]
         from fpd_convert.layers.grouped import GroupedLookups  # a model's grouped lookups serve it too
+        asked = len(served)
         torch.testing.assert_close(GroupedLookups([(bag, x, one_hot, None)]).results()[0], ref(x, one_hot),
                                    atol=1e-5, rtol=1e-5)
-        assert served[-2:] == [True, True]  # asked by the group, then by the plain call
+        assert served[asked:] == [True]  # asked once, by the group, which then serves it
 
 
 @cuda

@@ -21,7 +21,8 @@ kernel launch each way for all of them, which is what the host-bound GPU step ne
 Other modules (``nn.EmbeddingBag``, QR/MD bags) are called first in
 :meth:`~GroupedLookups.results`, before the wait, so that the GPU works on them meanwhile; a TT
 bag on the CPU does its whole lookup in :meth:`~GroupedLookups.results`, one served from its end
-table (:meth:`TTEmbeddingBag.serves_from_end_table`) by a plain call.
+table (:meth:`TTEmbeddingBag.serves_from_end_table`, asked once) by
+:meth:`TTEmbeddingBag.serve_from_end_table`.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class GroupedLookups:
         self._calls = list(calls)
         self._started: List[object] = []
         self._stacked = {}  # call index -> its bags, for TT tables looked up stacked (sync-free training)
+        self._served = set()  # call indices of TT bags served from their CPU end table
         # with CUDA graphs, a TT table of a shape of its own is a stack of one: graphed as well
         graphs = cuda_graphs() and any(call[1].is_cuda for call in self._calls)
         for group in stack_groups(self._calls, min_size=1 if graphs else 2):
@@ -57,10 +59,13 @@ class GroupedLookups:
             started = None
             if k in self._stacked:
                 pass
-            elif isinstance(module, TTEmbeddingBag) and not module.serves_from_end_table(input, offsets, weights):
-                started = module.start_lookup(input, offsets, weights)
-                if started.head is not None:
-                    heads.append(started.head)
+            elif isinstance(module, TTEmbeddingBag):
+                if module.serves_from_end_table(input, offsets, weights):
+                    self._served.add(k)  # asked once: results() serves it without asking again
+                else:
+                    started = module.start_lookup(input, offsets, weights)
+                    if started.head is not None:
+                        heads.append(started.head)
             self._started.append(started)
         self._event = None
         self._host: Optional[torch.Tensor] = None
@@ -81,6 +86,8 @@ class GroupedLookups:
         for k, ((module, input, offsets, weights), started) in enumerate(zip(self._calls, self._started)):
             if k in self._stacked:
                 out[k] = self._stacked[k]
+            elif k in self._served:
+                out[k] = module.serve_from_end_table(input)
             elif started is None:
                 out[k] = (module(input, offsets) if weights is None
                           else module(input, offsets, per_sample_weights=weights))

@@ -487,7 +487,7 @@ class TTEmbeddingBag(_TTTable):
             if outs is not None:
                 return outs[0]
         if self.serves_from_end_table(input, offsets, per_sample_weights):
-            return self._serve_from_end_table(input)
+            return self.serve_from_end_table(input)
         return self.finish_lookup(self.start_lookup(input, offsets, per_sample_weights))
 
     def serves_from_end_table(self, input: torch.Tensor, offsets: Optional[torch.Tensor],
@@ -501,9 +501,10 @@ class TTEmbeddingBag(_TTTable):
         return (choose_kernel(self.kernel, cores) == "cpu" and self._row_cache.fits(cores) and input.numel() > 0
                 and self._one_hot(input, offsets) is True)
 
-    def _serve_from_end_table(self, input: torch.Tensor) -> torch.Tensor:
-        """The rows of one-hot bags (:meth:`serves_from_end_table`): the general path's steps without
-        its dispatch.
+    def serve_from_end_table(self, input: torch.Tensor) -> torch.Tensor:
+        """The rows of one-hot bags, for a call that :meth:`serves_from_end_table` accepts (``forward``
+        and :class:`~fpd_convert.layers.grouped.GroupedLookups` ask it first): the general path's
+        steps without its dispatch.
 
         Ids with an exact row get a TT row too, overwritten by their exact row, rather than the
         general path's split of the batch and reordering of its rows: exact hits are few among a
