@@ -39,6 +39,39 @@ def test_bag_parity_1d_offsets(mode, int_dtype, include_last_offset, padding_idx
     torch.testing.assert_close(bag(x, offsets), ref(x, offsets), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode,int_dtype,include_last_offset,padding_idx",
+                         list(itertools.product(["sum", "mean", "max"], [torch.int32, torch.int64], [False, True],
+                                                [None, 7])))
+def test_bag_parity_without_gradients_from_ids_in_any_order(mode, int_dtype, include_last_offset, padding_idx,
+                                                            monkeypatch):
+    # without gradients the CPU rows come from the end table, which takes ids in any order: the dedup
+    # has no sort (kernels/cpu_dedup.py); values must not change, with a row map and exact rows too
+    bag, ref = make_bag(mode, include_last_offset=include_last_offset, padding_idx=padding_idx)
+    x, offsets = batch(int_dtype)
+    x[10] = 7
+    if include_last_offset:
+        offsets = torch.cat([offsets, torch.tensor([len(x)], dtype=int_dtype)])
+    calls = []
+    real = tt_embedding_module.distinct_ids
+    monkeypatch.setattr(tt_embedding_module, "distinct_ids", lambda ids, limit: calls.append(limit) or real(ids, limit))
+    weights = torch.rand(len(x)) if mode == "sum" else None
+    with torch.no_grad():
+        torch.testing.assert_close(bag(x, offsets, weights), ref(x, offsets, weights), atol=1e-5, rtol=1e-5)
+        assert calls == [N]
+        hot = torch.tensor([x[3].item(), 999, 7, x[20].item()])
+        bag.set_row_map(hot[:2])
+        bag.set_exact_rows(hot[2:], torch.randn(2, D))
+        mapped = nn.EmbeddingBag.from_pretrained(bag.to_dense(), mode=mode, include_last_offset=include_last_offset,
+                                                 padding_idx=padding_idx)
+        torch.testing.assert_close(bag(x, offsets, weights), mapped(x, offsets, weights), atol=1e-5, rtol=1e-5)
+        with pytest.raises(TTIndexError, match=f"index {N} is out of range"):
+            bag(torch.cat([x[:-1], torch.tensor([N], dtype=int_dtype)]), offsets)
+        emb = TTEmbedding.from_dense(torch.randn(N, D), rank=6, padding_idx=padding_idx)
+        dense = nn.Embedding.from_pretrained(emb.to_dense(), padding_idx=padding_idx)
+        torch.testing.assert_close(emb(x.view(8, 5)), dense(x.view(8, 5)), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 4
+
+
 @pytest.mark.parametrize("mode,kernel,padding_idx",
                          list(itertools.product(["sum", "mean", "max"], ["reference", "cpu"], [None, 7])))
 def test_entries_after_the_last_offset_belong_to_no_bag(mode, kernel, padding_idx):

@@ -27,7 +27,7 @@ from ..kernels.triton_pooled import pooled_bags
 from ..kernels.triton_suffix import SuffixCache
 from .row_index import BitRank, build_row_index, row_codes
 from .tt_lookup import (choose_kernel, cuda_graphs, default_kernel, lookup_rows, pools_in_one_pass,
-                        range_check_stash, sync_free, trains_sync_free)
+                        range_check_stash, rows_from_end_table, sync_free, trains_sync_free)
 
 
 def _unique(flat: torch.Tensor, limit: int):
@@ -258,7 +258,9 @@ class _TTTable(nn.Module):
         return rows if order is None else rows.index_select(0, order)
 
     def _rows_and_order(self, uniq: torch.Tensor):
-        """``(rows, order)``: the rows of sorted distinct ids are ``rows[order]`` (order None: in id order).
+        """``(rows, order)``: the rows of distinct ids are ``rows[order]`` (order None: in the ids' order).
+        The ids are sorted, or in any order where the rows come from the CPU end table
+        (:func:`~fpd_convert.layers.tt_lookup.rows_from_end_table`).
 
         Ids with an exact row are not looked up in the TT at all: with exact rows for the
         hottest ids, a batch computes TT rows only for the rest.  Their rows come after the
@@ -364,13 +366,30 @@ class _TTTable(nn.Module):
         :func:`_unique_device`), where ``probe`` (a 0-dim tensor) is read in the same sync."""
         flat = input.reshape(-1)
         if flat.device.type == "cpu" or flat.numel() == 0:
-            self._check_indices(input)
-            uniq, inverse = _unique(flat, self.num_embeddings)
+            any_order = rows_from_end_table(self._core_list(), self.kernel, self._row_cache)
+            uniq, inverse = self._cpu_unique(input, any_order)
             return uniq, inverse, None if probe is None else bool(probe)
         self._check_type(input)
         uniq, inverse, lo, hi, value = _unique_device(flat, self.num_embeddings, probe)
         self._check_range(lo, hi)
         return uniq, inverse, value
+
+    def _cpu_unique(self, input: torch.Tensor, any_order: bool):
+        """``(uniq, inverse)`` of a CPU batch, its ids checked.  ``any_order``: the distinct ids may come
+        in any order (for the end table), found without a sort by
+        :func:`fpd_convert.kernels.cpu_dedup.distinct_ids`, whose bounds check is the range check
+        (``inverse`` int32); else sorted (``inverse`` int64)."""
+        self._check_type(input)
+        flat = input.reshape(-1)
+        if any_order and flat.numel():
+            try:
+                found = distinct_ids(flat.numpy(), self.num_embeddings)
+            except IndexError:  # out of range: the check below says which id
+                found = None
+            if found is not None:
+                return torch.from_numpy(found[0].astype(np.int64, copy=False)), torch.from_numpy(found[1])
+        self._check_indices(input)
+        return _unique(flat, self.num_embeddings)
 
     def _unique_rows(self, input: torch.Tensor, probe: Optional[torch.Tensor] = None):
         """(rows of the unique indices (U, d), inverse map shaped like input, padding position,
@@ -512,17 +531,7 @@ class TTEmbeddingBag(_TTTable):
         less with one (2,048 ids)."""
         cores = self._core_list()
         self.raise_deferred_errors()
-        self._check_type(input)
-        flat = input.reshape(-1)
-        try:  # the end table takes ids in any order; the dedup checks their range
-            found = distinct_ids(flat.numpy(), self.num_embeddings)
-        except IndexError:
-            found = None
-        if found is None:
-            self._check_indices(input)
-            uniq, inverse = _unique(flat, self.num_embeddings)
-        else:
-            uniq, inverse = torch.from_numpy(found[0].astype(np.int64, copy=False)), torch.from_numpy(found[1])
+        uniq, inverse = self._cpu_unique(input, any_order=True)  # the end table takes ids in any order
         codes = self._codes(uniq)
         if codes is None:
             return self._row_cache.rows(cores, uniq).index_select(0, inverse)

@@ -134,6 +134,13 @@ def trains_sync_free(cores: Sequence[torch.Tensor], kernel: str) -> bool:
             and triton_suffix.suffix_bytes(cores) <= triton_suffix.MAX_BYTES)
 
 
+def rows_from_end_table(cores: Sequence[torch.Tensor], kernel: str, row_cache: Optional[cpu_tt.EndTable]) -> bool:
+    """Whether :func:`lookup_rows` takes these cores' rows from the CPU end table (``row_cache``),
+    which takes ids in any order: the CPU path, no gradient for the cores, and a table that fits."""
+    return (row_cache is not None and choose_kernel(kernel, cores) == "cpu"
+            and not (torch.is_grad_enabled() and any(c.requires_grad for c in cores)) and row_cache.fits(cores))
+
+
 def lookup_rows(cores: Sequence[torch.Tensor], unique_ids: torch.Tensor, kernel: str = "auto",
                 row_cache: Optional[cpu_tt.EndTable] = None, is_sorted: bool = True,
                 suffix_cache: Optional[triton_suffix.SuffixCache] = None) -> torch.Tensor:
@@ -146,10 +153,10 @@ def lookup_rows(cores: Sequence[torch.Tensor], unique_ids: torch.Tensor, kernel:
     end-table, suffix and reference paths take any order.  Without gradients, ``row_cache`` (CPU path) and
     ``suffix_cache`` (Triton path) keep a product of cores between calls while it fits.
     """
+    if rows_from_end_table(cores, kernel, row_cache):
+        return row_cache.rows(cores, unique_ids)
     path = choose_kernel(kernel, cores)
     grad = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
-    if path == "cpu" and not grad and row_cache is not None and row_cache.fits(cores):
-        return row_cache.rows(cores, unique_ids)
     if path == "triton":
         if not grad and suffix_cache is not None and suffix_cache.fits(cores):
             return triton_suffix.suffix_rows(cores, unique_ids, suffix_cache)
