@@ -14,7 +14,8 @@
 #   6c. the bench with the dim factors ascending, [4, 4, 8] (a line in log.txt);
 #   6d. the CPU lookups bench on the machine's 16 cores, fresh batches and one repeated (two lines in log.txt);
 #   7. SWEEP=quick or full: the kernel sweep (launch settings; the eighth session's run kept the defaults).
-# Needs the tensorly wheel in .whl/ (the device image lacks tensorly). Writes at most 8 files to
+# Needs the tensorly wheel in .whl/ (the device image lacks tensorly; .whl is gitignored, so on a fresh
+# checkout first: pip download tensorly==0.10.0 --no-deps -d .whl; then run with carry [".whl"]). Writes at most 8 files to
 # $OUT (the device tool brings back no more): log.txt (versions, each step's time and exit status,
 # stderr), pytest.log, bench.json, step_ab.json, step_profile.txt (STEP_PROFILE=1), sync_probe.jsonl,
 # layer_ab.jsonl, bench_balanced.json (and sweep.jsonl in place of step_profile.txt with SWEEP set).
