@@ -162,7 +162,7 @@ def test_layer_pools_by_row_on_the_cpu_only_where_it_may(monkeypatch):
     assert calls == [1]  # no gradient, one-hot or max: not by row
 
 
-# (row factors, dim factors, ranks, which end the table leaves out): 2, 3 and 4 cores, both ends
+# (row factors, dim factors, ranks, the end with the fewer bag entries a row): 2, 3 and 4 cores
 END_TABLE_SHAPES = [
     ([5, 7, 6], [2, 3, 2], [1, 3, 4, 1], "first"),
     ([6, 5, 4], [8, 4, 4], [1, 5, 6, 1], "last"),
@@ -173,13 +173,28 @@ END_TABLE_SHAPES = [
 ]
 
 
+class _ForcedEnd(cpu_tt.EndTable):
+    """An end table that leaves out the given end, whatever the rule would pick."""
+
+    def __init__(self, first: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.forced_first = first
+
+    def _first_is_end(self, cores):
+        return self.forced_first
+
+
 def test_end_table_takes_the_end_that_fits():
     # a long first core (factor_rows' suffix_rows): the first end has more bag entries a row
     # (d_1 r_1 = 32 against 16), but only its table, over the 6 suffixes, fits the budget
     cores = make_cores([300, 3, 2], [8, 2, 2], [1, 4, 4, 1])
     table = cpu_tt.EndTable(max_bytes=4096)
     assert table.fits(cores) and table._first_is_end(cores)
-    assert not cpu_tt.EndTable(max_bytes=1 << 30)._first_is_end(cores)  # both fit: the fewer entries
+    reversed_cores = make_cores([2, 3, 300], [8, 2, 2], [1, 4, 4, 1])  # only the last end's table fits
+    assert not cpu_tt.EndTable(max_bytes=4096)._first_is_end(reversed_cores)
+    # both fit: off the CPU the end with the fewer entries (shapes only: meta tensors)
+    meta = [c.detach().to("meta") for c in cores]
+    assert not cpu_tt.EndTable(max_bytes=1 << 30)._first_is_end(meta)
 
 
 def test_end_table_prefers_the_end_whose_table_stays_in_the_caches():
@@ -189,26 +204,37 @@ def test_end_table_prefers_the_end_whose_table_stays_in_the_caches():
     sizes = [cpu_tt.EndTable._end_bytes(cores, end) for end in (0, 2)]
     table = cpu_tt.EndTable(max_bytes=1 << 30, cache_bytes=sizes[0])
     assert sizes[0] < sizes[1] and table._first_is_end(cores)
-    assert not cpu_tt.EndTable(max_bytes=1 << 30, cache_bytes=sizes[1])._first_is_end(cores)  # both cached
+    # both cached (or neither): the first end, whose rows need no transpose, despite its more entries
+    assert cpu_tt.EndTable(max_bytes=1 << 30, cache_bytes=sizes[1])._first_is_end(cores)
+    assert cpu_tt.EndTable(max_bytes=1 << 30, cache_bytes=1)._first_is_end(cores)
     idx = sample_indices(1800, 200, unique=False)
     torch.testing.assert_close(table.rows(cores, idx), tt_rows(cores, idx).detach(), rtol=1e-5, atol=1e-5)
     idx = sample_indices(1800, 200, unique=False)
     torch.testing.assert_close(table.rows(cores, idx), tt_rows(cores, idx).detach(), rtol=1e-5, atol=1e-5)
     assert table._first
+    # only the last end's table cached (a long last core): the last end, fewer entries or not
+    reversed_cores = make_cores([2, 3, 300], [8, 2, 2], [1, 4, 4, 1])
+    small = cpu_tt.EndTable._end_bytes(reversed_cores, 2)
+    assert not cpu_tt.EndTable(max_bytes=1 << 30, cache_bytes=small)._first_is_end(reversed_cores)
 
 
-@pytest.mark.parametrize("row_factors,dim_factors,ranks,end", END_TABLE_SHAPES)
-def test_end_table_equals_reference_for_any_order_and_follows_core_updates(row_factors, dim_factors, ranks, end):
+@pytest.mark.parametrize("row_factors,dim_factors,ranks,fewer", END_TABLE_SHAPES)
+@pytest.mark.parametrize("end", ["first", "last"])
+def test_end_table_equals_reference_for_any_order_and_follows_core_updates(row_factors, dim_factors, ranks, fewer,
+                                                                           end):
     cores = make_cores(row_factors, dim_factors, ranks)
     n = 1
     for f in row_factors:
         n *= f
     idx = sample_indices(n, 150, unique=False)  # unsorted, with repeats
-    table = cpu_tt.EndTable()
+    assert cpu_tt.EndTable()._first_is_end(cores)  # on the CPU, everything fitting the caches: the first end
+    meta = [c.detach().to("meta") for c in cores]
+    assert cpu_tt.EndTable()._first_is_end(meta) == (fewer == "first")  # elsewhere: the fewer entries
+    table = _ForcedEnd(end == "first")
     assert table.fits(cores)
     out = table.rows(cores, idx)
     assert table._first == (end == "first")
-    assert table._table.numel() * 4 == table.nbytes_for(cores)  # the product table alone: bag rows are computed
+    assert table._table.numel() * 4 == table._end_bytes(cores, 0 if end == "first" else len(cores) - 1)
     torch.testing.assert_close(out, tt_rows(cores, idx).detach(), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         cores[1].mul_(2.0)  # an optimizer step is an in-place update: the cache must notice
