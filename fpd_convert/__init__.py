@@ -8,13 +8,31 @@ Python API (each command has its function)::
     fpd_convert.decompress("model.tt.safetensors", "model.dense.pt")
     fpd_convert.inspect("model.tt.safetensors")
     fpd_convert.keep_freed_memory()  # once, before serving on the CPU (glibc; see fpd_convert.allocator)
+
+The names are imported on first use (PEP 562), so that ``import fpd_convert`` and
+``fpd-convert --help`` do not load torch and TensorLy (2 s) before they are needed.
 """
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from .allocator import keep_freed_memory  # noqa: E402
-from .convert import compress, decompress, inspect, load  # noqa: E402
-from .layers import TTEmbedding, TTEmbeddingBag  # noqa: E402
-from .tt import decompose_table  # noqa: E402
+#: public name -> the module that defines it
+_EXPORTS = {"compress": ".convert", "decompress": ".convert", "inspect": ".convert", "load": ".convert",
+            "TTEmbedding": ".layers", "TTEmbeddingBag": ".layers", "decompose_table": ".tt",
+            "keep_freed_memory": ".allocator"}
 
-__all__ = ["__version__", "TTEmbedding", "TTEmbeddingBag", "decompose_table", "compress", "decompress",
-           "inspect", "keep_freed_memory", "load"]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -57,3 +57,16 @@ def test_other_commands_refuse_bad_numbers_before_reading_anything(tmp_path, mon
     r = CliRunner().invoke(main, args)
     assert r.exit_code != 0 and message in r.output, r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_help_and_the_package_import_do_not_load_torch():
+    # the package's names are imported on first use: `fpd-convert --help` answers in ~0.1 s, not 2 s
+    import subprocess
+    import sys
+    code = ("import sys, fpd_convert, fpd_convert.cli; from click.testing import CliRunner; "
+            "r = CliRunner().invoke(fpd_convert.cli.main, ['compress', '--help']); "
+            "assert r.exit_code == 0 and 'Usage' in r.output, r.output; "
+            "assert 'torch' not in sys.modules and 'tensorly' not in sys.modules, 'loaded'; "
+            "assert fpd_convert.TTEmbeddingBag.__name__ == 'TTEmbeddingBag' and 'torch' in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
