@@ -26,7 +26,7 @@ from ..kernels.triton_entries import entry_bags, order_by_suffix, suffix_major_c
 from ..kernels.triton_pooled import pooled_bags
 from ..kernels.triton_suffix import SuffixCache
 from .row_index import BitRank, build_row_index, row_codes
-from .tt_lookup import (choose_kernel, cuda_graphs, default_kernel, lookup_rows, pools_in_one_pass,
+from .tt_lookup import (cuda_graphs, default_kernel, lookup_rows, pools_in_one_pass,
                         range_check_stash, rows_from_end_table, sync_free, trains_sync_free)
 
 
@@ -516,8 +516,7 @@ class TTEmbeddingBag(_TTTable):
         if (input.device.type != "cpu" or per_sample_weights is not None or self.padding_idx is not None
                 or _device_dedup(input) or self._needs_gradients()):
             return False
-        cores = self._core_list()
-        return (choose_kernel(self.kernel, cores) == "cpu" and self._row_cache.fits(cores) and input.numel() > 0
+        return (input.numel() > 0 and rows_from_end_table(self._core_list(), self.kernel, self._row_cache)
                 and self._one_hot(input, offsets) is True)
 
     def serve_from_end_table(self, input: torch.Tensor) -> torch.Tensor:
