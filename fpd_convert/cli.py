@@ -10,21 +10,39 @@ from . import __version__
 
 
 def friendly_errors(fn):
-    """Library errors become ``Error: <message>`` and exit status 1, without a traceback."""
+    """Library errors become ``Error: <message>`` and exit status 1, without a traceback: bad values
+    (``ValueError`` and the library's own errors, which derive from it), files that cannot be read or
+    written (``OSError``: a full disk, a read-only folder) and files that end too soon (``EOFError``)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .checkpoints import CheckpointError, OutputError
         try:
             return fn(*args, **kwargs)
-        except (CheckpointError, OutputError, ValueError, FileNotFoundError) as e:
+        except ValueError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
+        except EOFError as e:
+            raise click.ClickException(f"a file ended before its data did (truncated?): {e}") from None
     return wrapper
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # so that `finally` blocks remove temp files (a plain SIGTERM skips them)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"Warning: {message}", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fpd-convert")
 def main():
     """Compress trained recommender models with tensor-train (TT) embedding tables."""
+    import signal
+    import warnings
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    warnings.showwarning = _show_warning
     from .allocator import keep_freed_memory
     keep_freed_memory()  # CPU steps reuse freed buffers instead of faulting fresh pages in (FPD_MALLOC=system: off)
 
@@ -60,10 +78,8 @@ class SuffixRows(click.ParamType):
 
 
 def _rank_value(text):
-    if text is None:
-        return None
-    parts = [int(x) for x in str(text).split(",")]
-    return parts[0] if len(parts) == 1 else parts
+    parts = _int_list(text, "--rank")
+    return parts if parts is None or len(parts) > 1 else parts[0]
 
 
 @main.command()
@@ -75,7 +91,8 @@ def _rank_value(text):
 @click.option("--rank", help="TT rank: one int, or inner ranks 'r1,r2' (default 32 if no other rule).")
 @click.option("--ratio", type=float, help="Target compression ratio per table (dense params / TT params).")
 @click.option("--budget", help="Total size of the compressed tables, e.g. 3GB, 50MB.")
-@click.option("--tol", type=float, help="Relative reconstruction error per table (delta-truncated TT-SVD).")
+@click.option("--tol", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Relative reconstruction error per table (delta-truncated TT-SVD), between 0 and 1.")
 @click.option("--order", type=click.IntRange(2, 4), default=3, show_default=True, help="Number of TT cores.")
 @click.option("--dim-factors", help="Factors of the tables' dim, e.g. 2,4,8 (their count sets the order; default: "
               "as balanced as possible). A first factor of 2 makes CPU lookups faster.")
@@ -127,7 +144,10 @@ def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, 
         info = describe(model, allow_unsafe_pickle=allow_unsafe_pickle)
         if (layout or info["layout"]) == "generic":
             shown = [t["key"] for t in info["tables"][:num_largest]]
-            click.echo("generic state_dict; the largest 2D tensors are: " + ", ".join(shown), err=True)
+            text = "generic state_dict; the largest 2D tensors are: " + ", ".join(shown)
+            if not click.get_text_stream("stdin").isatty():
+                raise click.ClickException(f"{text}. Pass --yes to compress them, or choose with --tables")
+            click.echo(text, err=True)
             click.confirm("compress these?", default=True, abort=True, err=True)
     summary = run(model, output, tables=names, min_rows=min_rows, num_largest=num_largest, rank=_rank_value(rank),
                   ratio=ratio, budget=budget, tol=tol, order=order, svd=svd, layout=layout, force=force,
@@ -175,10 +195,8 @@ def decompress(compressed, output, force):
 @friendly_errors
 def synth(output, rows, seed, fmt, force):
     """Generate Criteo-like data (Zipf ids, hidden teacher) as Criteo text or dlrm .npz."""
-    from .checkpoints import check_output
     from .data.synth import synth as run
-    check_output(output, [], force)
-    info = run(output, rows, seed=seed, fmt=fmt)
+    info = run(output, rows, seed=seed, fmt=fmt, force=force)
     click.echo(f"wrote {info['path']}: {info['rows']:,} rows ({info['format']}), "
                f"{info['positives'] / info['rows']:.1%} positives")
 
@@ -201,7 +219,7 @@ def train(train_data, output, val_data, table_rows, dim, epochs, batch_size, lr,
           dense_transform):
     """Train a baseline DLRM (facebookresearch/dlrm layout)."""
     from .training.train import train as run
-    rows = [int(x) for x in table_rows.split(",")] if table_rows else None
+    rows = _int_list(table_rows, "--table-rows")
     r = run(train_data, output, val_data, rows, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr,
             optimizer=optimizer, max_steps=max_steps, force=force, strict=strict, dense_transform=dense_transform)
     auc = f", val AUC {r['val']['auc']:.4f}" if r["val"] else ""
@@ -225,18 +243,20 @@ def train(train_data, output, val_data, table_rows, dim, epochs, batch_size, lr,
 @click.option("--patience", type=click.IntRange(1), help="Stop after N evaluations without a better AUC.")
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="Data-loading worker processes.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUTPUT.resume.pt.")
+@click.option("--checkpoint-every", type=click.IntRange(1), default=None,
+              help="Write OUTPUT.resume.pt every N steps (it is also written every 10 minutes and on Ctrl-C).")
 @click.option("--force", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @data_options
 @friendly_errors
 def finetune(compressed, train_data, val_data, output, device, optimizer, lr, tt_lr, epochs, max_steps, batch_size,
-             eval_every, patience, workers, resume, force, as_json, strict, dense_transform):
+             eval_every, patience, workers, resume, checkpoint_every, force, as_json, strict, dense_transform):
     """Fine-tune a compressed model (TT cores and MLPs) to recover AUC. Multi-GPU: torchrun."""
     from .training.finetune import finetune as run
     r = run(compressed, train_data, output, val_data, device=device, optimizer=optimizer, lr=lr, tt_lr=tt_lr,
             epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_every=eval_every, patience=patience,
             resume=resume, force=force, workers=workers, progress=not as_json, strict=strict,
-            dense_transform=dense_transform)
+            dense_transform=dense_transform, checkpoint_every=checkpoint_every)
     if as_json:
         click.echo(json.dumps(r, indent=2))
     elif r["interrupted"]:
@@ -258,15 +278,17 @@ def finetune(compressed, train_data, val_data, output, device, optimizer, lr, tt
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--markdown", is_flag=True)
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write size and AUC bars to this PNG.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --plot file.")
+@click.option("--skip-source-check", is_flag=True,
+              help="Compare even when COMPRESSED was not made from ORIGINAL (their SHA-256 differ).")
 @data_options
 @friendly_errors
-def report(original, compressed, finetuned, data, max_rows, no_int8, as_json, markdown, plot, strict, dense_transform):
+def report(original, compressed, finetuned, data, max_rows, no_int8, as_json, markdown, plot, force,
+           skip_source_check, strict, dense_transform):
     """Size and AUC of ORIGINAL, COMPRESSED (and FINETUNED), with int8 row-wise as a baseline."""
-    from .reporting.report import format_report, plot_report, report as run, to_json
+    from .reporting.report import format_report, report as run, to_json
     r = run(original, compressed, finetuned, data=data, max_rows=max_rows, int8=not no_int8, strict=strict,
-            dense_transform=dense_transform)
-    if plot:
-        plot_report(r, plot)
+            dense_transform=dense_transform, check_source=not skip_source_check, plot=plot, force=force)
     click.echo(to_json(r) if as_json else format_report(r, markdown=markdown))
 
 

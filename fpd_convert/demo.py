@@ -7,6 +7,7 @@ from typing import Callable
 
 from .convert import compress
 from .data.synth import synth
+from .outputs import write_text
 from .reporting.report import format_report, plot_report, report, to_json
 from .training.finetune import finetune
 from .training.train import train
@@ -19,6 +20,8 @@ def run_demo(folder="fpd-demo", train_rows: int = 300_000, val_rows: int = 30_00
 
     Re-running overwrites the demo's own files in ``folder`` and nothing else.
     """
+    from .convert.compress import check_ranks_rule
+    check_ranks_rule(None, ratio, None, None)  # before anything is written
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     f = {name: folder / name for name in ("train.npz", "val.npz", "test.npz", "baseline.pt",
@@ -26,7 +29,7 @@ def run_demo(folder="fpd-demo", train_rows: int = 300_000, val_rows: int = 30_00
                                           "report.md", "report.png")}
     t0 = time.time()
     for name, n, s in (("train.npz", train_rows, seed), ("val.npz", val_rows, seed + 1), ("test.npz", test_rows, seed + 2)):
-        synth(f[name], n, seed=s)
+        synth(f[name], n, seed=s, force=True)
     echo(f"[1/5] data: {f['train.npz']} ({train_rows:,} rows), {f['val.npz']}, {f['test.npz']}")
     tr = train(f["train.npz"], f["baseline.pt"], val_data=f["val.npz"], force=True, progress=progress, seed=seed)
     echo(f"[2/5] baseline DLRM (facebookresearch/dlrm layout): {f['baseline.pt']}, val AUC {tr['val']['auc']:.4f}")
@@ -37,9 +40,9 @@ def run_demo(folder="fpd-demo", train_rows: int = 300_000, val_rows: int = 30_00
     echo(f"[4/5] fine-tuned: {f['finetuned.safetensors']}, best val AUC {ft['best']['auc']:.4f}")
     r = report(f["baseline.pt"], f["compressed.safetensors"], f["finetuned.safetensors"], data=f["test.npz"])
     for name, text in (("report.json", to_json(r)), ("report.md", format_report(r, markdown=True))):
-        f[name].write_text(text + "\n")
+        write_text(f[name], text + "\n", force=True)
     try:
-        plot_report(r, f["report.png"])
+        plot_report(r, f["report.png"], force=True)
         plotted = True
     except ValueError:
         plotted = False

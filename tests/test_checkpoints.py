@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 import fpd_convert
 from conftest import needs_triton
 from fpd_convert.convert.fidelity import FidelityOptions
-from fpd_convert.checkpoints import CheckpointError, OutputError, read_compressed_meta, read_source
+from fpd_convert.checkpoints import CheckpointError, read_compressed_meta, read_source
+from fpd_convert.outputs import OutputError
 from fpd_convert.cli import main
 from fpd_convert.models import build_model
 from layouts import (ROWS, NotATensor, batch, dlrm_checkpoint, dlrm_state, ref_dlrm_forward, ref_torchrec_forward,
@@ -499,3 +500,21 @@ def test_compressed_models_read_all_tt_dedups_at_once(tmp_path, monkeypatch, lay
     assert read == [True, True]  # both TT tables got their values from the one grouped read
     want = ref_dlrm_forward(s, dense, ids, weighted=True) if layout == "dlrm" else ref_torchrec_forward(s, dense, ids)
     torch.testing.assert_close(expected, want, atol=1e-4, rtol=1e-4)
+
+
+def test_torchrec_tables_keep_their_order_in_a_safetensors_file(tmp_path):
+    # safetensors sorts keys as strings (t_cat_0, t_cat_1, t_cat_10, t_cat_11, t_cat_2, ...): the tables must
+    # still feed the features in the collection's order, as the .pt state_dict does
+    rows = [60 + 7 * i for i in range(12)]
+    s = torchrec_state(rows=rows)
+    torch.save(s, tmp_path / "m.pt")
+    save_file(s, str(tmp_path / "m.safetensors"))
+    dense, ids = batch(rows=rows)
+    want = ref_torchrec_forward(s, dense, ids)
+    for name in ("m.pt", "m.safetensors"):
+        got = fpd_convert.load(tmp_path / name).logits(dense, ids)
+        assert torch.allclose(got, want, atol=1e-5), name
+        fpd_convert.compress(tmp_path / name, tmp_path / f"{name}.tt.safetensors", rank=4, tables=["t_cat_10"],
+                             progress=False)
+    pt, st = (fpd_convert.load(tmp_path / f"m.{x}.tt.safetensors").logits(dense, ids) for x in ("pt", "safetensors"))
+    assert torch.equal(pt, st)

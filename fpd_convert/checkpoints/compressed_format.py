@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from ..paths import not_a_file
 from ..tt import TTShape
 from ..tt import core_quant
-from .atomic import atomic_path
+from ..outputs import atomic_path
 from .safe_load import CheckpointError, looks_like
 
 FORMAT_NAME = "fpd-convert"
@@ -122,7 +122,8 @@ def read_compressed_meta(path: os.PathLike) -> CompressedMeta:
 
 
 def read_compressed(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], CompressedMeta]:
-    """Tensors and validated metadata; core shapes are checked against the TT tables."""
+    """Tensors and validated metadata: core shapes are checked against the TT tables, every tensor the
+    source had (``state_keys``) must be there, and every floating tensor must be finite."""
     meta = read_compressed_meta(path)
     from safetensors.torch import load_file
     try:
@@ -140,6 +141,15 @@ def read_compressed(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], Compres
                 raise CheckpointError(f"{path}: missing TT core {ck}")
             if tuple(tensors[ck].shape) != tuple(s):
                 raise CheckpointError(f"{path}: TT core {ck} has shape {tuple(tensors[ck].shape)}, metadata says {s}")
+    missing = [k for k in meta.state_keys if k not in meta.tt_tables and k not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: the file lacks {len(missing)} tensor(s) of its source model, e.g. {missing[0]}; "
+                              "it is damaged or was edited")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{path}: tensor {key} holds {bad:,} NaN or infinite value(s); a model with them "
+                                  "gives NaN scores (was it fine-tuned with a learning rate that diverged?)")
     return tensors, meta
 
 
@@ -152,6 +162,8 @@ def file_tensor_bytes(path: os.PathLike) -> Dict[str, int]:
 
 def is_compressed(path: os.PathLike) -> bool:
     """True for a safetensors file with fpd-convert metadata (any version)."""
+    if not Path(path).is_file():  # a FIFO would block the read
+        return False
     try:
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("format") == FORMAT_NAME

@@ -28,7 +28,7 @@ def looks_like(path: os.PathLike) -> str:
     """What a file's first bytes say it is, for error messages ("" when they say nothing known)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(512)
     except OSError:
         return ""
     if head.startswith(b"PK\x03\x04"):
@@ -37,6 +37,14 @@ def looks_like(path: os.PathLike) -> str:
         return "a pickle (an older PyTorch checkpoint)"
     if head.startswith(b"\x93NUMPY"):
         return "a numpy .npy array"
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip file"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
+        return "a safetensors file"
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "a text file" + (" (tab-separated, like Criteo data)" if b"\t" in head else "")
     return ""
 
 
@@ -61,7 +69,15 @@ def load_torch_file(path: os.PathLike, allow_unsafe: bool = False, mmap: bool = 
         raise CheckpointError(f"{path}: {reason}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
-    use_mmap = mmap and zipfile.is_zipfile(path)
+    is_zip = zipfile.is_zipfile(path)
+    kind = "" if is_zip else looks_like(path)
+    if kind.startswith("a zip archive"):
+        raise CheckpointError(f"{path}: a damaged zip archive (a PyTorch checkpoint whose end is missing: "
+                              "truncated by a full disk or an interrupted copy?)")
+    if not is_zip and kind != "a pickle (an older PyTorch checkpoint)":
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (" + (f"it looks like {kind}" if kind else
+                              "its first bytes are neither a zip archive nor a pickle") + ")")
+    use_mmap = mmap and is_zip
     try:
         if allow_unsafe:
             return torch.load(path, map_location="cpu", weights_only=False, mmap=use_mmap)

@@ -124,6 +124,11 @@ def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None) 
     if layout != "generic" and detected != layout:
         raise CheckpointError(f"{path}: asked for the {layout} layout but the keys look like {detected} "
                               f"(first keys: {keys[:4]})")
+    empty = [k for k, v in state.items() if v.ndim == 2 and v.is_floating_point() and 0 in v.shape]
+    if empty:
+        raise CheckpointError(f"{path}: tensor {empty[0]} has shape {tuple(state[empty[0]].shape)}: a table needs "
+                              "at least one row and one column")
     arch = (infer_dlrm_architecture(state) if layout == "dlrm"
-            else infer_torchrec_architecture(state) if layout == "torchrec" else None)
+            else infer_torchrec_architecture(state, keys_sorted=container == "safetensors") if layout == "torchrec"
+            else None)
     return Source(path, layout, arch, state, prefix, container, extras, groups, dropped, mapped)

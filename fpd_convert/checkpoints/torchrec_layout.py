@@ -6,12 +6,16 @@
 Projection ``inter_arch.interaction_branch{1,2}.model._mlp.{k}._linear.*``.
 ``DLRMTrain`` adds a ``model.`` prefix, which the reader strips and the writer restores.
 The state_dict carries no feature names: one feature per table, in table order, is assumed.
+A ``.pt`` state_dict keeps the tables in the collection's order; a ``.safetensors`` file sorts its keys
+as strings (``t_cat_0, t_cat_1, t_cat_10, ...``), so there the tables are put back in the order of the
+numbers in their names (``t_cat_0, t_cat_1, t_cat_2, ...``).
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Dict
+import warnings
+from typing import Dict, List
 
 import torch
 
@@ -32,13 +36,27 @@ def _torchrec_mlp(state: Dict[str, torch.Tensor], prefix: str):
     return [int(ws[0].shape[1])] + [int(w.shape[0]) for w in ws]
 
 
-def infer_torchrec_architecture(state: Dict[str, torch.Tensor]) -> dict:
-    """Architecture of a TorchRec DLRM state_dict (keys without the ``model.`` prefix)."""
+def natural_key(name: str) -> List:
+    """Sort key that orders the numbers inside a name as numbers: ``t_cat_2`` before ``t_cat_10``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
+
+
+def infer_torchrec_architecture(state: Dict[str, torch.Tensor], keys_sorted: bool = False) -> dict:
+    """Architecture of a TorchRec DLRM state_dict (keys without the ``model.`` prefix).
+
+    ``keys_sorted``: the file sorted its keys as strings (safetensors), so the tables' order is taken
+    from the numbers in their names (:func:`natural_key`)."""
     tables = []
     for k, w in state.items():
         if k.startswith(EBC) and k.endswith(".weight"):
             name = k[len(EBC):-len(".weight")]
             tables.append({"name": name, "key": k, "rows": int(w.shape[0]), "dim": int(w.shape[1]), "kind": "dense"})
+    if keys_sorted:
+        tables.sort(key=lambda t: natural_key(t["name"]))
+        if not all(re.search(r"\d", t["name"]) for t in tables):
+            warnings.warn("a .safetensors file does not keep the order of its tables and some TorchRec table "
+                          "names carry no number to order them by; they are taken in name order, which may not "
+                          "be the order of the model's features: give the .pt state_dict instead", stacklevel=3)
     dims = {t["dim"] for t in tables}
     if len(dims) != 1:
         raise CheckpointError(f"TorchRec DLRM needs one embedding dim for all tables but found {sorted(dims)}")

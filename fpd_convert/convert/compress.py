@@ -1,6 +1,7 @@
 """``compress``: a source checkpoint in, a compressed safetensors file out."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
@@ -8,8 +9,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from .. import __version__
-from ..checkpoints import (CheckpointError, CompressedMeta, check_output, read_source, sha256_of,
-                           write_compressed)
+from ..checkpoints import CheckpointError, CompressedMeta, read_source, sha256_of, write_compressed
+from ..outputs import check_output, releases_outputs
 from ..checkpoints import TableTensors, encode_table
 from ..checkpoints.lazy_tables import row_reader
 from .allocation import compress_tables
@@ -108,6 +109,24 @@ class CompressionSummary:
         return "\n".join(out)
 
 
+def check_ranks_rule(rank, ratio, budget, tol) -> None:
+    """Refuse more than one rank rule, and values that cannot be met (in the options' words)."""
+    given = [name for name, v in (("--rank", rank), ("--ratio", ratio), ("--budget", budget), ("--tol", tol))
+             if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of --rank, --ratio, --budget and --tol (rank=, ratio=, budget=, tol=) "
+                         f"but got {' and '.join(given)}")
+    if ratio is not None and not (math.isfinite(ratio) and ratio > 1):
+        raise ValueError(f"--ratio should be a finite number above 1 (dense bytes / compressed bytes) but got {ratio}")
+    if tol is not None and not (math.isfinite(tol) and 0 < tol < 1):
+        raise ValueError(f"--tol should be a relative error between 0 and 1 (exclusive) but got {tol}")
+    ranks = [rank] if isinstance(rank, int) else list(rank or [])
+    if any(int(r) < 1 for r in ranks):
+        raise ValueError(f"--rank should be positive integers but got {rank}")
+    if budget is not None:
+        parse_size(budget)
+
+
 def _counts(src, chosen, data, data_rows) -> dict:
     """Lookup counts per chosen table key from a data sample (one feature per table, in order)."""
     if src.architecture is None:
@@ -120,6 +139,7 @@ def _counts(src, chosen, data, data_rows) -> dict:
     return {t["key"]: by_key[t["key"]] for t in chosen}
 
 
+@releases_outputs
 def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional[Sequence[str]] = None,
              min_rows: Optional[int] = None, num_largest: int = 5, rank: Union[int, Sequence[int], None] = None,
              ratio: Optional[float] = None, budget: Union[str, int, None] = None, tol: Optional[float] = None,
@@ -157,9 +177,8 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     proportion to table size, ``ratio`` per table.
     """
     model, output = Path(model), Path(output)
+    check_ranks_rule(rank, ratio, budget, tol)
     check_output(output, [model], force)
-    if sum(x is not None for x in (rank, ratio, budget, tol)) > 1:
-        raise ValueError("give at most one of rank, ratio, budget or tol")
     if workers < 1:
         raise ValueError(f"workers should be >= 1 but got {workers}")
     if rank is None and ratio is None and budget is None and tol is None:

@@ -6,10 +6,12 @@ from typing import Union
 
 import torch
 
-from ..checkpoints import atomic_path, check_output, read_compressed, split_tables
+from ..checkpoints import read_compressed, split_tables
+from ..outputs import atomic_path, check_output, releases_outputs
 from ..layers import TTEmbeddingBag
 
 
+@releases_outputs
 def decompress(compressed: Union[str, Path], output: Union[str, Path], force: bool = False) -> dict:
     """Write ``output`` loadable by the source's own code.
 

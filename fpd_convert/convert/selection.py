@@ -1,6 +1,7 @@
 """Which tables to compress, and with which rank rule."""
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
 from ..checkpoints import CheckpointError
@@ -11,6 +12,8 @@ def select_tables(tables: List[dict], names: Optional[Sequence[str]] = None, min
     """Tables named (by name, weight key or position), or with ``rows >= min_rows``, or the
     ``num_largest`` largest; only plain dense tables can be compressed."""
     dense = [t for t in tables if t.get("kind", "dense") == "dense"]
+    if names and min_rows is not None:
+        raise ValueError("give --tables or --min-rows, not both (tables= or min_rows=)")
     if names:
         chosen = []
         for name in names:
@@ -35,6 +38,8 @@ def select_tables(tables: List[dict], names: Optional[Sequence[str]] = None, min
 def parse_size(text) -> int:
     """``"3GB"``, ``"50MB"``, ``"512KiB"``, ``"1e6"`` -> bytes (decimal units; ``i`` for binary)."""
     if isinstance(text, (int, float)):
+        if not math.isfinite(text) or text < 1:
+            raise ValueError(f"a size should be at least 1 byte but got {text!r}")
         return int(text)
     s = str(text).strip().upper().replace(" ", "")
     units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
@@ -43,10 +48,10 @@ def parse_size(text) -> int:
     for unit, factor in units.items():
         if s.endswith(unit):
             try:
-                return int(float(s[: -len(unit)]) * factor)
+                return parse_size(float(s[: -len(unit)]) * factor)
             except ValueError:
                 break
     try:
-        return int(float(s))
-    except ValueError:
+        return parse_size(float(s))
+    except (ValueError, OverflowError):
         raise ValueError(f"cannot read {text!r} as a size; use e.g. 3GB, 50MB, 512KiB") from None

@@ -9,7 +9,9 @@ A missing integer is 0 before the dense transform.
 from __future__ import annotations
 
 import gzip
+import re
 import warnings
+import zlib
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
@@ -19,6 +21,8 @@ from ..paths import not_a_file
 from .batch import NUM_DENSE, NUM_SPARSE, Batch, make_batch
 
 NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
+_HEX = re.compile(r"[0-9a-fA-F]{1,16}")
+_INT = re.compile(r"-?[0-9]{1,19}")
 
 
 class DataError(ValueError):
@@ -43,11 +47,15 @@ def parse_line(line: str, table_rows: Sequence[int]):
     fields += [""] * (NUM_FIELDS - len(fields))
     if fields[0] not in ("0", "1"):
         raise ValueError(f"label {fields[0]!r} is not 0 or 1")
-    dense = [int(x) if x else 0 for x in fields[1:1 + NUM_DENSE]]
+    dense = []
+    for x in fields[1:1 + NUM_DENSE]:
+        if x and not _INT.fullmatch(x):
+            raise ValueError(f"integer feature {x[:20]!r} is not an integer")
+        dense.append(int(x) if x else 0)
     cats = []
     for x, n in zip(fields[1 + NUM_DENSE:], table_rows):
         if x:
-            if len(x) > 16:
+            if not _HEX.fullmatch(x):
                 raise ValueError(f"categorical {x[:20]!r} is not a hex hash")
             cats.append(int(x, 16) % n)
         else:
@@ -70,6 +78,13 @@ def read_criteo_text(path, table_rows: Sequence[int], batch_size: int = 4096, st
         raise DataError(f"Criteo data has {NUM_SPARSE} categorical features but the model has {len(table_rows)} tables")
     if (reason := not_a_file(path)):
         raise DataError(f"{path}: {reason}")
+    try:
+        yield from _batches(path, table_rows, batch_size, strict, dense_transform, shard, num_shards, max_rows, stats)
+    except (EOFError, OSError, zlib.error) as e:  # a truncated or damaged .gz, a read error
+        raise DataError(f"{path}: the file cannot be read to its end ({type(e).__name__}: {e})") from None
+
+
+def _batches(path, table_rows, batch_size, strict, dense_transform, shard, num_shards, max_rows, stats):
     labels: List[int] = []
     dense: List[list] = []
     cats: List[list] = []
@@ -102,5 +117,7 @@ def read_criteo_text(path, table_rows: Sequence[int], batch_size: int = 4096, st
         yield make_batch(np.array(dense, np.float64), np.array(cats), np.array(labels), dense_transform)
     if bad:
         warnings.warn(f"{path}: skipped {bad} malformed lines of {rows + bad}", stacklevel=2)
+    if rows == 0 and num_shards == 1:
+        raise DataError(f"{path}: no valid data line" + (f" ({bad} malformed)" if bad else " (the file is empty)"))
     if stats is not None:
         stats.update(rows=rows, malformed=bad)

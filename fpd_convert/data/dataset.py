@@ -7,7 +7,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .arrays import iter_arrays, load_arrays
+from .arrays import check_arrays, iter_arrays, load_arrays
 from .batch import NUM_SPARSE, Batch
 from .criteo_text import DataError, read_criteo_text
 
@@ -42,17 +42,11 @@ class CriteoData(torch.utils.data.IterableDataset):
         if len(self.table_rows) != NUM_SPARSE:
             raise DataError(f"Criteo data has {NUM_SPARSE} categorical features but the model has "
                             f"{len(self.table_rows)} tables")
+        if min(self.table_rows) < 1:
+            raise DataError(f"every table needs at least one row but the sizes are {self.table_rows}")
         if self.format != "text":
             dense, sparse, labels, _ = load_arrays(path)
-            if sparse.shape[1] != len(self.table_rows):
-                raise DataError(f"{path}: {sparse.shape[1]} categorical features but the model has "
-                                f"{len(self.table_rows)} tables")
-            top = np.asarray(sparse[: max_rows] if max_rows else sparse).max(axis=0)
-            over = [(f, int(m), n) for f, (m, n) in enumerate(zip(top, self.table_rows)) if m >= n]
-            if over:
-                f, m, n = over[0]
-                raise DataError(f"{path}: feature {f} has id {m} but the model's table {f} has {n} rows "
-                                f"({len(over)} features do not fit); was the data made for another model?")
+            check_arrays(path, dense, sparse, labels, self.table_rows, max_rows)
             self._arrays = (dense, sparse, labels)
 
     def __iter__(self) -> Iterator[Batch]:

@@ -18,6 +18,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..outputs import atomic_path, check_output, releases_outputs
 from .batch import NUM_DENSE, NUM_SPARSE
 
 DEFAULT_TABLE_ROWS = [60_000, 50_000, 40_000, 30_000, 25_000, 4_000, 3_000, 2_000, 1_500, 1_000, 800, 600, 500,
@@ -80,7 +81,9 @@ def generate(n: int, seed: int = 0, table_rows: Optional[List[int]] = None, teac
 
 
 def write_npz(path, x_int, x_cat, y, table_rows) -> None:
-    np.savez(path, X_int=np.maximum(x_int, 0), X_cat=x_cat, y=y, counts=np.array(table_rows, np.int64))
+    """A dlrm ``.npz``, written atomically (``np.savez`` gets an open file: it would add ``.npz`` to a name)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, X_int=np.maximum(x_int, 0), X_cat=x_cat, y=y, counts=np.array(table_rows, np.int64))
 
 
 def write_criteo_text(path, x_int, x_cat, y, table_rows, seed: int = 0) -> None:
@@ -90,7 +93,7 @@ def write_criteo_text(path, x_int, x_cat, y, table_rows, seed: int = 0) -> None:
     rows = np.array(table_rows, np.int64)
     mult = g.integers(0, (2 ** 32 - 1) // rows, size=x_cat.shape)
     hashes = x_cat.astype(np.int64) + mult * rows
-    with open(path, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for i in range(len(y)):
             ints = ["" if v < 0 else str(v) for v in x_int[i]]
             fields = [str(int(y[i]))] + ints + [f"{h:08x}" for h in hashes[i]]
@@ -99,9 +102,12 @@ def write_criteo_text(path, x_int, x_cat, y, table_rows, seed: int = 0) -> None:
             f.write("\t".join(fields) + "\n")
 
 
-def synth(output, n: int, seed: int = 0, fmt: Optional[str] = None, table_rows=None, teacher_seed: int = 1234):
-    """Generate and write ``n`` samples; the format follows ``fmt`` or the suffix (``.npz`` or text)."""
-    output = Path(output)
+@releases_outputs
+def synth(output, n: int, seed: int = 0, fmt: Optional[str] = None, table_rows=None, teacher_seed: int = 1234,
+          force: bool = False):
+    """Generate and write ``n`` samples; the format follows ``fmt`` or the suffix (``.npz`` or text).
+    An existing ``output`` is refused unless ``force``."""
+    output = check_output(output, [], force)
     fmt = fmt or ("npz" if output.suffix == ".npz" else "text")
     x_int, x_cat, y, rows = generate(n, seed, table_rows, teacher_seed)
     if fmt == "npz":

@@ -8,9 +8,12 @@ from typing import Optional
 
 import torch
 
-from ..checkpoints import read_compressed_meta, read_source, table_file_keys
+from ..checkpoints import (CheckpointError, is_compressed, read_compressed_meta, read_source, sha256_of,
+                           table_file_keys)
 from ..checkpoints.compressed_format import file_tensor_bytes
 from ..convert.load import load
+from ..outputs import atomic_path, check_output, releases_outputs
+from ..paths import not_a_file
 from ..data import CriteoData
 from ..training.metrics import evaluate
 from .quantize import int8_rowwise, int8_rowwise_bytes
@@ -21,13 +24,44 @@ def _model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+def check_pairing(original, compressed, finetuned=None) -> None:
+    """Refuse a COMPRESSED (or FINETUNED) file that was not made from ORIGINAL: each compressed file
+    records its source's SHA-256 (``source_sha256``)."""
+    want = sha256_of(Path(original))
+    for path in [compressed] + ([finetuned] if finetuned else []):
+        meta = read_compressed_meta(path)
+        if meta.source_sha256 and meta.source_sha256 != want:
+            raise CheckpointError(
+                f"{path} was made from {meta.source_name or 'another file'} (sha256 {meta.source_sha256[:12]}...), "
+                f"not from {original} (sha256 {want[:12]}...); compare a compressed model with its own original, "
+                "or pass --skip-source-check (check_source=False) to compare them anyway")
+
+
+@releases_outputs
 def report(original, compressed, finetuned=None, data=None, batch_size: int = 8192,
            max_rows: Optional[int] = None, int8: bool = True, strict: bool = False,
-           dense_transform: str = "log") -> dict:
+           dense_transform: str = "log", check_source: bool = True, plot=None, force: bool = False) -> dict:
     """Per table: bytes before/after, ratio, relative error (and int8's bytes); per model:
-    bytes, AUC and log loss on ``data`` and the differences from the original."""
-    meta = read_compressed_meta(compressed)
+    bytes, AUC and log loss on ``data`` and the differences from the original.
+
+    ``plot``: a PNG to write (checked before any work: never over an input or, without ``force``,
+    an existing file).  ``check_source``: refuse compressed files not made from ``original``."""
+    inputs = [original, compressed, finetuned, data]
+    if plot is not None:
+        _pyplot()  # a missing matplotlib is said before the work, not after
+        plot = check_output(plot, [p for p in inputs if p is not None], force)
+    for path in [compressed] + ([finetuned] if finetuned else []):
+        if not is_compressed(path):
+            reason = not_a_file(path)
+            raise CheckpointError(f"{path}: {reason}" if reason else f"{path}: not a compressed file; COMPRESSED and "
+                                  "FINETUNED are files written by `fpd-convert compress` / `finetune`")
+    models = {"compressed": load(compressed)}  # validates the file before its metadata is used
+    if finetuned:
+        models["finetuned"] = load(finetuned)
     src = read_source(original)
+    if check_source:
+        check_pairing(original, compressed, finetuned)
+    meta = read_compressed_meta(compressed)
     base = load(original)
     tables = []
     stored = file_tensor_bytes(compressed)
@@ -40,9 +74,7 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
                        "importance": e.get("importance"), "row_map_rows": e.get("row_map_rows", 0),
                        "exact_rows": e.get("exact_rows", 0), "core_dtype": e.get("core_dtype", "float32"),
                        "int8_bytes": int8_rowwise_bytes(e["num_rows"], e["dim"])})
-    models = {"original": base, "compressed": load(compressed)}
-    if finetuned:
-        models["finetuned"] = load(finetuned)
+    models = {"original": base, **models}
     if int8:
         q = copy.deepcopy(base)
         state = q.state_dict()
@@ -71,6 +103,8 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
         for entry in out["models"].values():
             entry["auc_diff"] = entry["auc"] - ref["auc"]
             entry["logloss_diff"] = entry["logloss"] - ref["logloss"]
+    if plot is not None:
+        plot_report(out, plot, force=force)
     return out
 
 
@@ -110,15 +144,23 @@ def format_report(r: dict, markdown: bool = False) -> str:
     return "\n".join(parts)
 
 
-def plot_report(r: dict, path) -> None:
-    """Bars of model sizes and AUCs, written atomically to ``path`` (PNG)."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'fpd-convert[plot]'") from None
-    from ..checkpoints import atomic_path
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+@releases_outputs
+def plot_report(r: dict, path, force: bool = False) -> None:
+    """Bars of model sizes and AUCs, written atomically to ``path`` (PNG), never over the report's
+    inputs or, without ``force``, an existing file."""
+    plt = _pyplot()
+    inputs = [r[k] for k in ("original", "compressed", "finetuned", "data") if r.get(k)]
+    path = check_output(path, inputs, force)
     names = list(r["models"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     axes[0].bar(names, [r["models"][n]["bytes"] / 1e6 for n in names], color="tab:blue")

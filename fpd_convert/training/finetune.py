@@ -9,11 +9,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..checkpoints import check_output, read_compressed, write_compressed
+from ..checkpoints import CheckpointError, is_compressed, read_compressed, write_compressed
+from ..outputs import check_output, releases_outputs
 from ..convert.load import compressed_state_from_model, load
 from ..data import CriteoData
 from ..devices import resolve_device
-from .loop import fit
+from .loop import CHECKPOINT_EVERY_S, fit
 from .optim import make_optimizer
 
 
@@ -31,16 +32,20 @@ def table_rows_of_model(model) -> list:
     return [t["rows"] for t in model.architecture["tables"]]
 
 
+@releases_outputs
 def finetune(compressed, train_data, output, val_data=None, device: str = "auto", optimizer: str = "adagrad",
              lr: float = 0.0001, tt_lr: Optional[float] = 0.01, epochs: int = 1, max_steps: Optional[int] = None,
              batch_size: int = 512, eval_every: Optional[int] = None, patience: Optional[int] = None,
              resume: bool = False, force: bool = False, progress: bool = True, workers: int = 0,
              seed: int = 0, interrupt_after: Optional[int] = None, val_batches: Optional[int] = None,
-             strict: bool = False, dense_transform: str = "log") -> dict:
+             strict: bool = False, dense_transform: str = "log", checkpoint_every: Optional[int] = None,
+             checkpoint_seconds: Optional[float] = CHECKPOINT_EVERY_S) -> dict:
     """Fine-tune every parameter of ``compressed`` and write the best model (by validation AUC)
-    to ``output`` in the compressed format.  An interrupted run leaves ``OUTPUT.resume.pt``;
-    ``resume=True`` continues from it.  ``interrupt_after`` stops after that many steps as a
-    signal would (for tests).
+    to ``output`` in the compressed format.  While it trains, ``OUTPUT.resume.pt`` is written every
+    ``checkpoint_every`` steps and every ``checkpoint_seconds`` (default 10 minutes) and when the run is
+    interrupted (Ctrl-C, SIGTERM); ``resume=True`` continues from it, bit for bit.  It is removed only
+    once the output is written.  ``interrupt_after`` stops after that many steps as a signal would
+    (for tests).
 
     Defaults (Adagrad, lr 0.0001 for MLPs and dense tables, 0.01 for TT cores): the dense
     parts are already trained, and a fresh Adagrad state moves every weight by about ``lr`` in
@@ -51,8 +56,15 @@ def finetune(compressed, train_data, output, val_data=None, device: str = "auto"
     state_path = output.with_name(output.name + ".resume.pt")
     dev = _init_distributed(resolve_device(device))
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if not is_compressed(compressed):
+        from ..paths import not_a_file
+        reason = not_a_file(compressed)
+        raise CheckpointError(f"{compressed}: {reason}" if reason else
+                              f"{compressed}: finetune takes a compressed file written by `fpd-convert compress`; "
+                              "this is not one (compress it first)")
     if rank == 0:
         check_output(output, [compressed, train_data] + ([val_data] if val_data else []), force or resume)
+        check_output(state_path, [compressed, train_data] + ([val_data] if val_data else []), force=True)
     torch.manual_seed(seed)
     model = load(compressed).train().to(dev)  # before the optimizer: its state lives with the params
     if not hasattr(model, "architecture"):
@@ -69,7 +81,8 @@ def finetune(compressed, train_data, output, val_data=None, device: str = "auto"
     log = (lambda s: print(s, file=sys.stderr)) if progress and rank == 0 else (lambda s: None)
     res = fit(model, train_iter, val_set, opt, epochs=epochs, max_steps=max_steps, eval_every=eval_every,
               patience=patience, device=dev, progress=progress, state_path=state_path, resume=resume,
-              interrupt_after=interrupt_after, val_batches=val_batches, log=log, eval_at_start=True)
+              interrupt_after=interrupt_after, val_batches=val_batches, log=log, eval_at_start=True,
+              checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds)
     out = {"output": str(output), "steps": res.steps, "samples": res.samples, "seconds": res.seconds,
            "samples_per_s": res.samples / max(res.seconds, 1e-9), "best": res.best_metrics,
            "history": res.history, "interrupted": res.interrupted, "stopped_early": res.stopped_early,
@@ -82,6 +95,8 @@ def finetune(compressed, train_data, output, val_data=None, device: str = "auto"
         meta.extras = {**meta.extras, "finetune": {"steps": res.steps, "samples": res.samples,
                                                    "best_val": res.best_metrics}}
         write_compressed(output, compressed_state_from_model(res.best_state, meta), meta)
+        if state_path.exists():
+            state_path.unlink()  # the output is safely written: the resume state is stale
     if dist.is_initialized():
         dist.barrier()
     return out

@@ -2,10 +2,13 @@
 
 Every parameter trains; the loss is binary cross-entropy on logits.  Validation AUC and
 log loss every ``eval_every`` steps and at each epoch's end; the best state (by AUC) is
-kept; ``patience`` evaluations without improvement stop early.  On SIGINT/SIGTERM the
-loop finishes its step, writes a resume state and returns ``interrupted=True``; with
-``resume=True`` it continues from that state exactly where it stopped (data order is
-deterministic).  Under ``torch.distributed`` each rank trains on its slice of every global
+kept; ``patience`` evaluations without improvement stop early.  With a ``state_path``, the
+loop writes its resume state there (atomically) every ``checkpoint_every`` steps and every
+``checkpoint_seconds``, so a killed process loses at most one interval; on SIGINT/SIGTERM it
+finishes its step, writes the state and returns ``interrupted=True``.  With ``resume=True``
+it continues from that state exactly where it stopped (data order is deterministic), bit for
+bit.  The caller removes the state once its output is safely written.  Data that gives no
+batch, and a loss that turns NaN, stop the loop with a :class:`TrainingError`.  Under ``torch.distributed`` each rank trains on its slice of every global
 batch (DDP averages the gradients, so the result equals one process with that batch).
 """
 from __future__ import annotations
@@ -22,12 +25,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..checkpoints import atomic_path
+from ..checkpoints import CheckpointError, load_torch_file
+from ..outputs import atomic_path
 from .metrics import evaluate
 from .sparse_grads import sparse_table_gradients
 
 #: seconds between progress lines when stderr is not a terminal (no progress bar then)
 LINE_EVERY_S = 30.0
+#: seconds between resume states written while training (``checkpoint_seconds``' default)
+CHECKPOINT_EVERY_S = 600.0
+
+
+class TrainingError(ValueError):
+    """Training that cannot give a usable model: no data, or a loss that is not finite."""
 
 
 class LogitModel(torch.nn.Module):
@@ -61,7 +71,8 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
         eval_every: Optional[int] = None, patience: Optional[int] = None, device="cpu", progress: bool = True,
         state_path: Optional[Path] = None, resume: bool = False, interrupt_after: Optional[int] = None,
         val_batches: Optional[int] = None, log: Callable[[str], None] = lambda s: None,
-        eval_at_start: bool = False) -> FitResult:
+        eval_at_start: bool = False, checkpoint_every: Optional[int] = None,
+        checkpoint_seconds: Optional[float] = CHECKPOINT_EVERY_S) -> FitResult:
     """Train ``model`` in place; returns the best state and the evaluation history."""
     device = torch.device(device)
     distributed = dist.is_available() and dist.is_initialized()
@@ -73,14 +84,19 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
     loss_fn = torch.nn.BCEWithLogitsLoss()
     use_bf16 = device.type == "cuda"
     start = {"epoch": 0, "batch": 0, "step": 0, "samples": 0, "best_auc": -math.inf, "best_metrics": None,
-             "history": [], "bad_evals": 0, "best_state": None}
+             "history": [], "bad_evals": 0, "best_state": None, "done": False}
     if resume:
         if state_path is None or not Path(state_path).exists():
             raise FileNotFoundError(f"no resume state at {state_path}; run without --resume")
-        saved = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        start.update({k: saved[k] for k in start})
+        saved = load_torch_file(state_path, mmap=False)
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            start.update({k: saved[k] for k in start if k != "done"}, done=saved.get("done", False))
+        except (KeyError, TypeError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{state_path}: not a resume state of this model and optimizer "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); run without --resume "
+                                  "to start over") from None
         log(f"resuming at epoch {start['epoch']}, step {start['step']}")
     st = dict(start)
     best_state = st["best_state"] or _cpu_state(model)
@@ -97,11 +113,21 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
             except ValueError:  # not the main thread
                 pass
 
+    last_save = [time.time()]
+
     def save_state():
+        last_save[0] = time.time()
         if rank != 0 or state_path is None:
             return
         with atomic_path(state_path) as tmp:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **{k: st[k] for k in st}}, tmp)
+
+    def checkpoint_due() -> bool:
+        if state_path is None:
+            return False
+        if checkpoint_every and st["step"] % checkpoint_every == 0:
+            return True
+        return checkpoint_seconds is not None and time.time() - last_save[0] >= checkpoint_seconds
 
     def run_eval():
         nonlocal best_state
@@ -129,7 +155,7 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
     sparse_grads = sparse_table_gradients(model, optimizer, distributed)  # dense tables: exact sparse updates
     sparse_grads.__enter__()  # left in the finally below
     try:
-        for epoch in range(st["epoch"], epochs):
+        for epoch in range(st["epoch"], epochs if not st["done"] else 0):  # done: resumed after the last step
             for i, batch in enumerate(train_data):
                 if i < st["batch"]:
                     continue  # resumed: these batches were already seen
@@ -141,6 +167,9 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     logits = net(batch.dense, batch.sparse)
                 loss = loss_fn(logits.float(), batch.labels)
+                if st["step"] % 50 == 0 and not bool(torch.isfinite(loss)):  # a read syncs the GPU: now and then
+                    raise TrainingError(f"the loss became {loss.item()} at step {st['step'] + 1}: training diverged; "
+                                        "lower the learning rate (--lr, --tt-lr)")
                 loss.backward()
                 optimizer.step()
                 st["step"] += 1
@@ -167,7 +196,11 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
                     return result
                 if max_steps is not None and st["step"] >= max_steps:
                     break
+                if checkpoint_due():
+                    save_state()
             else:
+                if st["step"] == 0 and st["batch"] == 0:
+                    raise TrainingError("the training data gave no batch (no valid rows)")
                 st["epoch"], st["batch"] = epoch + 1, 0
                 if not eval_every or st["step"] % eval_every:
                     if run_eval():
@@ -177,6 +210,9 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
             if not result.stopped_early and (not eval_every or st["step"] % eval_every):
                 run_eval()
             break
+        if not st["done"] and state_path is not None:
+            st["done"] = True
+            save_state()  # the whole run, kept until the caller has written its output
     finally:
         bar.close()
         sparse_grads.__exit__(None, None, None)
@@ -189,6 +225,7 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
     result.history = st["history"]
     result.steps, result.samples = st["step"], st["samples"]
     result.seconds = time.time() - t0
-    if state_path is not None and rank == 0 and Path(state_path).exists():
-        Path(state_path).unlink()  # finished: the resume state is stale
+    if not all(bool(torch.isfinite(v).all()) for v in best_state.values() if v.is_floating_point()):
+        raise TrainingError("training gave NaN or infinite weights: it diverged; lower the learning rate "
+                            "(--lr, --tt-lr)")
     return result

@@ -22,6 +22,8 @@ def predict(model: torch.nn.Module, batches: Iterable[Batch], device="cpu", max_
         b = b.to(device)
         ps.append(probabilities(model, b.dense, b.sparse).float().cpu().numpy())
         ys.append(b.labels.cpu().numpy())
+    if not ps:
+        raise ValueError("the evaluation data gave no rows")
     return np.concatenate(ps), np.concatenate(ys)
 
 

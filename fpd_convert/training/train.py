@@ -8,8 +8,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..checkpoints import atomic_path, check_output
-from ..data import DEFAULT_TABLE_ROWS, NUM_DENSE, CriteoData, load_arrays
+from ..outputs import atomic_path, check_output, releases_outputs
+from ..data import DEFAULT_TABLE_ROWS, NUM_DENSE, NUM_SPARSE, CriteoData, DataError, load_arrays
 from ..models import DLRMNet
 from .loop import fit
 from .optim import make_optimizer
@@ -49,6 +49,7 @@ def table_rows_of(path) -> Optional[list]:
     return None
 
 
+@releases_outputs
 def train(train_data, output, val_data=None, table_rows: Optional[Sequence[int]] = None, dim: int = 16,
           bottom=(64,), top=(64, 32), epochs: int = 1, batch_size: int = 512, lr: float = 0.05,
           optimizer: str = "adagrad", max_steps: Optional[int] = None, seed: int = 0, force: bool = False,
@@ -57,11 +58,13 @@ def train(train_data, output, val_data=None, table_rows: Optional[Sequence[int]]
     output = Path(output)
     check_output(output, [train_data] + ([val_data] if val_data else []), force)
     rows = list(table_rows or table_rows_of(train_data) or DEFAULT_TABLE_ROWS)
+    if len(rows) != NUM_SPARSE or min(rows) < 1:
+        raise DataError(f"the model needs {NUM_SPARSE} table sizes of at least 1 row each but got {rows}")
+    train_set = CriteoData(train_data, rows, batch_size, dense_transform, strict)
+    val_set = CriteoData(val_data, rows, 8192, dense_transform, strict) if val_data else None
     torch.manual_seed(seed)
     model = DLRMNet(dlrm_architecture(rows, dim, bottom, top))
     init_dlrm(model, seed)
-    train_set = CriteoData(train_data, rows, batch_size, dense_transform, strict)
-    val_set = CriteoData(val_data, rows, 8192, dense_transform, strict) if val_data else None
     opt = make_optimizer(model, optimizer, lr)
     log = (lambda s: print(s, file=sys.stderr)) if progress else (lambda s: None)
     res = fit(model, train_set, val_set, opt, epochs=epochs, max_steps=max_steps, progress=progress, log=log)
