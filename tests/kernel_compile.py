@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fpd_convert.kernels import triton_entries, triton_pooled, triton_suffix, triton_tt
+from fpd_convert.kernels import triton_pooled, triton_suffix, triton_tt
 
 TARGET = GPUTarget("cuda", 90, 32)
 # cores (1, 250, 8, 32), (32, 200, 4, 32), (32, 200, 4, 1); tiles as the launchers pick them
@@ -67,7 +67,7 @@ def resources(cubin: bytes) -> str:
 
 
 def kernels():
-    for module in (triton_tt, triton_suffix, triton_pooled, triton_entries):
+    for module in (triton_tt, triton_suffix, triton_pooled):
         for name in sorted(dir(module)):
             fn = getattr(module, name)
             if name.endswith("_kernel") and isinstance(fn, triton.runtime.jit.JITFunction):

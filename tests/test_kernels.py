@@ -271,18 +271,9 @@ def assert_triton_matches_reference(cores, idx):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
 
-@pytest.fixture(params=triton_tt.VARIANTS)
-def variant(request):
-    """Each Triton variant in turn (fma: CUDA-core broadcasts; dot: tensor-core tiles)."""
-    old = triton_tt.VARIANT
-    triton_tt.VARIANT = request.param
-    yield request.param
-    triton_tt.VARIANT = old
-
-
 @needs_triton
 @pytest.mark.parametrize("row_factors,dim_factors,ranks", SHAPES)
-def test_triton_kernels_equal_reference(row_factors, dim_factors, ranks, variant):
+def test_triton_kernels_equal_reference(row_factors, dim_factors, ranks):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
     cores = [c.detach().to(device).requires_grad_() for c in make_cores(row_factors, dim_factors, ranks)]
     n = row_factors[0] * row_factors[1] * row_factors[2]
@@ -291,7 +282,7 @@ def test_triton_kernels_equal_reference(row_factors, dim_factors, ranks, variant
 
 
 @needs_triton
-def test_triton_duplicates_and_unsorted_indices_add_up(variant):
+def test_triton_duplicates_and_unsorted_indices_add_up():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cores = [c.detach().to(device).requires_grad_() for c in make_cores([4, 4, 5], [4, 4, 4], [1, 8, 8, 1])]
     idx = sample_indices(80, 60, unique=False).to(device)
@@ -299,7 +290,7 @@ def test_triton_duplicates_and_unsorted_indices_add_up(variant):
 
 
 @needs_triton
-def test_triton_bf16_cores(variant):
+def test_triton_bf16_cores():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cores32 = make_cores([4, 4, 5], [4, 4, 4], [1, 8, 8, 1])
     cores = [c.detach().to(device, torch.bfloat16).requires_grad_() for c in cores32]
@@ -316,17 +307,10 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
 
 
-@pytest.fixture(params=triton_suffix.VARIANTS)
-def suffix_variant(request, monkeypatch):
-    """Each suffix-kernel variant in turn (fma: register broadcasts; dot: tl.dot tiles)."""
-    monkeypatch.setattr(triton_suffix, "VARIANT", request.param)
-    return request.param
-
-
 @needs_triton
 @pytest.mark.parametrize("row_factors,dim_factors,ranks", SHAPES + [([4, 5, 6], [8, 4, 4], [1, 8, 8, 1])])
 @pytest.mark.parametrize("ids", ["sorted", "duplicates", "unsorted"])
-def test_triton_suffix_path_equals_reference(row_factors, dim_factors, ranks, ids, suffix_variant):
+def test_triton_suffix_path_equals_reference(row_factors, dim_factors, ranks, ids):
     cores = [c.detach().to(_device()).requires_grad_() for c in make_cores(row_factors, dim_factors, ranks)]
     n = row_factors[0] * row_factors[1] * row_factors[2]
     idx = sample_indices(n, 80, unique=ids == "sorted")
@@ -341,7 +325,7 @@ def test_triton_suffix_path_equals_reference(row_factors, dim_factors, ranks, id
 
 
 @needs_triton
-def test_triton_suffix_path_frozen_cores_and_bf16(suffix_variant):
+def test_triton_suffix_path_frozen_cores_and_bf16():
     cores = [c.detach().to(_device()) for c in make_cores([4, 5, 6], [8, 4, 4], [1, 8, 8, 1])]
     idx = sample_indices(120, 50).to(_device())
     for frozen in range(3):  # gradients for the other two cores only
@@ -363,7 +347,7 @@ def test_triton_suffix_path_frozen_cores_and_bf16(suffix_variant):
 
 
 @needs_triton
-def test_suffix_cache_serves_without_gradients_and_follows_core_updates(suffix_variant):
+def test_suffix_cache_serves_without_gradients_and_follows_core_updates():
     cores = [c.detach().to(_device()) for c in make_cores([4, 5, 6], [8, 4, 4], [1, 8, 8, 1])]
     idx = sample_indices(120, 50).to(_device())
     cache = triton_suffix.SuffixCache()

@@ -12,7 +12,7 @@ import fpd_convert.layers.tt_embedding as tt_embedding_module
 from conftest import cuda, needs_triton
 from fpd_convert.kernels import triton_suffix
 from fpd_convert.kernels.reference import tt_rows
-from fpd_convert.layers import TTEmbeddingBag, TTIndexError, tt_lookup
+from fpd_convert.layers import TTEmbeddingBag, TTIndexError, dedup
 from test_kernels import SHAPES, make_cores
 
 pytestmark = needs_triton
@@ -149,20 +149,13 @@ def test_layer_serves_with_last_offset_row_map_and_exact_rows(pooled_calls):
     assert len(pooled_calls) == 1
 
 
-def test_one_pass_is_skipped_for_training_when_off_and_for_bad_offsets(pooled_calls, monkeypatch):
+def test_one_pass_is_skipped_for_training_and_for_bad_offsets(pooled_calls):
     dev = _device()
     bag, dense = _served_bag("sum")
     ids, offsets = (t.to(dev) for t in _bags(120, seed=17))
     out = bag(ids, offsets)  # training: the dedup path, whose backward sums per distinct id
     assert out.requires_grad and not pooled_calls
     with torch.no_grad():
-        monkeypatch.setattr(tt_lookup, "POOLED", "off")
-        torch.testing.assert_close(bag(ids, offsets), out.detach())
-        assert not pooled_calls
-        monkeypatch.setattr(tt_lookup, "POOLED", "maybe")
-        with pytest.raises(ValueError, match="FPD_TT_POOLED should be"):
-            bag(ids, offsets)
-        monkeypatch.setattr(tt_lookup, "POOLED", "auto")
         torch.testing.assert_close(bag(ids, offsets), out.detach())
         assert len(pooled_calls) == 1
         bad = ids.clone()
@@ -185,7 +178,7 @@ def test_one_pass_is_skipped_for_training_when_off_and_for_bad_offsets(pooled_ca
 @pytest.mark.parametrize("device_dedup", [False, True])
 def test_grouped_lookups_serve_in_one_pass(device_dedup, pooled_calls, monkeypatch):
     from fpd_convert.layers.grouped import GroupedLookups
-    monkeypatch.setattr(tt_embedding_module, "_device_dedup", lambda input: device_dedup)
+    monkeypatch.setattr(dedup, "device_dedup", lambda input: device_dedup)
     dev = _device()
     bags = [_served_bag(m)[0] for m in ("sum", "mean")]
     ids, offsets = (t.to(dev) for t in _bags(120, seed=19))

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-import fpd_convert.layers.tt_embedding as tt_embedding_module
+import fpd_convert.layers.tt_table as tt_table_module
+from fpd_convert.layers import dedup
 from fpd_convert.layers import TTEmbedding, TTEmbeddingBag, TTIndexError, tt_rows
 from conftest import cuda
 
@@ -52,8 +53,8 @@ def test_bag_parity_without_gradients_from_ids_in_any_order(mode, int_dtype, inc
     if include_last_offset:
         offsets = torch.cat([offsets, torch.tensor([len(x)], dtype=int_dtype)])
     calls = []
-    real = tt_embedding_module.distinct_ids
-    monkeypatch.setattr(tt_embedding_module, "distinct_ids", lambda ids, limit: calls.append(limit) or real(ids, limit))
+    real = dedup.distinct_ids
+    monkeypatch.setattr(dedup, "distinct_ids", lambda ids, limit: calls.append(limit) or real(ids, limit))
     weights = torch.rand(len(x)) if mode == "sum" else None
     with torch.no_grad():
         torch.testing.assert_close(bag(x, offsets, weights), ref(x, offsets, weights), atol=1e-5, rtol=1e-5)
@@ -229,12 +230,12 @@ def test_dedup_and_no_full_table():
     # 10^9 rows x 64: a dense table would need 256 GB; the TT lookup must not build it.
     bag = TTEmbeddingBag(10 ** 9, 64, rank=8, mode="sum")
     seen = []
-    original = tt_embedding_module.lookup_rows
-    tt_embedding_module.lookup_rows = lambda cores, idx, *a, **k: seen.append(idx.numel()) or original(cores, idx, *a, **k)
+    original = tt_table_module.lookup_rows
+    tt_table_module.lookup_rows = lambda cores, idx, *a, **k: seen.append(idx.numel()) or original(cores, idx, *a, **k)
     try:
         out = bag(torch.tensor([5, 10 ** 9 - 1, 5, 5, 123]), torch.tensor([0, 2]))
     finally:
-        tt_embedding_module.lookup_rows = original
+        tt_table_module.lookup_rows = original
     assert out.shape == (2, 64) and torch.isfinite(out).all()
     assert seen == [3]  # three unique ids, not five lookups
     assert bag.param_count() == sum(p.numel() for p in bag.parameters())
@@ -259,13 +260,13 @@ def test_exact_rows_are_not_looked_up_in_the_tt():
     bag = TTEmbeddingBag(1000, 8, rank=4, mode="sum")
     bag.set_exact_rows(torch.tensor([7, 500]), torch.ones(2, 8))
     seen = []
-    original = tt_embedding_module.lookup_rows
-    tt_embedding_module.lookup_rows = lambda cores, idx, *a, **k: seen.append(idx.tolist()) or original(cores, idx, *a, **k)
+    original = tt_table_module.lookup_rows
+    tt_table_module.lookup_rows = lambda cores, idx, *a, **k: seen.append(idx.tolist()) or original(cores, idx, *a, **k)
     try:
         only_exact = bag(torch.tensor([500, 7, 7]), torch.tensor([0, 1]))
         mixed = bag(torch.tensor([500, 3, 7, 999]), torch.tensor([0, 2]))
     finally:
-        tt_embedding_module.lookup_rows = original
+        tt_table_module.lookup_rows = original
     assert seen == [[3, 999]]  # the first batch needed no TT row; the second only its two other ids
     torch.testing.assert_close(only_exact, torch.stack([torch.ones(8), 2 * torch.ones(8)]))
     dense = bag.to_dense()
@@ -276,11 +277,11 @@ def test_exact_rows_are_not_looked_up_in_the_tt():
 @pytest.mark.parametrize("n", [1, 2, 1000, 70_000])
 def test_packed_unique_equals_numpy_unique(n, int_dtype):
     ids = torch.randint(0, 5000, (n,), generator=torch.Generator().manual_seed(n)).to(int_dtype)
-    uniq, inverse = tt_embedding_module._unique(ids, 5000)
+    uniq, inverse = dedup.unique_sorted(ids, 5000)
     ref_u, ref_inv = np.unique(ids.numpy(), return_inverse=True)
     assert uniq.tolist() == ref_u.tolist() and inverse.tolist() == ref_inv.reshape(-1).tolist()
     big = ids.long() * (10 ** 15)  # keys would overflow int64: falls back to np.unique
-    uniq, inverse = tt_embedding_module._unique(big, 5000 * 10 ** 15)
+    uniq, inverse = dedup.unique_sorted(big, 5000 * 10 ** 15)
     torch.testing.assert_close(uniq[inverse], big)
 
 
@@ -288,11 +289,11 @@ def test_packed_unique_equals_numpy_unique(n, int_dtype):
 def test_one_sync_device_dedup_equals_numpy_unique(n):
     # the GPU's dedup (sort, runs, one read of count/range/probe) is plain torch: checked here on CPU tensors
     ids = torch.randint(3, 900, (n,), generator=torch.Generator().manual_seed(n))
-    uniq, inverse, lo, hi, probe = tt_embedding_module._unique_device(ids, 1000, torch.tensor(n > 5))
+    uniq, inverse, lo, hi, probe = dedup.unique_device(ids, 1000, torch.tensor(n > 5))
     ref_u, ref_inv = np.unique(ids.numpy(), return_inverse=True)
     assert uniq.tolist() == ref_u.tolist() and inverse.tolist() == ref_inv.reshape(-1).tolist()
     assert uniq.dtype == ids.dtype and (lo, hi, probe) == (int(ids.min()), int(ids.max()), n > 5)
-    assert tt_embedding_module._unique_device(ids, 1000)[4] is None
+    assert dedup.unique_device(ids, 1000)[4] is None
 
 
 @pytest.mark.parametrize("mode,include_last_offset", list(itertools.product(["sum", "mean", "max"], [False, True])))
@@ -464,11 +465,11 @@ def _one_by_one(calls):
 def test_grouped_lookups_equal_one_by_one(monkeypatch, device_dedup):
     from fpd_convert.layers.grouped import GroupedLookups
     # device_dedup: the GPU's split (launch all dedups, read all counts at once) on CPU tensors
-    monkeypatch.setattr(tt_embedding_module, "_device_dedup", lambda input: device_dedup)
+    monkeypatch.setattr(dedup, "device_dedup", lambda input: device_dedup)
     calls = _grouped_calls("cpu")
     grouped = GroupedLookups(calls)
     started = [s for s in grouped._started if s is not None]
-    assert all((s.dedup is not None) == device_dedup for s in started)
+    assert all((s.launched is not None) == device_dedup for s in started)
     got, want = grouped.results(), _one_by_one(calls)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
@@ -480,7 +481,7 @@ def test_grouped_lookups_equal_one_by_one(monkeypatch, device_dedup):
 @pytest.mark.parametrize("device_dedup", [False, True])
 def test_grouped_lookups_raise_the_bad_tables_index_error(monkeypatch, device_dedup):
     from fpd_convert.layers.grouped import GroupedLookups
-    monkeypatch.setattr(tt_embedding_module, "_device_dedup", lambda input: device_dedup)
+    monkeypatch.setattr(dedup, "device_dedup", lambda input: device_dedup)
     calls = _grouped_calls("cpu")
     bad = calls[3][1].clone()
     bad[2] = N + 3

@@ -5,21 +5,18 @@ Default model: the step of ../shared/BENCHMARKS.md — the 26 Criteo-Terabyte ta
 top 1024-1024-512-256-1, dot interaction, SGD, bf16 autocast on CUDA; the
 ``tt_tables`` largest tables in TT of rank ``rank``.  With ``model=`` a compressed
 file's own model is loaded (its TT tables with their row maps and exact rows) and timed
-against the same architecture with dense tables.  Dense tables train with sparse gradients, as facebookresearch/dlrm does.
-On CUDA the TT step is also timed trained with no host sync (``FPD_TT_SYNC_FREE=on``, the TT
-tables of one shape stacked into one lookup: :mod:`fpd_convert.layers.table_batched`), and with that
-lookup replayed from CUDA graphs (``FPD_TT_CUDA_GRAPHS=on``: :mod:`fpd_convert.layers.graphed`).
+against the same architecture with dense tables.  Dense tables train with sparse gradients, as
+facebookresearch/dlrm does.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import TTEmbeddingBag, tt_lookup
+from ..layers import TTEmbeddingBag
 from ..models import build_model
 from ..tt import TTShape, choose_row_factors, clamp_ranks, factor_dims
 from .lookups import zipf_ids
@@ -92,17 +89,6 @@ def _serve_fn(model: nn.Module, architecture: dict, batch: int, zipf: float, dev
     return serve
 
 
-@contextlib.contextmanager
-def _sync_free(graphs: bool = False):
-    """FPD_TT_SYNC_FREE=on (and FPD_TT_CUDA_GRAPHS=on with ``graphs``) for the block."""
-    saved = tt_lookup.SYNC_FREE, tt_lookup.CUDA_GRAPHS
-    tt_lookup.SYNC_FREE, tt_lookup.CUDA_GRAPHS = "on", "on" if graphs else saved[1]
-    try:
-        yield
-    finally:
-        tt_lookup.SYNC_FREE, tt_lookup.CUDA_GRAPHS = saved
-
-
 def bench_dlrm_step(model: Optional[str] = None, rows_cap: Optional[int] = None, dim: int = 128,
                     tt_tables: int = 5, rank: int = 32, batch: Optional[int] = None, zipf: float = 1.1,
                     device: str = "auto", reps: int = 10, lr: float = 0.01, seed: int = 0,
@@ -139,24 +125,12 @@ def bench_dlrm_step(model: Optional[str] = None, rows_cap: Optional[int] = None,
         out[f"{name}_embedding_bytes"] = _embedding_bytes(net)
         step = _step_fn(net, architecture, batch, zipf, dev, lr, seed)
         out[f"{name}_samples_s"] = batch / median_seconds(step, dev, reps)
-        if name == "tt" and dev.type == "cuda":  # trained with no host sync, the TT tables of one shape stacked
-            with _sync_free():
-                out["tt_syncfree_samples_s"] = batch / median_seconds(step, dev, reps)
-            try:  # and that stacked lookup replayed from CUDA graphs (captured in the warm-up)
-                with _sync_free(graphs=True):
-                    out["tt_graphs_samples_s"] = batch / median_seconds(step, dev, reps)
-            except RuntimeError as e:  # a failed capture is a finding, not the end of the run
-                out["graphs_error"] = str(e)[:2000]
         seconds = median_seconds(_serve_fn(net, architecture, batch, zipf, dev, seed), dev, reps)
         out[f"{name}_inference_samples_s"] = batch / seconds
         del net
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     out["ratio"] = out["tt_samples_s"] / out["dense_samples_s"]
-    if "tt_syncfree_samples_s" in out:
-        out["ratio_syncfree"] = out["tt_syncfree_samples_s"] / out["dense_samples_s"]
-    if "tt_graphs_samples_s" in out:
-        out["ratio_graphs"] = out["tt_graphs_samples_s"] / out["dense_samples_s"]
     out["inference_ratio"] = out["tt_inference_samples_s"] / out["dense_inference_samples_s"]
     return out
 
@@ -167,13 +141,6 @@ def format_dlrm_step(r: dict) -> str:
         f"dense tables  {r['dense_samples_s'] / 1e6:8.3f} M samples/s   embeddings {r['dense_embedding_bytes'] / 1e9:7.2f} GB",
         f"TT tables     {r['tt_samples_s'] / 1e6:8.3f} M samples/s   embeddings {r['tt_embedding_bytes'] / 1e9:7.2f} GB",
         f"ratio TT / dense: {r['ratio']:.3f}x"]
-        + ([f"TT trained with no host sync, tables stacked (FPD_TT_SYNC_FREE=on): "
-            f"{r['tt_syncfree_samples_s'] / 1e6:.3f} M samples/s, ratio {r['ratio_syncfree']:.3f}x"]
-           if "ratio_syncfree" in r else [])
-        + ([f"the same, its TT lookups replayed from CUDA graphs (FPD_TT_CUDA_GRAPHS=on): "
-            f"{r['tt_graphs_samples_s'] / 1e6:.3f} M samples/s, ratio {r['ratio_graphs']:.3f}x"]
-           if "ratio_graphs" in r else [])
-        + ([f"CUDA graphs: {r['graphs_error']}"] if "graphs_error" in r else [])
         + ([f"inference (forward only): dense {r['dense_inference_samples_s'] / 1e6:.3f}, TT "
             f"{r['tt_inference_samples_s'] / 1e6:.3f} M samples/s, ratio {r['inference_ratio']:.3f}x"]
            if "inference_ratio" in r else []))

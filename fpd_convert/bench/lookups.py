@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..kernels import triton_suffix
-from ..layers import TTEmbeddingBag, choose_kernel, tt_lookup
+from ..layers import TTEmbeddingBag, choose_kernel
 from ..tt import choose_row_factors, factor_dims
 from ..devices import resolve_device
 from .timing import device_name, interleaved_medians
@@ -141,34 +141,6 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
             for p in layer.parameters():
                 p.grad = None
         forward[f"{name}_forward_lookups_s"], fwd_bwd[f"{name}_fwd_bwd_lookups_s"] = fwd, train_step
-    if tt_lookup.pools_in_one_pass(list(tt.cores), kernel, tt._suffix_cache):
-        def fwd_dedup():  # the same layer's forward through the dedup, as the training path does it
-            saved, tt_lookup.POOLED = tt_lookup.POOLED, "off"
-            try:
-                forward["tt_forward_lookups_s"]()
-            finally:
-                tt_lookup.POOLED = saved
-        forward["tt_dedup_forward_lookups_s"] = fwd_dedup
-    if tt_lookup.SYNC_FREE == "off" and choose_kernel(kernel, list(tt.cores)) == "triton":
-        def sync_free(fn, graphs="off"):  # the same layer with FPD_TT_SYNC_FREE=on: nothing read on the host
-            def run():
-                saved = tt_lookup.SYNC_FREE, tt_lookup.CUDA_GRAPHS
-                tt_lookup.SYNC_FREE, tt_lookup.CUDA_GRAPHS = "on", graphs
-                try:
-                    fn()
-                finally:
-                    tt_lookup.SYNC_FREE, tt_lookup.CUDA_GRAPHS = saved
-            return run
-        forward["tt_syncfree_forward_lookups_s"] = sync_free(forward["tt_forward_lookups_s"])
-        fwd_bwd["tt_syncfree_fwd_bwd_lookups_s"] = sync_free(fwd_bwd["tt_fwd_bwd_lookups_s"])
-        if dev.type == "cuda":  # and its training lookup replayed from CUDA graphs (layers.graphed)
-            graphed = sync_free(fwd_bwd["tt_fwd_bwd_lookups_s"], graphs="on")
-            try:
-                for _ in range(3):  # seen once, captured, replayed
-                    graphed()
-                fwd_bwd["tt_graphs_fwd_bwd_lookups_s"] = graphed
-            except RuntimeError as e:  # a failed capture is a finding, not the end of the run
-                out["graphs_error"] = str(e)[:2000]
     # inference and training are timed apart: each in the steady state of its own loop
     for fns in (forward, fwd_bwd):
         for key, seconds in interleaved_medians(fns, dev, reps).items():
@@ -176,12 +148,6 @@ def bench_lookups(rows: int = 1_000_000, dim: int = 64, rank: int = 16, batch: i
     if "dense" in layers:
         out["forward_ratio"] = out["tt_forward_lookups_s"] / out["dense_forward_lookups_s"]
         out["fwd_bwd_ratio"] = out["tt_fwd_bwd_lookups_s"] / out["dense_fwd_bwd_lookups_s"]
-        if "tt_dedup_forward_lookups_s" in out:
-            out["forward_ratio_dedup"] = out["tt_dedup_forward_lookups_s"] / out["dense_forward_lookups_s"]
-        for what in ("forward", "fwd_bwd"):
-            for mode in ("syncfree", "graphs"):
-                if f"tt_{mode}_{what}_lookups_s" in out:
-                    out[f"{what}_ratio_{mode}"] = out[f"tt_{mode}_{what}_lookups_s"] / out[f"dense_{what}_lookups_s"]
         for bits in (8, 4):
             if f"int{bits}_forward_lookups_s" in out:
                 out[f"int{bits}_forward_ratio"] = out[f"int{bits}_forward_lookups_s"] / out["dense_forward_lookups_s"]
@@ -208,12 +174,6 @@ def format_lookups(r: dict) -> str:
         line = f"{what:8s} TT {tt / 1e6:8.2f} M lookups/s"
         if f"tt_reference_{what}_lookups_s" in r:
             line += f"  (reference {r[f'tt_reference_{what}_lookups_s'] / 1e6:8.2f})"
-        if f"tt_syncfree_{what}_lookups_s" in r:
-            line += f"  (no host sync {r[f'tt_syncfree_{what}_lookups_s'] / 1e6:8.2f})"
-        if f"tt_graphs_{what}_lookups_s" in r:
-            line += f"  (CUDA graphs {r[f'tt_graphs_{what}_lookups_s'] / 1e6:8.2f})"
-        if f"tt_dedup_{what}_lookups_s" in r:
-            line += f"  (through the dedup {r[f'tt_dedup_{what}_lookups_s'] / 1e6:8.2f})"
         if f"tt_plain_{what}_lookups_s" in r:
             line += f"  (without row map/exact rows {r[f'tt_plain_{what}_lookups_s'] / 1e6:8.2f})"
         if f"dense_{what}_lookups_s" in r:

@@ -12,8 +12,8 @@ and a row is ``G1[i1] (d1 x r1)`` times the ``r1 x d2 d3`` values of its digit p
 one kernel walks the sorted indices, sums ``dG1[i1] += g S^T`` over runs of equal ``i1`` and
 adds ``dS[(i3, .), (i2, ., .)] += G1[i1]^T g`` (mostly distinct places, coalesced atomic
 adds); then ``dG2 = G3 dS`` and ``dG3 = (dS G2^T)^T`` are two GEMMs.  Nothing is sorted by
-digit and no core slice is copied per index.  The kernels come in two variants (``VARIANT``):
-products in registers (``fma``) or through ``tl.dot`` tiles (``dot``).
+digit and no core slice is copied per index.  The products go through ``tl.dot`` tiles (tensor
+cores, ``DOT_PRECISION``).
 
 It pays when the digit pairs are not many more than the indices of a batch
 (:func:`worthwhile`), e.g. 10M x 128 rows, rank 32: 40,000 pairs of 2 KB for a batch
@@ -34,78 +34,8 @@ from .triton_tt import _pow2, available, supports, triton, tl
 if triton is not None:
     from .triton_tt import _accumulate, _digits, _slice_first  # shared with the per-index kernels
 
-    @triton.jit
-    def _suffix_block(i2, i3, p3, N2, R1, D2, D3, BR1: tl.constexpr, BD2: tl.constexpr):
-        """Offsets into S (and dS) of the block ``(a, p2)`` of digit pair (i2, i3) at ``p3``, a
-        (BR1, BD2) tile of ``r1 d2`` consecutive values, and its mask."""
-        a = tl.arange(0, BR1)
-        p2 = tl.arange(0, BD2)
-        offs = (i3 * D3 + p3) * (N2 * R1 * D2) + i2 * (R1 * D2) + a[:, None] * D2 + p2[None, :]
-        return offs, (a[:, None] < R1) & (p2[None, :] < D2) & (a[:, None] * 0 + p3 < D3)
-
-    @triton.jit
-    def _row_block(p3, D1, D2, D3, BD1: tl.constexpr, BD2: tl.constexpr):
-        """Offsets inside a row (p1, p2, p3) of the (BD1, BD2) values at ``p3``, and their mask."""
-        p1 = tl.arange(0, BD1)
-        p2 = tl.arange(0, BD2)
-        return (p1[:, None] * (D2 * D3) + p2[None, :] * D3 + p3,
-                (p1[:, None] < D1) & (p2[None, :] < D2) & (p1[:, None] * 0 + p3 < D3))
-
-    @triton.jit
-    def _suffix_fwd_kernel(idx_ptr, c1, s_ptr, out_ptr,
-                           N2: tl.constexpr, N3: tl.constexpr, R1: tl.constexpr,
-                           D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
-                           BD1: tl.constexpr, BR1: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        row = tl.load(idx_ptr + pid).to(tl.int64)
-        i1, i2, i3 = _digits(row, N2, N3)
-        g1 = _slice_first(c1, i1, R1, D1, BD1, BR1)
-        for p3 in tl.static_range(BD3):  # row[:, :, p3] = G1[i1] @ S[(i3, p3), (i2, :, :)]
-            s_offs, s_mask = _suffix_block(i2, i3, p3, N2, R1, D2, D3, BR1, BD2)
-            s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
-            out = tl.sum(g1[:, :, None] * s[None, :, :], axis=1)  # (BD1, BD2)
-            offs, mask = _row_block(p3, D1, D2, D3, BD1, BD2)
-            tl.store(out_ptr + pid * (D1 * D2 * D3) + offs, out, mask=mask)
-
-    @triton.jit
-    def _suffix_bwd_kernel(idx_ptr, grad_ptr, c1, s_ptr, d1_ptr, ds_ptr, U, CH,
-                           N2: tl.constexpr, N3: tl.constexpr, R1: tl.constexpr,
-                           D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
-                           NEED1: tl.constexpr, NEEDS: tl.constexpr, BD1: tl.constexpr, BR1: tl.constexpr,
-                           BD2: tl.constexpr, BD3: tl.constexpr):
-        """Over a chunk of sorted ids: dG1[i1] += g S^T (summed over runs of equal i1), dS += G1^T g."""
-        start = tl.program_id(0).to(tl.int64) * CH
-        end = tl.minimum(start + CH, U)
-        D = D1 * D2 * D3
-        p1 = tl.arange(0, BD1)
-        a = tl.arange(0, BR1)
-        out_mask = (p1[:, None] < D1) & (a[None, :] < R1)
-        cur = tl.load(idx_ptr + start).to(tl.int64) // (N2 * N3)
-        acc = tl.zeros((BD1, BR1), dtype=tl.float32)
-        for s in range(start, end):
-            row = tl.load(idx_ptr + s).to(tl.int64)
-            i1, i2, i3 = _digits(row, N2, N3)
-            if NEED1:
-                if i1 != cur:
-                    _accumulate(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
-                    acc = tl.zeros((BD1, BR1), dtype=tl.float32)
-                    cur = i1
-            g1 = _slice_first(c1, i1, R1, D1, BD1, BR1)
-            for p3 in tl.static_range(BD3):
-                offs, mask = _row_block(p3, D1, D2, D3, BD1, BD2)
-                g = tl.load(grad_ptr + s * D + offs, mask=mask, other=0.0).to(tl.float32)  # (BD1, BD2)
-                s_offs, s_mask = _suffix_block(i2, i3, p3, N2, R1, D2, D3, BR1, BD2)
-                if NEEDS:  # r1 d2 consecutive values: coalesced atomic adds
-                    _accumulate(ds_ptr + s_offs, tl.sum(g1[:, :, None] * g[:, None, :], axis=0), mask=s_mask)
-                if NEED1:
-                    sl = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
-                    acc += tl.sum(g[:, None, :] * sl[None, :, :], axis=2)
-        if NEED1:
-            _accumulate(d1_ptr + (cur * D1 + p1[:, None]) * R1 + a[None, :], acc, mask=out_mask)
-
-
-    # -- "dot" variant: the same products as tl.dot tiles (every side padded to >= 16), the
-    # r1 x d2 d3 values of a digit pair as one (Q1, QC) tile with columns (p3, p2)
+    # the products as tl.dot tiles (every side padded to >= 16), the r1 x d2 d3 values of a digit
+    # pair as one (Q1, QC) tile with columns (p3, p2)
 
     @triton.jit
     def _pair_tile(i2, i3, N2, R1, D2, D3, Q1: tl.constexpr, BD2: tl.constexpr, QC: tl.constexpr):
@@ -203,16 +133,9 @@ if triton is not None:
 FACTOR = 4.0
 MAX_BYTES = 1 << 30  # nor while S (and dS) would take more than this
 # launch settings: ids per backward program (runs of equal i1 are summed within one), warps
-# per program; FPD_TT_SUFFIX_LAUNCH="chunk,fwd_warps,bwd_warps" overrides them (the device sweep).
-# H100, 10M x 128 rank 32, 21.6k ids: one id a program, 2 warps, backward 0.44 ms against 0.52-0.62
-# for 8 ids a program (dot variant; fma 0.45 vs 0.52); the two variants within noise of each other.
+# per program.  H100, 10M x 128 rank 32, 21.6k ids: one id a program, 2 warps, backward 0.44 ms
+# against 0.52-0.62 for 8 ids a program.
 CHUNK, FWD_WARPS, BWD_WARPS = 1, 2, 2
-if os.environ.get("FPD_TT_SUFFIX_LAUNCH"):
-    CHUNK, FWD_WARPS, BWD_WARPS = (int(v) for v in os.environ["FPD_TT_SUFFIX_LAUNCH"].split(","))
-VARIANTS = ("fma", "dot")
-#: "fma": broadcast-and-reduce products in registers, one p3 at a time; "dot": a digit pair's
-#: values as one tile through tl.dot (DOT_PRECISION).  FPD_TT_SUFFIX_VARIANT sets it.
-VARIANT = os.environ.get("FPD_TT_SUFFIX_VARIANT", "dot")
 DOT_PRECISION = "tf32x3"  # three TF32 products: float32-level accuracy on tensor cores
 
 
@@ -243,32 +166,21 @@ def suffix_table(c2: torch.Tensor, c3: torch.Tensor) -> torch.Tensor:
     return _table_and_operands(c2, c3)[0]
 
 
-def _table_and_operands(c2, c3):
-    """``(S, m2, m3)`` of one table (:func:`stacked_tables` of one)."""
-    s, m2, m3 = stacked_tables(c2, c3, 1)
-    return s[0], m2[0], m3[0]
-
-
-def stacked_tables(c2: torch.Tensor, c3: torch.Tensor, tables: int):
-    """Each table's ``S`` (fp32, ``(T, n3 d3, n2 r1 d2)``) by one batched GEMM, with its operands:
-    G2 as ``m2`` ``(T, r2, n2 r1 d2)`` (a copy, columns ``(i2, a, p2)``) and G3 as ``m3``
-    ``(T, r2, n3 d3)`` (a view).  ``c2``, ``c3``: one table's cores, or ``T`` tables' stacked."""
-    r1, n2, d2, r2 = c2.shape[-4:]
+def _table_and_operands(c2: torch.Tensor, c3: torch.Tensor):
+    """``S`` (fp32, ``(n3 d3, n2 r1 d2)``) by one GEMM, with its operands: G2 as ``m2``
+    ``(r2, n2 r1 d2)`` (a copy, columns ``(i2, a, p2)``) and G3 as ``m3`` ``(r2, n3 d3)`` (a view)."""
+    r1, n2, d2, r2 = c2.shape
     with torch.autocast(device_type=c2.device.type, enabled=False):
-        m2 = c2.float().reshape(tables, r1, n2, d2, r2).permute(0, 4, 2, 1, 3).reshape(tables, r2, n2 * r1 * d2)
-        m3 = c3.float().reshape(tables, r2, -1)
-        return m3.transpose(1, 2) @ m2, m2, m3
+        m2 = c2.float().permute(3, 1, 0, 2).reshape(r2, n2 * r1 * d2)
+        m3 = c3.float().reshape(r2, -1)
+        return m3.t() @ m2, m2, m3
 
 
 def _blocks(cores):
     """Sizes (compile-time constants of the kernels: a division by a known digit base is a
-    multiply, not a 64-bit division; one compilation per table shape) and the chosen variant's
-    tile sizes."""
+    multiply, not a 64-bit division; one compilation per table shape) and the tile sizes."""
     n1, n2, n3, d1, d2, d3, r1, r2 = _shapes(cores)
-    sizes = dict(N2=n2, N3=n3, R1=r1, D1=d1, D2=d2, D3=d3)
-    if _variant() == "dot":
-        return sizes, dot_tiles(cores)
-    return sizes, dict(BD1=_pow2(d1), BR1=_pow2(r1), BD2=_pow2(d2), BD3=_pow2(d3))
+    return dict(N2=n2, N3=n3, R1=r1, D1=d1, D2=d2, D3=d3), dot_tiles(cores)
 
 
 def dot_tiles(cores) -> dict:
@@ -278,18 +190,11 @@ def dot_tiles(cores) -> dict:
                 PREC="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else DOT_PRECISION)
 
 
-def _variant() -> str:
-    if VARIANT not in VARIANTS:
-        raise ValueError(f"suffix kernel variant should be one of {VARIANTS} but is {VARIANT!r}")
-    return VARIANT
-
-
 def _rows_from(c1: torch.Tensor, s: torch.Tensor, ids: torch.Tensor, cores) -> torch.Tensor:
     sizes, blocks = _blocks(cores)
     out = torch.empty(ids.numel(), sizes["D1"] * sizes["D2"] * sizes["D3"], device=c1.device, dtype=torch.float32)
     if ids.numel():
-        kernel = _suffix_fwd_dot_kernel if _variant() == "dot" else _suffix_fwd_kernel
-        kernel[(ids.numel(),)](ids, c1, s, out, *sizes.values(), **blocks, num_warps=FWD_WARPS)
+        _suffix_fwd_dot_kernel[(ids.numel(),)](ids, c1, s, out, *sizes.values(), **blocks, num_warps=FWD_WARPS)
     return out
 
 
@@ -313,8 +218,7 @@ class _SuffixRows(torch.autograd.Function):
         d1 = torch.zeros(c1.shape, device=c1.device, dtype=torch.float32) if need1 else None
         ds = torch.zeros(s.shape, device=s.device, dtype=torch.float32) if (need2 or need3) else None
         if u and (need1 or ds is not None):
-            kernel = _suffix_bwd_dot_kernel if _variant() == "dot" else _suffix_bwd_kernel
-            kernel[(triton.cdiv(u, CHUNK),)](
+            _suffix_bwd_dot_kernel[(triton.cdiv(u, CHUNK),)](
                 ids, grad.float().contiguous(), c1, s, d1 if need1 else s, ds if ds is not None else s, u, CHUNK,
                 *sizes.values(), NEED1=bool(need1), NEEDS=ds is not None, **blocks, num_warps=BWD_WARPS)
         grads = [d1, *middle_and_last_grads(ds, m2, m3, shape2, shape3, need2, need3)]
@@ -322,24 +226,16 @@ class _SuffixRows(torch.autograd.Function):
 
 
 def middle_and_last_grads(ds, m2, m3, shape2, shape3, need2: bool, need3: bool):
-    """``(dG2, dG3)`` of one table from ``dS`` (the suffix table's gradient), in the cores' shapes
-    (:func:`stacked_core_grads` of one)."""
-    d2, d3 = stacked_core_grads(None if ds is None else ds[None], m2[None], m3[None], shape2, shape3, 1,
-                                need2, need3)
-    return None if d2 is None else d2[0], None if d3 is None else d3[0]
-
-
-def stacked_core_grads(ds, m2, m3, shape2, shape3, tables: int, need2: bool, need3: bool):
-    """``(dG2, dG3)`` of every table from its ``dS`` by two batched GEMMs, ``dG2 = G3 dS`` and
-    ``dG3 = (dS G2^T)^T``, ``(T, *core shape)`` (fp32; None where not needed)."""
+    """``(dG2, dG3)`` from ``dS`` (the suffix table's gradient) by two GEMMs, ``dG2 = G3 dS`` and
+    ``dG3 = (dS G2^T)^T``, in the cores' shapes (fp32; None where not needed)."""
     d2 = d3 = None
     if ds is not None:
         with torch.autocast(device_type=ds.device.type, enabled=False):
-            if need2:  # (T, r2, n2 r1 d2) back to (T, r1, n2, d2, r2)
+            if need2:  # (r2, n2 r1 d2) back to (r1, n2, d2, r2)
                 r1, n2, dd2, r2 = shape2
-                d2 = (m3 @ ds).reshape(tables, r2, n2, r1, dd2).permute(0, 3, 2, 4, 1)
+                d2 = (m3 @ ds).reshape(r2, n2, r1, dd2).permute(2, 1, 3, 0)
             if need3:
-                d3 = (ds @ m2.transpose(1, 2)).transpose(1, 2).reshape(tables, *shape3)
+                d3 = (ds @ m2.t()).t().reshape(shape3)
     return d2, d3
 
 

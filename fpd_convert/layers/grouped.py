@@ -2,21 +2,16 @@
 
 A TT bag lookup on a GPU must learn, on the host, how many distinct ids its batch has (to
 size the rows it computes) and whether they are in range; each table alone pays one sync
-for that (:func:`fpd_convert.layers.tt_embedding._unique_device`), and a sync waits for
-everything queued before it.  In a model with several TT tables that stalls the GPU once per
-table.  :class:`GroupedLookups` launches the dedups of all TT bags first, copies their
-counts and ranges to pinned host memory in one asynchronous copy and records an event; the
-caller then queues other work (the bottom MLP), and :meth:`GroupedLookups.results` waits for
-that event only, not for the work queued after it.  Index errors are raised there, before
-any row of that table is computed, as a single table's lookup would raise them.  A bag served
-in one pass (no gradients, :mod:`fpd_convert.kernels.triton_pooled`) has no dedup: its range and
-offsets check is read in the same copy.
-
-Under ``FPD_TT_SYNC_FREE=on`` nothing is read at all, and the TT bags of one shape that train
-are looked up as one stacked table (:mod:`fpd_convert.layers.table_batched`): one sort and one
-kernel launch each way for all of them, which is what the host-bound GPU step needs; with
-``FPD_TT_CUDA_GRAPHS=on`` too, that stacked lookup is replayed from CUDA graphs
-(:mod:`fpd_convert.layers.graphed`).
+for that (:func:`fpd_convert.layers.dedup.unique_device`), and a sync waits for everything
+queued before it.  In a model with several TT tables that stalls the GPU once per table.
+:class:`GroupedLookups` launches the dedups of all TT bags first, copies their counts and
+ranges to pinned host memory in one asynchronous copy and records an event; the caller then
+queues other work (the bottom MLP), and :meth:`GroupedLookups.results` waits for that event
+only, not for the work queued after it.  Index errors are raised there, before any row of that
+table is computed, as a single table's lookup would raise them.  A bag served in one pass (no
+gradients, :mod:`fpd_convert.kernels.triton_pooled`) has no dedup: its range and offsets check
+is read in the same copy.  (Measured on an H100: a DLRM step with five TT tables at 0.87x the
+dense model grouped, 0.77x one by one; docs/benchmarks.md.)
 
 Other modules (``nn.EmbeddingBag``, QR/MD bags) are called first in
 :meth:`~GroupedLookups.results`, before the wait, so that the GPU works on them meanwhile; a TT
@@ -31,10 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .graphed import graphed_lookups
-from .table_batched import stack_groups, stacked_lookups
 from .tt_embedding import TTEmbeddingBag
-from .tt_lookup import cuda_graphs
 
 #: (module, input, offsets, per_sample_weights)
 Call = Tuple[nn.Module, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
@@ -46,20 +38,11 @@ class GroupedLookups:
     def __init__(self, calls: Sequence[Call]):
         self._calls = list(calls)
         self._started: List[object] = []
-        self._stacked = {}  # call index -> its bags, for TT tables looked up stacked (sync-free training)
         self._served = set()  # call indices of TT bags served from their CPU end table
-        # with CUDA graphs, a TT table of a shape of its own is a stack of one: graphed as well
-        graphs = cuda_graphs() and any(call[1].is_cuda for call in self._calls)
-        for group in stack_groups(self._calls, min_size=1 if graphs else 2):
-            calls = [self._calls[k] for k in group]
-            outs = graphed_lookups(calls)  # FPD_TT_CUDA_GRAPHS=on: replayed from CUDA graphs
-            self._stacked.update(zip(group, outs if outs is not None else stacked_lookups(calls)))
         heads = []
         for k, (module, input, offsets, weights) in enumerate(self._calls):
             started = None
-            if k in self._stacked:
-                pass
-            elif isinstance(module, TTEmbeddingBag):
+            if isinstance(module, TTEmbeddingBag):
                 if module.serves_from_end_table(input, offsets, weights):
                     self._served.add(k)  # asked once: results() serves it without asking again
                 else:
@@ -84,9 +67,7 @@ class GroupedLookups:
         first, so that the GPU has their work while the host waits for the dedups (only for them)."""
         out: List[Optional[torch.Tensor]] = [None] * len(self._calls)
         for k, ((module, input, offsets, weights), started) in enumerate(zip(self._calls, self._started)):
-            if k in self._stacked:
-                out[k] = self._stacked[k]
-            elif k in self._served:
+            if k in self._served:
                 out[k] = module.serve_from_end_table(input)
             elif started is None:
                 out[k] = (module(input, offsets) if weights is None

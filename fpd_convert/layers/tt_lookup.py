@@ -5,22 +5,18 @@ Triton kernels (the suffix-table kernels when the batch's distinct ids are many 
 the table's digit pairs, see :mod:`fpd_convert.kernels.triton_suffix`, else the per-index
 ones); on the CPU, a suffix table built per call or the shared-prefix path, whichever takes
 fewer multiply-adds (and the cached end table when no gradient is needed and the table is
-small); otherwise the plain PyTorch
-reference, which every fast path is tested against.  ``FPD_TT_KERNEL`` in the
-environment sets the default for all layers (``reference``, ``cpu``, ``triton``, ``auto``).
+small); otherwise the plain PyTorch reference, which every fast path is tested against.
+``FPD_TT_KERNEL`` in the environment (``reference``, ``cpu``, ``triton``, ``auto``) sets the
+default for all layers: the one debugging override of the choice.
 
 A bag lookup without gradients on the Triton path, while the suffix table is cached, skips
 the dedup and pools its bags in one pass (:mod:`fpd_convert.kernels.triton_pooled`, see
-:func:`pools_in_one_pass`); ``FPD_TT_POOLED=off`` turns that off.  ``FPD_TT_SYNC_FREE=on`` (off by
-default until timed on a GPU) trains sum-bags from the batch's sorted entries with no host sync
-(:mod:`fpd_convert.kernels.triton_entries`, :func:`trains_sync_free`): index errors then surface
-at the layer's next lookup.
+:func:`pools_in_one_pass`).
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Iterator, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,20 +25,9 @@ from ..kernels import cpu_suffix, cpu_tt, triton_suffix, triton_tt
 from ..kernels.reference import row_digits, tt_rows
 
 KERNELS = ("auto", "reference", "cpu", "triton")
-#: "auto": serve bags through the one-pass pooled kernel where it applies; "off": never
-POOLED = os.environ.get("FPD_TT_POOLED", "auto")
-#: "on": training lookups on the Triton path from sorted entries, without a host sync; "off"
-SYNC_FREE = os.environ.get("FPD_TT_SYNC_FREE", "off")
-#: "auto": under FPD_TT_SYNC_FREE=on, a group of lookups (several tables at once) trains its TT
-#: tables of one shape as one stacked table (:mod:`fpd_convert.layers.table_batched`); "off": one by one
-TABLE_BATCHED = os.environ.get("FPD_TT_TABLE_BATCHED", "auto")
-#: "on": under FPD_TT_SYNC_FREE=on, a group's stacked training lookup (forward and backward) is
-#: replayed from CUDA graphs (:mod:`fpd_convert.layers.graphed`); "off" (default): run op by op
-CUDA_GRAPHS = os.environ.get("FPD_TT_CUDA_GRAPHS", "off")
 
 __all__ = ["KERNELS", "default_kernel", "choose_kernel", "lookup_rows", "pools_in_one_pass", "row_digits",
-           "sync_free", "table_batched", "cuda_graphs", "stashing_range_checks", "range_check_stash",
-           "trains_sync_free", "tt_rows"]
+           "rows_from_end_table", "tt_rows"]
 
 
 def default_kernel() -> str:
@@ -72,66 +57,8 @@ def pools_in_one_pass(cores: Sequence[torch.Tensor], kernel: str,
     :func:`fpd_convert.kernels.triton_pooled.pooled_bags`: on the Triton path, while the suffix
     table fits its cache (the caller checks that no gradient is needed and that the call's
     arguments are ones the kernel takes)."""
-    if POOLED not in ("auto", "off"):
-        raise ValueError(f"FPD_TT_POOLED should be 'auto' or 'off' but is {POOLED!r}")
-    return (POOLED == "auto" and suffix_cache is not None and choose_kernel(kernel, cores) == "triton"
+    return (suffix_cache is not None and choose_kernel(kernel, cores) == "triton"
             and suffix_cache.fits(cores))
-
-
-def sync_free() -> bool:
-    """``FPD_TT_SYNC_FREE=on``: Triton-path bag lookups read nothing on the host (training from
-    sorted entries, serving in one pass; entries of ids out of range left out); index errors surface
-    one lookup late."""
-    if SYNC_FREE not in ("on", "off"):
-        raise ValueError(f"FPD_TT_SYNC_FREE should be 'on' or 'off' but is {SYNC_FREE!r}")
-    return SYNC_FREE == "on"
-
-
-def table_batched() -> bool:
-    """``FPD_TT_TABLE_BATCHED`` (default ``auto``): whether grouped sync-free training lookups stack
-    their TT tables of one shape into one lookup (one sort, one kernel launch each way)."""
-    if TABLE_BATCHED not in ("auto", "off"):
-        raise ValueError(f"FPD_TT_TABLE_BATCHED should be 'auto' or 'off' but is {TABLE_BATCHED!r}")
-    return TABLE_BATCHED == "auto"
-
-
-def cuda_graphs() -> bool:
-    """``FPD_TT_CUDA_GRAPHS=on``: under ``FPD_TT_SYNC_FREE=on``, the stacked training lookups of a
-    group are captured once and replayed from CUDA graphs (see :mod:`fpd_convert.layers.graphed`)."""
-    if CUDA_GRAPHS not in ("on", "off"):
-        raise ValueError(f"FPD_TT_CUDA_GRAPHS should be 'on' or 'off' but is {CUDA_GRAPHS!r}")
-    return CUDA_GRAPHS == "on"
-
-
-_RANGE_STASH: Optional[List[tuple]] = None
-
-
-@contextlib.contextmanager
-def stashing_range_checks(stash: List[tuple]) -> Iterator[List[tuple]]:
-    """While open, a sync-free lookup appends ``(layer, head, captured)`` to ``stash`` (``head``: its
-    ids' ``[min, max]`` on the device; ``captured``: computed inside a CUDA graph capture) instead of copying its range to the host: what a CUDA graph
-    capture needs (no pinned copy, no event in the graph); the caller defers each head after a
-    replay (``layer.defer_range_head(head)``)."""
-    global _RANGE_STASH
-    saved, _RANGE_STASH = _RANGE_STASH, stash
-    try:
-        yield stash
-    finally:
-        _RANGE_STASH = saved
-
-
-def range_check_stash() -> Optional[List[tuple]]:
-    """The open :func:`stashing_range_checks` list, or None."""
-    return _RANGE_STASH
-
-
-def trains_sync_free(cores: Sequence[torch.Tensor], kernel: str) -> bool:
-    """Whether bags of these cores that need gradients are built from the batch's sorted entries by
-    :func:`fpd_convert.kernels.triton_entries.entry_bags` (no host sync): with ``FPD_TT_SYNC_FREE=on``,
-    on the Triton path, while the suffix table stays under ``triton_suffix.MAX_BYTES`` (the caller
-    checks the call's arguments)."""
-    return (sync_free() and choose_kernel(kernel, cores) == "triton" and triton_suffix.supports(cores)
-            and triton_suffix.suffix_bytes(cores) <= triton_suffix.MAX_BYTES)
 
 
 def rows_from_end_table(cores: Sequence[torch.Tensor], kernel: str, row_cache: Optional[cpu_tt.EndTable]) -> bool:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.tt_embedding import _TTTable
+from ..layers.tt_table import _TTTable
 
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 
