@@ -138,7 +138,7 @@ def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, 
              layout, yes, force, allow_unsafe_pickle, keep_larger, as_json):
     """Replace the largest embedding tables of MODEL by TT cores (TT-SVD)."""
     from .convert import compress as run, inspect as describe
-    from .convert.fidelity import FidelityOptions
+    from .convert.importance import FidelityOptions
     names = [t.strip() for t in tables.split(",")] if tables else None
     if names is None and min_rows is None and not yes:
         info = describe(model, allow_unsafe_pickle=allow_unsafe_pickle)

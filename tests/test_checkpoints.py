@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import fpd_convert
 from conftest import needs_triton
-from fpd_convert.convert.fidelity import FidelityOptions
+from fpd_convert.convert.importance import FidelityOptions
 from fpd_convert.checkpoints import CheckpointError, read_compressed_meta, read_source
 from fpd_convert.outputs import OutputError
 from fpd_convert.cli import main

@@ -8,7 +8,8 @@ import fpd_convert
 from fpd_convert.checkpoints import CheckpointError, read_compressed, read_compressed_meta, table_file_keys
 from fpd_convert.checkpoints.compressed_format import file_tensor_bytes
 from fpd_convert.cli import main
-from fpd_convert.convert.fidelity import FidelityOptions, Layout, LayoutReader
+from fpd_convert.convert.candidates import Layout, LayoutReader
+from fpd_convert.convert.importance import FidelityOptions
 from fpd_convert.data import CriteoData
 from fpd_convert.data.frequency import lookup_counts
 from fpd_convert.data.synth import synth

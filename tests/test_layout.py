@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import fpd_convert
 from fpd_convert.cli import main
-from fpd_convert.convert.svd_runner import plan_table
+from fpd_convert.convert.plan import plan_table
 from fpd_convert.tt import (byte_neutral_suffix, choose_row_factors, clamp_ranks, factor_dims, factor_rows,
                             parse_suffix_rows, tt_param_count)
 

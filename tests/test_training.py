@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import fpd_convert
-from fpd_convert.convert.fidelity import FidelityOptions
+from fpd_convert.convert.importance import FidelityOptions
 from fpd_convert.cli import main
 from fpd_convert.data import CriteoData
 from fpd_convert.data.synth import synth

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..outputs import atomic_path
-from ..convert.svd_runner import MEMORY_FACTOR, memory_available
+from ..convert.plan import MEMORY_FACTOR, memory_available
 from ..kernels.reference import tt_rows
 from ..tt import choose_row_factors, clamp_ranks, factor_dims
 

@@ -1,4 +1,10 @@
-"""``compress``: a source checkpoint in, a compressed safetensors file out."""
+"""``compress``: a source checkpoint in, a compressed safetensors file out.
+
+The steps, in order, each a module of this package: choose the tables (:mod:`.selection`), plan
+each one (:mod:`.plan`), weigh its rows (:mod:`.importance`), make its candidate TTs
+(:mod:`.candidates`), pick one per table under the rank rule or the byte budget
+(:mod:`.allocation`), measure what the chosen ones give back (:mod:`.measure`), write the file.
+"""
 from __future__ import annotations
 
 import math
@@ -6,16 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
 
-import torch
-
 from .. import __version__
-from ..checkpoints import CheckpointError, CompressedMeta, read_source, sha256_of, write_compressed
+from ..checkpoints import CheckpointError, CompressedMeta, encode_table, read_source, sha256_of, write_compressed
 from ..outputs import check_output, releases_outputs
-from ..checkpoints import TableTensors, encode_table
-from ..checkpoints.lazy_tables import row_reader
-from .allocation import compress_tables
-from .fidelity import FidelityOptions, core_dtype_added_error, layer_of, plain_error
-from .svd_runner import affordable_workers, describe, memory_available, plan_table, run_plans
+from .allocation import choose_results
+from .importance import FidelityOptions, prepare
+from .measure import final_errors
+from .plan import affordable_workers, describe, memory_available, plan_table
 from .selection import parse_size, select_tables
 
 DEFAULT_RANK = 32
@@ -180,79 +183,59 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     check_ranks_rule(rank, ratio, budget, tol)
     check_output(output, [model], force)
     if workers < 1:
-        raise ValueError(f"workers should be >= 1 but got {workers}")
+        raise ValueError(f"--workers should be >= 1 but got {workers}")
     if rank is None and ratio is None and budget is None and tol is None:
         rank = DEFAULT_RANK
-    src = read_source(model, allow_unsafe=allow_unsafe_pickle, layout=layout)
-    chosen = select_tables(src.tables(), tables, min_rows, num_largest)
-    if not chosen:
-        raise CheckpointError(f"{model}: no table matches the selection; `fpd-convert inspect {model}` lists them")
-    budget_bytes = parse_size(budget) if budget is not None else None
-    total_chosen = sum(t["rows"] * t["dim"] for t in chosen)
-    available = memory_available()
-    plans = [plan_table(t["key"], t["name"], t["rows"], t["dim"], order, rank=rank, ratio=ratio, tol=tol,
-                        budget_bytes=None if budget_bytes is None else
-                        int(budget_bytes * t["rows"] * t["dim"] / total_chosen),
-                        svd_path=svd_path, available=available, dim_factors=dim_factors,
-                        suffix_rows=suffix_rows) for t in chosen]
-    workers = affordable_workers(plans, workers, available)
-    if log is not None:
-        log(describe(plans, workers, available))
-    weights = [src.state[t["key"]] for t in chosen]
     fidelity = fidelity if fidelity is not None else FidelityOptions()
     if data is not None and fidelity.importance == "none":
         raise ValueError("--data gives row importance; it needs an importance other than 'none'")
-    important = fidelity.importance != "none"
-    if important:
-        counts = _counts(src, chosen, data, data_rows) if data is not None else {}
-        total_budget = None
-        if budget_bytes is not None:
-            total_budget = budget_bytes
-        elif ratio is not None:
-            total_budget = int(sum(w.numel() * w.element_size() for w in weights) / ratio)
-        results = compress_tables(plans, weights, src.mapped, fidelity, counts, total_budget, tol, seed, svd,
-                                  power_iters, progress, workers)
-    else:
-        results = [None] * len(plans)
-        decs = run_plans(plans, weights, src.mapped, tol=tol, workers=workers, seed=seed, svd=svd,
-                         power_iters=power_iters, progress=progress)
-    summaries, skipped, tt_tables = [], [], {}
-    tensors = dict(src.state)
-    for i, (t, plan, weight) in enumerate(zip(chosen, plans, weights)):
+    src = read_source(model, allow_unsafe=allow_unsafe_pickle, layout=layout)
+
+    # 1. choose the tables
+    chosen = select_tables(src.tables(), tables, min_rows, num_largest)
+    if not chosen:
+        raise CheckpointError(f"{model}: no table matches the selection; `fpd-convert inspect {model}` lists them")
+    weights = [src.state[t["key"]] for t in chosen]
+    # 2. plan each table: shape, ranks, TT-SVD path, memory
+    budget_bytes = parse_size(budget) if budget is not None else None
+    plans = plan_tables(chosen, order, rank, ratio, budget_bytes, tol, svd_path, dim_factors, suffix_rows)
+    available = memory_available()
+    workers = affordable_workers(plans, workers, available)
+    if log is not None:
+        log(describe(plans, workers, available))
+    # 3. row importance of each table (none for plain TT-SVD)
+    counts = _counts(src, chosen, data, data_rows) if data is not None else {}
+    prepared = [prepare(plan, w, src.mapped, fidelity, counts.get(plan.key)) for plan, w in zip(plans, weights)]
+    # 4. candidates and 5. the allocation: the plans' ranks, or the best TTs under the byte budget
+    total_budget = None
+    if fidelity.importance != "none":  # plain TT-SVD keeps the plans' ranks (ratio per table, budget by size)
+        total_budget = budget_bytes if budget_bytes is not None else (
+            None if ratio is None else int(sum(w.numel() * w.element_size() for w in weights) / ratio))
+    results = choose_results(prepared, fidelity, total_budget, tol, seed, svd, power_iters, progress, workers)
+    # 6. measure what each chosen TT gives back, and 7. write
+    tensors, tt_tables, summaries, skipped = dict(src.state), {}, [], []
+    for t, p, weight, res in zip(chosen, prepared, weights, results):
         before = weight.numel() * weight.element_size()
-        res = results[i]
-        if res is not None:
-            shape, after = res.shape, res.nbytes
-            table = res.table
-            res.plain_error = plain_error(row_reader(weight, src.mapped), plan.rows, layer_of(shape, table))
-            core_dtype_added_error(res)
-            error = res.plain_error
-        else:
-            dec = decs[i]
-            shape, after, error = dec.shape, dec.shape.param_count * 4, dec.relative_error
-            table = TableTensors([torch.from_numpy(c.astype("float32", copy=False)) for c in dec.cores])
-        if after >= before and not keep_larger:
-            skipped.append(f"{t['name']}: a TT of ranks {shape.ranks} ({after:,} B) is not smaller than the "
+        if res.nbytes >= before and not keep_larger:
+            skipped.append(f"{t['name']}: a TT of ranks {res.shape.ranks} ({res.nbytes:,} B) is not smaller than the "
                            f"table ({before:,} B)")
             continue
+        final_errors(res, p.reader, p.plan.rows)
         del tensors[t["key"]]
-        entry = shape.to_dict()
-        entry.update(padding=shape.padded_rows - shape.num_rows, relative_error=error, features=[],
-                     source_dtype=str(weight.dtype).replace("torch.", ""), svd_path=plan.path)
-        if res is not None:
-            entry.update(res.entry, weighted_error=res.weighted_error, tt_error=res.tt_error)
-        tensors.update(encode_table(t["key"], entry, table))
+        entry = res.shape.to_dict()
+        entry.update(padding=res.shape.padded_rows - res.shape.num_rows, relative_error=res.plain_error,
+                     source_dtype=str(weight.dtype).replace("torch.", ""), svd_path=p.plan.path, **res.entry,
+                     weighted_error=res.weighted_error, tt_error=res.tt_error)
+        tensors.update(encode_table(t["key"], entry, res.table))
         tt_tables[t["key"]] = entry
-        summaries.append(TableSummary(t["key"], t["name"], t["rows"], t["dim"], shape.row_factors,
-                                      shape.dim_factors, shape.ranks, before, after, error, plan.path,
-                                      weighted_error=None if res is None else res.weighted_error,
-                                      importance=None if res is None else res.entry["importance"],
-                                      hot_rows=0 if res is None else res.entry["row_map_rows"],
-                                      exact_rows=0 if res is None else res.entry["exact_rows"],
-                                      core_dtype="float32" if res is None else res.entry["core_dtype"],
-                                      core_dtype_added=None if res is None else
-                                      res.entry.get("core_dtype_added_weighted_error"),
-                                      why="" if res is None else res.extra.get("why", "")))
+        summaries.append(TableSummary(t["key"], t["name"], t["rows"], t["dim"], res.shape.row_factors,
+                                      res.shape.dim_factors, res.shape.ranks, before, res.nbytes, res.plain_error,
+                                      p.plan.path, weighted_error=res.weighted_error,
+                                      importance=None if p.method == "none" else p.method,
+                                      hot_rows=res.entry["row_map_rows"], exact_rows=res.entry["exact_rows"],
+                                      core_dtype=res.entry["core_dtype"],
+                                      core_dtype_added=res.entry.get("core_dtype_added_weighted_error"),
+                                      why=res.extra.get("why", "")))
     if not tt_tables:
         raise CheckpointError("no table got smaller with these ranks; choose a lower --rank or a --ratio")
     meta = CompressedMeta(source_layout=src.layout, tt_tables=tt_tables, architecture=src.architecture,
@@ -264,3 +247,13 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     kept = [f"{t['name']} ({t['kind']} table)" for t in src.tables() if t.get("kind", "dense") != "dense"]
     return CompressionSummary(str(model), str(output), src.layout, summaries, skipped, kept, src.dropped,
                               src.nbytes(), sum(v.numel() * v.element_size() for v in tensors.values()))
+
+
+def plan_tables(chosen, order, rank, ratio, budget_bytes, tol, svd_path, dim_factors, suffix_rows) -> list:
+    """Step 2: one plan per chosen table; a budget is shared in proportion to the tables' sizes."""
+    total = sum(t["rows"] * t["dim"] for t in chosen)
+    available = memory_available()
+    return [plan_table(t["key"], t["name"], t["rows"], t["dim"], order, rank=rank, ratio=ratio, tol=tol,
+                       budget_bytes=None if budget_bytes is None else int(budget_bytes * t["rows"] * t["dim"] / total),
+                       svd_path=svd_path, available=available, dim_factors=dim_factors, suffix_rows=suffix_rows)
+            for t in chosen]

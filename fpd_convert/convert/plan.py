@@ -1,4 +1,5 @@
-"""Running TT-SVD over the chosen tables: in memory (TensorLy) or streamed, one or several at once.
+"""Compress, per table: its plan, before any work.  The TT shape (row and dim factors), the ranks the
+rank rule gives, the TT-SVD path and the peak memory it is expected to need.
 
 Per table, ``auto`` keeps TensorLy's in-memory TT-SVD (the reference) for tables whose
 expected peak (about 5.5x the table in float32: the float copy plus TensorLy's
@@ -11,18 +12,11 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
-import torch
-from tqdm import tqdm
-
-from ..checkpoints.lazy_tables import row_reader
-from ..tt import (TTDecomposition, choose_row_factors, decompose_table, factor_dims, factor_rows, parse_suffix_rows,
-                  resolve_ranks, streaming_peak_bytes, streaming_tt_svd)
+from ..tt import choose_row_factors, factor_dims, factor_rows, parse_suffix_rows, resolve_ranks, streaming_peak_bytes
 
 SVD_PATHS = ("auto", "memory", "stream")
 MEMORY_FACTOR = 5.5  # expected peak of the in-memory path / table bytes in float32
@@ -110,48 +104,3 @@ def describe(plans: Sequence[TablePlan], workers: int, available: int) -> str:
     return (f"TT-SVD of {len(plans)} table(s): {streamed} streamed in row chunks, {len(plans) - streamed} in memory; "
             f"expected peak memory {format_bytes(peak)} with {workers} worker(s) "
             f"(available: {format_bytes(available)})")
-
-
-def decompose(reader, rows: int, dim: int, row_factors: Sequence[int], dim_factors: Sequence[int],
-              ranks: Optional[Sequence[int]], tol: Optional[float], path: str, seed: int = 0, svd: str = "auto",
-              power_iters: int = 1, progress=None, whole=None, oversample: int = 10) -> TTDecomposition:
-    """TT-SVD of the rows ``reader(start, stop)`` gives, in memory (TensorLy; ``whole`` if the
-    caller has the table already) or streamed; ``progress(n)`` after each unit of work."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # clamped ranks show in the summary
-        if path == "stream":
-            return streaming_tt_svd(reader, rows, dim, row_factors, dim_factors, ranks=ranks, tol=tol,
-                                    max_rank=TOL_MAX_RANK, oversample=oversample, power_iters=power_iters, seed=seed,
-                                    progress=progress)
-        table = whole if whole is not None else reader(0, rows)
-        method = svd if svd != "auto" else ("randomized_svd" if rows * dim > RANDOMIZED_ABOVE else "truncated_svd")
-        kwargs = {"tol": tol} if tol is not None else {"rank": list(ranks)}
-        dec = decompose_table(table, row_factors=row_factors, dim_factors=dim_factors, svd=method,
-                              random_state=seed, **kwargs)
-        if progress:
-            progress(1)
-        return dec
-
-
-def run_plans(plans: Sequence[TablePlan], tables: Sequence[torch.Tensor], mapped: bool, tol: Optional[float] = None,
-              workers: int = 1, seed: int = 0, svd: str = "auto", power_iters: int = 1, oversample: int = 10,
-              progress: bool = True) -> List[TTDecomposition]:
-    """Decompose ``tables`` (one per plan, in order); up to ``workers`` at a time."""
-    passes = 2 + 2 * power_iters
-
-    def one(i: int) -> TTDecomposition:
-        plan, table = plans[i], tables[i]
-        bar = tqdm(total=plan.rows * passes if plan.path == "stream" else 1, unit="row" if plan.path == "stream"
-                   else "table", unit_scale=True, desc=f"{plan.name} ({plan.path})", position=i % max(workers, 1),
-                   leave=True, disable=True if not progress else None, file=sys.stderr)
-        try:
-            whole = None if plan.path == "stream" else table.detach().float().numpy()
-            return decompose(row_reader(table, mapped), plan.rows, plan.dim, plan.row_factors, plan.dim_factors,
-                             plan.ranks, tol, plan.path, seed, svd, power_iters, bar.update, whole, oversample)
-        finally:
-            bar.close()
-
-    if workers <= 1:
-        return [one(i) for i in range(len(plans))]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, range(len(plans))))

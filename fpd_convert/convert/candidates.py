@@ -1,0 +1,237 @@
+"""Compress, per table: candidate TTs, each decomposed, stored as it would be written, and measured.
+
+A *layout* says which rows are kept exactly (the most important ones) and which are moved to the
+leading TT rows (the next most important: the row map).  The table as TT-SVD sees it is the source
+table with the row map applied and the exact rows zeroed; it is read through :class:`LayoutReader`,
+so big tables still stream.  A *candidate* is a layout plus ranks: its file bytes are counted exactly
+(every tensor the table writes, at its dtype) and its importance-weighted error is measured on the
+evaluation set (:mod:`fpd_convert.convert.importance`).  Plain TT-SVD is the one layout with neither.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..checkpoints import TableTensors, encode_table
+from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, relative_error, streaming_tt_svd
+from ..tt import tt_param_count
+from ..tt.allocate import Candidate
+from ..tt.core_quant import decode, element_bytes, encode
+from ..tt.decompose import tt_svd_ladder
+from ..tt.importance import row_map_moves, top_rows, tt_positions
+from .importance import FidelityOptions, Prepared, Reader, TableEval, gather
+from .measure import layer_of, weighted_error_sq
+from .plan import RANDOMIZED_ABOVE, TOL_MAX_RANK
+
+EXACT_FRACTIONS = (0.0, 0.005, 0.01, 0.02)
+
+
+@dataclass
+class Layout:
+    exact_ids: np.ndarray  # sorted
+    hot_ids: np.ndarray  # most important first
+
+
+@dataclass
+class Result:
+    layout: Layout
+    shape: TTShape
+    table: TableTensors  # decoded (what the layer computes with)
+    entry: dict  # metadata fields for the table entry
+    nbytes: int  # bytes of every file tensor of the table
+    weighted_error: Optional[float]  # relative, importance-weighted, on the evaluation set (None: plain)
+    weighted_sq: float = 0.0
+    plain_error: float = 0.0
+    tt_error: float = 0.0  # TT-SVD's own error on the table it saw (float32 cores)
+    extra: dict = field(default_factory=dict)
+
+
+def make_layout(importance: Optional[np.ndarray], exact_count: int, hot_count: int) -> Layout:
+    if importance is None or (exact_count == 0 and hot_count == 0):
+        return Layout(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    exact = np.sort(top_rows(importance, exact_count))
+    return Layout(exact, top_rows(importance, hot_count, exclude=exact))
+
+
+class LayoutReader:
+    """Rows of the table TT-SVD sees: the row map applied, exact rows zeroed.  ``writable``: ``reader``
+    returns arrays of its own (as :func:`fpd_convert.checkpoints.lazy_tables.row_reader` does), which
+    are then changed in place instead of copied (a chunk of the table less at the peak)."""
+
+    def __init__(self, reader: Reader, rows: int, layout: Layout, writable: bool = False):
+        self.reader, self.writable = reader, writable
+        src, pos = row_map_moves(layout.hot_ids)
+        self.src_values = gather(reader, np.sort(src))[np.argsort(np.argsort(src))] if src.size else None
+        order = np.argsort(pos)
+        self.pos, self.src_order = pos[order], order
+        self.zero = np.sort(tt_positions(layout.exact_ids, layout.hot_ids))
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        block = self.reader(start, stop)
+        a, b = np.searchsorted(self.pos, [start, stop]) if self.pos.size else (0, 0)
+        c, e = np.searchsorted(self.zero, [start, stop]) if self.zero.size else (0, 0)
+        if (b > a or e > c) and not self.writable:
+            block = np.array(block, dtype=np.float32, copy=True)  # never write into the source's rows
+        if b > a or e > c:
+            if b > a:
+                block[self.pos[a:b] - start] = self.src_values[self.src_order[a:b]]
+            block[self.zero[c:e] - start] = 0.0
+        return block
+
+
+def decompose(reader, rows: int, dim: int, row_factors: Sequence[int], dim_factors: Sequence[int],
+              ranks: Optional[Sequence[int]], tol: Optional[float], path: str, seed: int = 0, svd: str = "auto",
+              power_iters: int = 1, progress=None, whole=None, oversample: int = 10) -> TTDecomposition:
+    """TT-SVD of the rows ``reader(start, stop)`` gives, in memory (TensorLy; ``whole`` if the
+    caller has the table already) or streamed; ``progress(n)`` after each unit of work."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # clamped ranks show in the summary
+        if path == "stream":
+            return streaming_tt_svd(reader, rows, dim, row_factors, dim_factors, ranks=ranks, tol=tol,
+                                    max_rank=TOL_MAX_RANK, oversample=oversample, power_iters=power_iters, seed=seed,
+                                    progress=progress)
+        table = whole if whole is not None else reader(0, rows)
+        method = svd if svd != "auto" else ("randomized_svd" if rows * dim > RANDOMIZED_ABOVE else "truncated_svd")
+        kwargs = {"tol": tol} if tol is not None else {"rank": list(ranks)}
+        dec = decompose_table(table, row_factors=row_factors, dim_factors=dim_factors, svd=method,
+                              random_state=seed, **kwargs)
+        if progress:
+            progress(1)
+        return dec
+
+
+def finish(dec: TTDecomposition, layout: Layout, exact_values: Optional[np.ndarray], options: FidelityOptions,
+           method: str, key: str, ev: Optional[TableEval]) -> Result:
+    """Quantize, count bytes, measure the weighted error: a decomposition becomes a candidate."""
+    shape = dec.shape
+    cores = [decode(*encode(torch.from_numpy(np.ascontiguousarray(c)), options.core_dtype, axis=1), axis=1)
+             for c in dec.cores]
+    features = []
+    if options.core_dtype != "float32":
+        features.append("core_dtype")
+    table = TableTensors(cores)
+    if layout.hot_ids.size:
+        features.append("row_map")
+        table.row_map = torch.from_numpy(layout.hot_ids)
+    if layout.exact_ids.size:
+        features.append("exact_rows")
+        table.exact_ids = torch.from_numpy(layout.exact_ids)
+        table.exact_rows = decode(*encode(torch.from_numpy(exact_values), options.exact_dtype, axis=0), axis=0)
+    entry = {"features": features, "core_dtype": options.core_dtype, "exact_dtype": options.exact_dtype,
+             "importance": method, "row_map_rows": int(layout.hot_ids.size),
+             "exact_rows": int(layout.exact_ids.size), "row_factors": shape.row_factors}
+    nbytes = sum(t.numel() * t.element_size() for t in encode_table(key, entry, table).values())
+    result = Result(layout, shape, table, entry, nbytes, None, tt_error=dec.relative_error)
+    if ev is not None:
+        result.weighted_sq = weighted_error_sq(layer_of(shape, table), ev)
+        result.weighted_error = math.sqrt(result.weighted_sq)
+        if options.core_dtype != "float32":  # kept to measure what the low-precision cores add
+            result.extra["fp32_cores"] = dec.cores
+            result.extra["ev"] = ev
+    return result
+
+
+def results_for(p: Prepared, options: FidelityOptions, exact_fraction: float, hot: int, rank_lists, tol, seed, svd,
+                power_iters, progress=None) -> List[Result]:
+    """One result per rank list (or one for ``tol``) of this layout of the table."""
+    plan = p.plan
+    layout = make_layout(p.importance, int(round(exact_fraction * plan.rows)), hot)
+    reader = (LayoutReader(p.reader, plan.rows, layout, writable=True) if layout.hot_ids.size or layout.exact_ids.size
+              else p.reader)
+    whole = reader(0, plan.rows) if plan.path == "memory" else None
+    exact_values = gather(p.reader, layout.exact_ids) if layout.exact_ids.size else None
+    if plan.path == "memory" and tol is None and len(rank_lists) > 1:
+        # exact TT-SVD sharing the first unfolding's SVD across the ladder
+        decs = [TTDecomposition(TTShape(plan.rows, plan.dim, plan.row_factors, plan.dim_factors,
+                                        [1] + [c.shape[3] for c in cores]), cores, relative_error(whole, cores))
+                for cores in tt_svd_ladder(whole, plan.row_factors, plan.dim_factors, rank_lists)]
+    else:
+        decs = [decompose(reader, plan.rows, plan.dim, plan.row_factors, plan.dim_factors, ranks, tol, plan.path,
+                          seed, svd, power_iters, progress, whole)
+                for ranks in (rank_lists if tol is None else [None])]
+    out = []
+    for dec in decs:
+        res = finish(dec, layout, exact_values, options, p.method, plan.key, p.ev)
+        res.extra.update(exact_fraction=exact_fraction, hot_rows=hot)
+        out.append(res)
+    return out
+
+
+def fixed_result(p: Prepared, options: FidelityOptions, tol, seed, svd, power_iters, progress=None) -> Result:
+    """The table at its plan's ranks (or ``tol``), with the layout the options fix."""
+    hot = 0 if p.importance is None else int(round(options.hot_fraction * p.plan.rows))
+    exact = 0.0 if p.importance is None else options.exact_fraction or 0.0
+    res = results_for(p, options, exact, hot, [p.plan.ranks], tol, seed, svd, power_iters, progress)[0]
+    res.extra["why"] = (f"ranks {','.join(map(str, res.shape.ranks[1:-1]))} as asked" +
+                        ("" if p.importance is None else f"; row map of {res.entry['row_map_rows']:,} rows, "
+                                                         f"{res.entry['exact_rows']:,} exact rows"))
+    return res
+
+
+def rank_ladder(row_factors, dim_factors, lo_params: int, hi_params: int) -> List[List[int]]:
+    """Distinct clamped rank lists, uniform ranks 1..256, whose parameter count lies in [lo, hi]."""
+    seen, out = set(), []
+    for r in (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 256):
+        ranks = clamp_ranks(r, row_factors, dim_factors, warn=False)
+        key = tuple(ranks)
+        if key in seen:
+            continue
+        seen.add(key)
+        if lo_params <= tt_param_count(row_factors, dim_factors, ranks) <= hi_params:
+            out.append(ranks)
+    return out
+
+
+def _layouts(p: Prepared, options: FidelityOptions, share: int):
+    """The (exact fraction, hot rows) layouts a table offers under a budget share."""
+    n, d = p.plan.rows, p.plan.dim
+    hot = int(round(options.hot_fraction * n))
+    if options.exact_fraction is not None:
+        fractions = [options.exact_fraction]
+    else:
+        per_row = 4 + d * element_bytes(options.exact_dtype) + (4 if options.exact_dtype == "int8" else 0)
+        fractions = [f for f in EXACT_FRACTIONS if f * n * per_row <= 0.7 * share]
+        if p.plan.path == "stream":
+            fractions = [f for f in fractions if f in (0.0, 0.01)]
+    hots = sorted({0, hot}) if p.plan.path != "stream" else [hot]
+    return [(f, h) for f in fractions for h in hots]
+
+
+def _ladder(p: Prepared, share: int, options: FidelityOptions):
+    eb = element_bytes(options.core_dtype)
+    ladder = rank_ladder(p.plan.row_factors, p.plan.dim_factors, share // (16 * eb), 2 * share // eb)
+    if not ladder:  # the share is below every rank: offer the smallest
+        ladder = rank_ladder(p.plan.row_factors, p.plan.dim_factors, 0, 1 << 62)[:1]
+    if p.plan.path == "stream" and len(ladder) > 4:  # each streamed candidate is 4 passes over the table:
+        # keep the 4 largest that fit the table's share (the allocation rarely goes far below it)
+        fits = [r for r in ladder if tt_param_count(p.plan.row_factors, p.plan.dim_factors, r) * eb <= share]
+        ladder = (fits or ladder[:1])[-4:]
+    return ladder
+
+
+def table_candidates(p: Prepared, share: int, options: FidelityOptions, seed, svd, power_iters,
+                     progress: bool = False, position: int = 0) -> List[Candidate]:
+    """Every candidate of a table around its ``share`` of the budget: layouts x a ladder of ranks."""
+    ladder = _ladder(p, share, options)
+    layouts = _layouts(p, options, share)
+    bar = None
+    if progress and p.plan.path == "stream":  # streamed candidates take minutes: show rows and ETA
+        bar = tqdm(total=len(layouts) * len(ladder) * p.plan.rows * (2 + 2 * power_iters), unit="row",
+                   unit_scale=True, desc=f"{p.plan.name} ({len(layouts) * len(ladder)} streamed candidates)",
+                   position=position + 1, leave=False, file=sys.stderr)
+    out = []
+    for exact_fraction, hot in layouts:
+        for ranks, res in zip(ladder, results_for(p, options, exact_fraction, hot, ladder, None, seed, svd,
+                                                  power_iters, bar.update if bar is not None else None)):
+            out.append(Candidate({"ranks": ranks, "exact_fraction": exact_fraction, "hot": hot},
+                                 res.nbytes, res.weighted_sq, {"result": res}))
+    if bar is not None:
+        bar.close()
+    return out
