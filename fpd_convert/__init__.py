@@ -7,6 +7,7 @@ Python API (each command has its function)::
     model = fpd_convert.load("model.tt.safetensors")          # nn.Module, eval mode
     fpd_convert.decompress("model.tt.safetensors", "model.dense.pt")
     fpd_convert.inspect("model.tt.safetensors")
+    fpd_convert.export("model.tt.safetensors", "model.pt2", format="aoti")  # runs where only torch is
     fpd_convert.keep_freed_memory()  # once, before serving on the CPU (glibc; see fpd_convert.allocator)
 
 The names are imported on first use (PEP 562), so that ``import fpd_convert`` and
@@ -19,7 +20,8 @@ import importlib
 __version__ = "0.1.0"
 
 #: public name -> the module that defines it
-_EXPORTS = {"compress": ".convert", "decompress": ".convert", "inspect": ".convert", "load": ".convert",
+_EXPORTS = {"compress": ".convert", "decompress": ".convert", "export": ".convert", "inspect": ".convert",
+            "load": ".convert",
             "TTEmbedding": ".layers", "TTEmbeddingBag": ".layers", "decompose_table": ".tt",
             "keep_freed_memory": ".allocator"}
 

@@ -37,3 +37,11 @@ def test_tt_layer():
     loss = re.search(r"loss ([\d.e+-]+) -> ([\d.e+-]+)", out)
     assert float(loss.group(2)) < float(loss.group(1))
     assert "reloaded layer gives the same bags: True" in out
+
+
+def test_serve_exported(tmp_path):
+    out = run("serve_exported.py", "--dir", str(tmp_path), "--formats", "pt2,onnx")
+    eager = re.search(r"^eager load\(\): (.+)$", out, re.M).group(1).split()
+    for fmt in ("pt2", "onnx"):
+        got = re.search(rf"^{fmt} \([\d,]+ bytes, without fpd_convert\): (.+)$", out, re.M).group(1).split()
+        assert len(got) == 4 and all(abs(float(a) - float(b)) < 1e-5 for a, b in zip(got, eager)), out

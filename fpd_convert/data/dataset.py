@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 
 from .arrays import check_arrays, iter_arrays, load_arrays

@@ -13,7 +13,6 @@ back with ``int(hex, 16) % rows``) or as a facebookresearch/dlrm ``.npz``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List, Optional
 
 import numpy as np

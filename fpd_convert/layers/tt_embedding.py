@@ -229,9 +229,6 @@ class TTEmbeddingBag(_TTTable):
         skip = torch.iinfo(codes.dtype).min
         return codes.masked_fill(ids == self.padding_idx, skip), skip
 
-    def _exact_rows_in_use(self) -> Optional[torch.Tensor]:
-        return self.exact_rows if self.exact_ids is not None and self.exact_ids.numel() else None
-
     def _takes_bag_arguments(self, input, offsets, per_sample_weights, device) -> bool:
         """Arguments the Triton bag kernels take (others, errors included, go the general way)."""
         if input.numel() == 0 or input.dtype not in (torch.int32, torch.int64) or input.device != device:
@@ -333,6 +330,9 @@ class TTEmbedding(_TTTable):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # torch.compile / torch.export: registered operators
+            from .traced import traced_embedding
+            return traced_embedding(self, input)
         rows, inverse, pad, _ = self._unique_rows(input)
         if pad is None:  # a gather: its backward (index_add) is ~3x faster than embedding's on the CPU
             return rows.index_select(0, inverse.reshape(-1)).reshape(*inverse.shape, rows.shape[1])

@@ -80,14 +80,14 @@ class _TTTable(nn.Module):
         self._suffix_cache = SuffixCache()
         # fidelity options (docs/format.md): a hot-row map and rows kept exactly; set by
         # set_row_map / set_exact_rows, absent (and not in the state_dict) otherwise
-        self.register_buffer("row_map", None)
-        self.register_buffer("exact_ids", None)
+        self.row_map: Optional[torch.Tensor] = None  # buffers once set (see _set_buffer)
+        self.exact_ids: Optional[torch.Tensor] = None
         self.exact_rows: Optional[nn.Parameter] = None
-        self.register_buffer("_map_from", None, persistent=False)
-        self.register_buffer("_map_to", None, persistent=False)
+        self._map_from: Optional[torch.Tensor] = None
+        self._map_to: Optional[torch.Tensor] = None
         # both merged: the ids not at their own TT position and their codes (layers.row_index)
-        self.register_buffer("_index_ids", None, persistent=False)
-        self.register_buffer("_index_codes", None, persistent=False)
+        self._index_ids: Optional[torch.Tensor] = None
+        self._index_codes: Optional[torch.Tensor] = None
         self._bit_rank = (None, None)  # (the _index_ids it was built from, BitRank) on the CPU
 
     # -- fidelity: row map and exact rows --------------------------------------------
@@ -101,10 +101,10 @@ class _TTTable(nn.Module):
         rows, pos = row_map_moves(hot.cpu().numpy())
         order = rows.argsort()
         device = self.cores[0].device
-        self.row_map = hot.to(device)
-        self._map_from = torch.from_numpy(rows[order]).to(device)
-        self._map_to = torch.from_numpy(pos[order]).to(device)
-        self._index_ids, self._index_codes = build_row_index(self._map_from, self._map_to, self.exact_ids)
+        self._set_buffer("row_map", hot.to(device))
+        self._set_buffer("_map_from", torch.from_numpy(rows[order]).to(device), persistent=False)
+        self._set_buffer("_map_to", torch.from_numpy(pos[order]).to(device), persistent=False)
+        self._set_index()
 
     def set_exact_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Rows ``ids`` are looked up from ``rows`` (a trainable parameter), not from the TT."""
@@ -117,10 +117,28 @@ class _TTTable(nn.Module):
         if ids.numel() and (ids[0] < 0 or ids[-1] >= self.num_embeddings or (ids[1:] == ids[:-1]).any()):
             raise ValueError("exact rows need distinct row ids within the table")
         device = self.cores[0].device
-        self.exact_ids = ids.to(device)
+        self._set_buffer("exact_ids", ids.to(device))
         self.exact_rows = nn.Parameter(rows.detach().to(device, self.cores[0].dtype).clone(),
                                        requires_grad=self.cores[0].requires_grad)
-        self._index_ids, self._index_codes = build_row_index(self._map_from, self._map_to, self.exact_ids)
+        self._set_index()
+
+    def _set_index(self) -> None:
+        index_ids, index_codes = build_row_index(self._map_from, self._map_to, self.exact_ids)
+        self._set_buffer("_index_ids", index_ids.to(self.cores[0].device), persistent=False)
+        self._set_buffer("_index_codes", index_codes.to(self.cores[0].device), persistent=False)
+
+    def _set_buffer(self, name: str, value: torch.Tensor, persistent: bool = True) -> None:
+        """Registers ``name`` as a buffer the first time it is set: a layer without a row map or exact rows
+        holds plain ``None`` attributes, not ``None`` buffers, which ``torch.export`` 2.13 miscounts (a
+        root module with some buffers ``None`` and others set fails to export)."""
+        if name in self._buffers:
+            self._buffers[name] = value
+        else:
+            self.__dict__.pop(name, None)
+            self.register_buffer(name, value, persistent=persistent)
+
+    def _exact_rows_in_use(self) -> Optional[torch.Tensor]:
+        return self.exact_rows if self.exact_ids is not None and self.exact_ids.numel() else None
 
     def _codes(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
         """Per id: its TT position (>= 0) or ``-1 - k`` for exact row k; None without map or exact rows."""

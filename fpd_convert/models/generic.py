@@ -36,6 +36,20 @@ class GenericCompressedModel(nn.Module):
     def table(self, key: str) -> TTEmbeddingBag:
         return self.tables[_name(key)]
 
+    def forward(self, *ids: torch.Tensor):
+        """The rows of each compressed table for its ids, in the order of ``keys``: ``ids_k`` (N_k,) int64
+        -> rows (N_k, D_k).  What an exported program of a generic file serves (``fpd-convert export``).
+
+        Example::
+
+            model = fpd_convert.load("generic.tt.safetensors")
+            rows = model(torch.tensor([0, 5, 5]))   # one tensor per compressed table, in model.keys order
+        """
+        if len(ids) != len(self.keys):
+            raise ValueError(f"give one id tensor per compressed table ({len(self.keys)}: {', '.join(self.keys)}) "
+                             f"but got {len(ids)}")
+        return tuple(self.table(k)(i.reshape(-1, 1)) for k, i in zip(self.keys, ids))
+
     @torch.no_grad()
     def dense_state_dict(self) -> Dict[str, torch.Tensor]:
         out = {}

@@ -136,11 +136,38 @@ def lookup(table: nn.Module, sparse: SparseInput, f: int, weights: Optional[torc
     return table(ids, offsets)
 
 
+class TracedLookups:
+    """What :func:`start_lookups` gives under ``torch.compile`` / ``torch.export``: each table called in
+    turn (a trace has no host sync to group), one-hot features as ``(B, 1)`` bags (no offsets to build)."""
+
+    def __init__(self, tables: Sequence[nn.Module], sparse: SparseInput,
+                 weights: Optional[Sequence[Optional[torch.Tensor]]] = None):
+        self._args = (tables, sparse, weights)
+
+    def results(self) -> List[torch.Tensor]:
+        from ..layers.traced import traced_dense_bag
+        tables, sparse, weights = self._args
+        out = []
+        for f, table in enumerate(tables):
+            w = weights[f] if weights is not None else None
+            call = (lambda *a, t=table, **k: traced_dense_bag(t, *a, **k)) if type(table) is nn.EmbeddingBag else table
+            if isinstance(sparse, torch.Tensor):
+                ids = sparse[:, f:f + 1]
+                out.append(call(ids) if w is None else call(ids, per_sample_weights=w[ids]))
+            else:
+                ids, offsets = sparse[f]
+                out.append(call(ids, offsets) if w is None else call(ids, offsets, per_sample_weights=w[ids]))
+        return out
+
+
 def start_lookups(tables: Sequence[nn.Module], sparse: SparseInput,
-                  weights: Optional[Sequence[Optional[torch.Tensor]]] = None) -> GroupedLookups:
+                  weights: Optional[Sequence[Optional[torch.Tensor]]] = None):
     """:func:`lookup` of every table (feature ``f`` for table ``f``), begun together: the TT
     bags' GPU dedups are launched now and read in one sync by ``.results()``, so the caller can
-    queue other work in between (see :mod:`fpd_convert.layers.grouped`)."""
+    queue other work in between (see :mod:`fpd_convert.layers.grouped`).  Traced
+    (``torch.compile``, ``torch.export``): :class:`TracedLookups`."""
+    if torch.compiler.is_compiling():
+        return TracedLookups(tables, sparse, weights)
     calls = []
     one_hot = None  # one id a sample: the same offsets for every feature (one arange, not one a table)
     if isinstance(sparse, torch.Tensor):

@@ -1,0 +1,94 @@
+"""``fpd-convert bench``: speed and memory measured against a baseline in the same run."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .group import friendly_errors, main
+from .options import SuffixRows, _int_list
+
+
+@main.command()
+@click.option("--rows", type=click.IntRange(1), default=1_000_000, show_default=True)
+@click.option("--dim", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--rank", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=None, help="Bags per batch [8192 for lookups; DLRM step: "
+              "65536 on CUDA, 2048 on CPU].")
+@click.option("--pooling", type=click.IntRange(1), default=1, show_default=True, help="Ids per bag.")
+@click.option("--zipf", type=click.FloatRange(0), default=1.1, show_default=True,
+              help="Exponent of the ids' popularity (0: uniform).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--kernel", type=click.Choice(["auto", "reference", "cpu", "triton"]), default="auto",
+              show_default=True, help="TT row path to time (the reference is timed beside it).")
+@click.option("--reps", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--dim-factors", default=None, help="Lookups: the TT's factors of --dim, e.g. 2,4,8 "
+              "[default: as balanced as possible].")
+@click.option("--suffix-rows", type=SuffixRows(), default="auto", show_default=True,
+              help="The TT tables' row factors: auto (the byte-neutral long first core at --rank, as compress "
+              "picks), balanced, or an int the trailing row factors multiply to (the first takes the rest).")
+@click.option("--batches", type=click.IntRange(1), default=1, show_default=True,
+              help="Lookups: cycle through this many distinct batches (1: the same batch every time).")
+@click.option("--step", is_flag=True, help="Also time a DLRM training step, dense vs TT tables.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="DLRM step (or --serve) on this compressed file's model (implies --step).")
+@click.option("--tt-tables", type=click.IntRange(0), default=5, show_default=True, help="DLRM step: tables in TT.")
+@click.option("--rows-cap", type=click.IntRange(1), default=None,
+              help="DLRM step: cap on table rows [10M on CUDA, 200k on CPU].")
+@click.option("--hot-rows", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Lookups: give the TT table a row map of this fraction of its hottest ids (timed beside the "
+                   "same table without).")
+@click.option("--exact-rows", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Lookups: keep this fraction of the hottest ids as exact rows.")
+@click.option("--serve", is_flag=True, help="Instead of lookups: the whole model's inference (the demo's, or "
+              "--model's) at batch 1, 64 and 2,048 (or --batch) in eager PyTorch, torch.compile, AOTInductor and "
+              "ONNX Runtime, beside the same model with dense tables.")
+@click.option("--svd", is_flag=True, help="Instead of lookups: TT-SVD of a rows x dim table written to disk, "
+              "in memory (TensorLy) and streamed, each in its own process (seconds, peak RSS, error).")
+@click.option("--svd-paths", default="memory,stream", show_default=True, help="--svd: the paths to run.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="--svd: dtype of the table on disk.")
+@click.option("--folder", type=click.Path(file_okay=False, exists=True), default=None,
+              help="--svd: where to write the table (default: the temp folder).")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, dim_factors, suffix_rows, batches, step, model,
+          tt_tables, rows_cap, hot_rows, exact_rows, serve, svd, svd_paths, dtype, folder, as_json):
+    """Lookups/s of TTEmbeddingBag vs nn.EmbeddingBag (and a DLRM step), a whole model's serving in every
+    runtime (--serve), or TT-SVD paths (--svd), in one run."""
+    if serve:
+        from ..bench.serve import RUNTIMES, bench_serve, format_serve
+        runtimes = list(RUNTIMES)
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            runtimes.remove("onnx")
+            click.echo("Warning: onnxruntime is not installed: ONNX Runtime is left out (pip install onnxruntime)",
+                       err=True)
+        out = bench_serve(model, [batch] if batch else [1, 64, 2048], runtimes, reps=max(reps, 20), zipf=zipf,
+                          device="cpu" if device == "auto" else device,
+                          echo=None if as_json else lambda text: click.echo(text, err=True))
+        click.echo(json.dumps(out, indent=2) if as_json else format_serve(out))
+        return
+    if svd:
+        from ..bench.svd import bench_svd, format_svd
+        out = bench_svd(rows, dim, rank, dtype, [p.strip() for p in svd_paths.split(",")], folder,
+                        echo=None if as_json else lambda text: click.echo(text, err=True))
+        click.echo(json.dumps(out, indent=2) if as_json else format_svd(out))
+        return
+    from ..bench.lookups import bench_lookups, format_lookups
+    results = {"lookups": bench_lookups(rows, dim, rank, batch or 8192, pooling, zipf, device, reps, kernel=kernel,
+                                        hot_rows=hot_rows, exact_rows=exact_rows, batches=batches,
+                                        dim_factors=_int_list(dim_factors, "--dim-factors"),
+                                        suffix_rows=suffix_rows)}
+    if not as_json:
+        click.echo(format_lookups(results["lookups"]))
+    if step or model:
+        from ..bench.dlrm_step import bench_dlrm_step, format_dlrm_step
+        results["dlrm_step"] = bench_dlrm_step(model, rows_cap, dim, tt_tables, rank,
+                                               batch, zipf, device, reps, suffix_rows=suffix_rows)
+        if not as_json:
+            click.echo(format_dlrm_step(results["dlrm_step"]))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+

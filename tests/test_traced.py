@@ -1,0 +1,337 @@
+"""The compressed model leaves the package: torch.compile (inference and training), torch.export with
+dynamic shapes, and programs (pt2, AOTInductor, ONNX) that run where fpd_convert is not installed."""
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import fpd_convert
+from conftest import cuda
+from fpd_convert.cli import main
+from fpd_convert.convert.export import export, export_program
+from fpd_convert.convert.importance import FidelityOptions
+from fpd_convert.layers import TTEmbedding, TTEmbeddingBag, TTIndexError
+from fpd_convert.layers.traced import portable_lookups
+from layouts import batch, dlrm_checkpoint, dlrm_state, torchrec_state
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+ATOL = 1e-5  # float32 sums in another order: the traced row contraction and pooling regroup them
+
+
+def _bag(mode="sum", padding_idx=None, include_last_offset=False, fidelity=True, seed=0):
+    torch.manual_seed(seed)
+    bag = TTEmbeddingBag(3000, 24, rank=6, mode=mode, padding_idx=padding_idx,
+                         include_last_offset=include_last_offset)
+    if fidelity:  # a row map and exact rows, as an importance-aware file has them
+        bag.set_row_map(torch.tensor([2999, 17, 400, 5]))
+        bag.set_exact_rows(torch.tensor([9, 2999, 1234]), torch.randn(3, 24))
+    return bag
+
+
+def _bags(n=3000, bags=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 6, (bags,), generator=g)
+    ids = torch.randint(0, n, (int(lengths.sum()),), generator=g)
+    ids[:6] = torch.tensor([9, 2999, 17, 3, 9, 1234])  # exact rows, mapped rows, repeats
+    return ids, torch.cumsum(lengths, 0) - lengths
+
+
+@pytest.fixture(params=["in-graph", "operator", "portable"])
+def path(request, monkeypatch):
+    """The three ways a traced lookup runs: standard operators around the cached product table (the CPU's
+    default for small tables), the lookup operator (GPUs, big tables), and the portable lowering."""
+    import fpd_convert.layers.traced as traced
+    if request.param == "operator":
+        monkeypatch.setattr(traced, "IN_GRAPH_MAX_BYTES", -1)
+    if request.param == "portable":
+        with portable_lookups():
+            yield request.param
+    else:
+        yield request.param
+
+
+def _compiled(module, backend="aot_eager"):
+    torch._dynamo.reset()
+    return torch.compile(module, fullgraph=True, backend=backend)
+
+
+CALLS = {
+    "one-hot (B, 1)": lambda ids, off: (ids[:32].reshape(-1, 1),),
+    "one-hot offsets": lambda ids, off: (ids[:32], torch.arange(32)),
+    "bags": lambda ids, off: (ids, off),
+    "fixed bags (B, L)": lambda ids, off: (ids[:36].reshape(12, 3),),
+}
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_traced_bag_equals_eager(call, mode, path):
+    bag = _bag(mode).eval()
+    args = CALLS[call](*_bags())
+    want = bag(*args)  # eager: the path only matters to a trace
+    with torch.no_grad():
+        got = _compiled(bag)(*args)
+        program = torch.export.export(bag, args)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(program.module()(*args), want, atol=ATOL, rtol=ATOL)
+
+
+def test_traced_options_padding_weights_last_offset_equal_eager(path):
+    ids, off = _bags()
+    ids[[7, 8, 20]] = 17  # padding entries (17 is also a mapped row)
+    weights = torch.rand(ids.shape)
+    cases = [(_bag("sum", padding_idx=17), (ids, off), {"per_sample_weights": weights}),
+             (_bag("mean", padding_idx=17), (ids, off), {}),
+             (_bag("max", padding_idx=17), (ids, off), {}),
+             (_bag("mean", include_last_offset=True), (ids, torch.cat([off, off[-1:]])), {}),  # trailing entries
+             (_bag("max", include_last_offset=True), (ids, torch.cat([off, torch.tensor([ids.numel()])])), {}),
+             (_bag("sum", padding_idx=17), (ids[:36].reshape(12, 3),), {"per_sample_weights": weights[:36].reshape(12, 3)}),
+             (_bag("mean", padding_idx=17), (ids[:36].reshape(12, 3),), {})]
+    for bag, args, kw in cases:
+        bag.eval()
+        want = bag(*args, **kw)
+        with torch.no_grad():
+            got = _compiled(bag)(*args, **kw)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+
+
+def test_traced_tt_embedding_equals_eager(path):
+    torch.manual_seed(0)
+    emb = TTEmbedding(500, 12, rank=4, padding_idx=3)
+    emb.set_exact_rows(torch.tensor([7]), torch.randn(1, 12))
+    ids = torch.randint(0, 500, (5, 7))
+    ids[0, :3] = torch.tensor([3, 7, 3])
+    want = emb(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(_compiled(emb)(ids), want, atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(torch.export.export(emb, (ids,)).module()(ids), want, atol=ATOL, rtol=ATOL)
+
+
+def test_traced_lookup_refuses_or_poisons_ids_out_of_range():
+    bag = _bag().eval()
+    bad = torch.tensor([[5], [3000]])
+    with pytest.raises(TTIndexError, match="index 3000 is out of range"):
+        bag(bad)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="out of range for a table of 3000 rows"):
+        _compiled(bag)(bad)  # a runtime assert in the graph (TTIndexError where the lookup operator runs)
+    big = TTEmbeddingBag(3000, 24, rank=6, mode="sum").eval()
+    big.kernel = "reference"  # not the CPU's in-graph path: the lookup operator
+    with torch.no_grad(), pytest.raises(TTIndexError, match="index 3000 is out of range"):
+        _compiled(big)(bad)
+    with torch.no_grad(), portable_lookups():  # a graph has no exceptions: the row is NaN, never a silent row
+        out = torch.export.export(bag, (torch.tensor([[5], [6], [7]]),)).module()(torch.tensor([[5], [-1], [3000]]))
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1:]).all()
+
+
+@pytest.mark.parametrize("operator", [False, True])
+def test_a_training_step_under_torch_compile_gives_eager_gradients(operator, monkeypatch):
+    import fpd_convert.layers.traced as traced
+    if operator:  # the lookup operator's autograd formula, instead of the product table built in the graph
+        monkeypatch.setattr(traced, "IN_GRAPH_MAX_BYTES", -1)
+    for backend in ("aot_eager", "inductor"):
+        bag = _bag("sum")
+        ids, off = _bags()
+        weights = torch.rand(ids.shape, requires_grad=True)
+        upstream = torch.randn(off.numel(), 24)
+        (bag(ids, off, per_sample_weights=weights) * upstream).sum().backward()
+        want = [p.grad.clone() for p in bag.parameters()] + [weights.grad.clone()]
+        bag.zero_grad()
+        weights.grad = None
+        (_compiled(bag, backend)(ids, off, per_sample_weights=weights) * upstream).sum().backward()
+        got = [p.grad for p in bag.parameters()] + [weights.grad]
+        assert len(got) == 5  # three cores, the exact rows, the weights
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
+
+
+# --- whole models, as fpd_convert.load returns them
+
+def _files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    fid = FidelityOptions("norm", hot_fraction=0.05, exact_fraction=0.02)
+    out = {}
+    specs = {
+        "dlrm-dot-weighted": (dlrm_checkpoint(dlrm_state(weighted=True)), dict(fidelity=fid)),
+        "dlrm-cat-int8": (dlrm_checkpoint(dlrm_state(interaction="cat")),
+                          dict(fidelity=FidelityOptions("norm", 0.05, 0.02, core_dtype="int8"))),
+        "torchrec-dot": (torchrec_state(), dict(fidelity=fid)),
+        "torchrec-dcn-bf16": (torchrec_state(variant="dcn"),
+                              dict(fidelity=FidelityOptions("norm", 0.05, 0.02, core_dtype="bfloat16"))),
+        "torchrec-projection": (torchrec_state(variant="projection"), dict(fidelity=fid)),
+    }
+    for name, (state, kw) in specs.items():
+        torch.save(state, d / f"{name}.pt")
+        fpd_convert.compress(d / f"{name}.pt", d / f"{name}.safetensors", rank=4, num_largest=2, progress=False, **kw)
+        out[name] = d / f"{name}.safetensors"
+    from safetensors.torch import save_file
+    save_file({"user.weight": torch.randn(3000, 16), "item.weight": torch.randn(2000, 8), "bias": torch.randn(8)},
+              str(d / "generic.safetensors"))
+    fpd_convert.compress(d / "generic.safetensors", d / "generic.tt.safetensors", rank=4, num_largest=2,
+                         progress=False, fidelity=fid)
+    out["generic"] = d / "generic.tt.safetensors"
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return _files(tmp_path_factory)
+
+
+FAMILIES = ["dlrm-dot-weighted", "dlrm-cat-int8", "torchrec-dot", "torchrec-dcn-bf16", "torchrec-projection"]
+
+
+def _model_inputs(model, b, pooled=False, seed=3):
+    from fpd_convert.convert.export import _inputs
+    return _inputs(model, b, pooled, seed)
+
+
+@pytest.mark.parametrize("name", FAMILIES + ["generic"])
+@pytest.mark.parametrize("pooled", [False, True])
+def test_every_loaded_model_exports_with_a_dynamic_batch(files, name, pooled):
+    if pooled and name == "generic":
+        pytest.skip("a generic program takes id vectors")
+    model = fpd_convert.load(files[name])
+    args, _, dims = _model_inputs(model, 16, pooled)
+    for lookup in ("fpd", "portable"):
+        program = export_program(model, args, dims, lookup)
+        ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert any("fpd_convert" in o for o in ops) == (lookup == "fpd"), ops
+        for b in (1, 7, 33):  # other batch sizes than the traced one
+            other, _, _ = _model_inputs(model, b, pooled, seed=b)
+            with torch.no_grad():
+                want, got = model(*other), program.module()(*other)
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["dlrm-dot-weighted", "torchrec-dcn-bf16", "generic"])
+def test_compiled_models_equal_eager(files, name):
+    model = fpd_convert.load(files[name])
+    args, _, _ = _model_inputs(model, 24)
+    with torch.no_grad():
+        want = model(*args)
+        got = _compiled(model, "inductor")(*args)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+
+
+def test_a_dlrm_training_step_under_torch_compile_equals_eager(files):
+    model = fpd_convert.load(files["dlrm-dot-weighted"]).train()
+    dense, ids = batch(b=48)
+    labels = (torch.rand(48, 1) < 0.3).float()
+    loss = nn.BCEWithLogitsLoss()
+    loss(model.logits(dense, ids), labels).backward()
+    want = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    class Logits(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, d, s):
+            return self.m.logits(d, s)
+    loss(_compiled(Logits(model), "inductor")(dense, ids), labels).backward()
+    tt = [k for k in want if ".cores." in k or "exact_rows" in k]
+    assert len(tt) >= 6
+    for k, g in want.items():
+        torch.testing.assert_close(dict(model.named_parameters())[k].grad, g, atol=ATOL, rtol=1e-4, msg=k)
+
+
+_FRESH = textwrap.dedent('''
+    import importlib.abc, json, sys
+    class NoFpdConvert(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "fpd_convert":
+                raise ImportError("fpd_convert is not installed here")
+    sys.meta_path.insert(0, NoFpdConvert())
+    import torch
+    fmt, path, inputs = sys.argv[1], sys.argv[2], torch.load(sys.argv[3])
+    if fmt == "pt2":
+        out = torch.export.load(path).module()(*inputs)
+    elif fmt == "aoti":
+        out = torch._inductor.aoti_load_package(path)(*inputs)
+    else:
+        import onnxruntime as ort
+        s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        flat = [t for a in inputs for t in ([a] if isinstance(a, torch.Tensor) else [x for p in a for x in p])]
+        outs = [torch.from_numpy(o) for o in s.run(None, {i.name: t.numpy() for i, t in zip(s.get_inputs(), flat)})]
+        out = outs[0] if len(outs) == 1 else tuple(outs)
+    assert not any(m.startswith("fpd_convert") for m in sys.modules)
+    torch.save(out, sys.argv[4])
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["pt2", "aoti", "onnx"])
+@pytest.mark.parametrize("name,pooled", [("dlrm-dot-weighted", False), ("torchrec-dcn-bf16", True),
+                                         ("generic", False)])
+def test_exported_files_run_in_a_process_without_fpd_convert(files, tmp_path, fmt, name, pooled):
+    if fmt == "aoti" and name == "generic":
+        pytest.skip("one AOTInductor compile per family keeps the suite short")
+    out = tmp_path / f"model.{'onnx' if fmt == 'onnx' else 'pt2'}"
+    r = export(files[name], out, format=fmt, pooled=pooled)
+    assert r["parity_max_abs_diff"] <= ATOL and r["bytes"] == out.stat().st_size
+    model = fpd_convert.load(files[name])
+    inputs, _, _ = _model_inputs(model, 9, pooled, seed=11)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    done = subprocess.run([sys.executable, "-c", _FRESH, fmt, str(out), str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        want = model(*inputs)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)  # a generic program gives one tensor a table
+
+
+def test_export_command_prints_the_signature_and_refuses_bad_input(files, tmp_path):
+    out = tmp_path / "m.pt2"
+    r = CliRunner().invoke(main, ["export", str(files["torchrec-dot"]), "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert [i["name"] for i in info["inputs"]] == ["dense", "sparse"]
+    assert info["inputs"][1]["shape"] == ["batch", 5] and info["inputs"][1]["dtype"] == "int64"
+    assert info["bytes"] == out.stat().st_size and info["parity_max_abs_diff"] <= ATOL
+    r = CliRunner().invoke(main, ["export", str(files["torchrec-dot"]), "-o", str(out)])
+    assert r.exit_code == 1 and "exists" in r.output
+    (tmp_path / "plain.pt").write_bytes((files["torchrec-dot"].parent / "torchrec-dot.pt").read_bytes())
+    for args, message in [(["export", str(tmp_path / "plain.pt"), "-o", str(tmp_path / "x.pt2")], "not one"),
+                          (["export", str(files["generic"]), "-o", str(tmp_path / "x.pt2"), "--format", "tflite"],
+                           "Invalid value for '--format'"),
+                          (["export", str(files["generic"]), "-o", str(tmp_path / "x.pt2"), "--format", "aoti",
+                            "--lookup", "fpd"], "--lookup fpd")]:
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code != 0 and message in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2", "plain.pt"]
+
+
+@cuda
+def test_compile_and_export_on_cuda_equal_eager():
+    bag = _bag("sum").cuda().eval()
+    ids, off = (t.cuda() for t in _bags())
+    want = bag(ids, off)
+    with torch.no_grad():
+        torch.testing.assert_close(_compiled(bag, "inductor")(ids, off), want, atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(torch.export.export(bag, (ids, off)).module()(ids, off), want, atol=ATOL, rtol=ATOL)
+    train = _bag("sum").cuda()
+    (train(ids, off) * 2).sum().backward()
+    want_grads = [p.grad.clone() for p in train.parameters()]
+    train.zero_grad()
+    (_compiled(train, "inductor")(ids, off) * 2).sum().backward()
+    for a, b in zip([p.grad for p in train.parameters()], want_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bench_serve_times_every_runtime_beside_dense(files):
+    from fpd_convert.bench.serve import bench_serve, format_serve
+    r = bench_serve(str(files["torchrec-dot"]), batches=[3, 40], runtimes=("eager", "compile", "onnx"), reps=2)
+    assert r["runtimes"] == ["eager", "compile", "onnx"]
+    for b in ("3", "40"):
+        assert set(r["seconds"][b]) == {f"{rt}/{m}" for rt in r["runtimes"] for m in ("tt", "dense")}
+        assert all(v > 0 for v in r["seconds"][b].values())
+        assert r["ratios"][b]["eager"]["vs_eager_tt"] == 1.0 and r["ratios"][b]["onnx"]["tt_vs_dense"] > 0
+    assert "TT/eager TT" in format_serve(r)
