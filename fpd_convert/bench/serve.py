@@ -74,7 +74,8 @@ def _runners(model: nn.Module, runtimes: Sequence[str], example, folder: Path, t
     if "onnx" in runtimes:
         import onnxruntime as ort
         path = str(folder / f"{tag}.onnx")
-        with torch.no_grad():
+        from ..convert.export import _quiet
+        with torch.no_grad(), _quiet("torch.onnx"):
             program = _program(model, *example, onnx=True)
             torch.onnx.export(program, example, dynamo=True, input_names=["dense", "sparse"],
                               verbose=False).save(path, external_data=False)

@@ -79,9 +79,10 @@ def _baseline_rss() -> int:
 def _run_compress(src: Path, out: Path, rank: int, path: str, power_iters: int, timeout: Optional[float]) -> dict:
     code = ("import json, time, sys\n" + _HWM +
             "from fpd_convert import compress\n"
-            "t = time.perf_counter()\n"
+            "from fpd_convert.convert.importance import FidelityOptions\n"
+            "t = time.perf_counter()\n"  # plain TT-SVD: the paths' errors compare (a row map would reorder rows)
             f"s = compress({str(src)!r}, {str(out)!r}, rank={rank}, svd_path={path!r}, power_iters={power_iters}, "
-            "num_largest=1, progress=False, force=True)\n"
+            "num_largest=1, progress=False, force=True, fidelity=FidelityOptions('none'))\n"
             "d = s.to_dict()\n"
             "print(json.dumps({'seconds': time.perf_counter() - t, "
             "'peak_rss_bytes': hwm(), "

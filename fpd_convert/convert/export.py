@@ -17,6 +17,7 @@ loading it).  The written file is checked against eager ``load()`` on a generate
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -108,10 +109,22 @@ def _write(fmt: str, model, program, args, names, dims, tmp: Path) -> None:
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
     else:
         onnx_inputs = [n["name"].replace("[", "_").replace("].", "_") for n in signature(args, names, dims)]
-        with torch.no_grad():
+        with torch.no_grad(), _quiet("torch.onnx"):
             onnx_program = torch.onnx.export(program, tuple(args), dynamo=True, input_names=onnx_inputs,
                                              verbose=False)
         onnx_program.save(str(tmp), external_data=False)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """The exporter's log lines (operators of packages this model does not use) are not the user's."""
+    log = logging.getLogger(logger)
+    saved = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(saved)
 
 
 def runner(fmt: str, path: Union[str, Path]) -> Callable:
