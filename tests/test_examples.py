@@ -45,3 +45,17 @@ def test_serve_exported(tmp_path):
     for fmt in ("pt2", "onnx"):
         got = re.search(rf"^{fmt} \([\d,]+ bytes, without fpd_convert\): (.+)$", out, re.M).group(1).split()
         assert len(got) == 4 and all(abs(float(a) - float(b)) < 1e-5 for a, b in zip(got, eager)), out
+
+
+def test_torchrec_model(tmp_path):
+    import pytest
+    pytest.importorskip("torchrec")
+    out = run("torchrec_model.py", "--dir", str(tmp_path), "--steps", "5")
+    assert "compressed: DLRM with TTEmbeddingBagCollection, TT tables ['t_item', 't_user']" in out
+    sizes = re.findall(r"^  t_(\w+): ([\d,]+) x 16, ([\d,]+) -> ([\d,]+) bytes", out, re.M)
+    assert [s[0] for s in sizes] == ["user", "item"], out
+    assert all(int(a.replace(",", "")) < int(b.replace(",", "")) for _, _, b, a in sizes)
+    diff = float(re.search(r"largest difference from TorchRec with the TT reconstructions: ([\d.e+-]+)", out).group(1))
+    assert diff < 1e-5
+    assert "as torchrec.models.dlrm.DLRM: same scores True" in out
+    assert (tmp_path / "model.tt.safetensors").exists()

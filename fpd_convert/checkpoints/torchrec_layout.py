@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -41,11 +41,13 @@ def natural_key(name: str) -> List:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
 
 
-def infer_torchrec_architecture(state: Dict[str, torch.Tensor], keys_sorted: bool = False) -> dict:
+def infer_torchrec_architecture(state: Dict[str, torch.Tensor], keys_sorted: bool = False,
+                                num_features: Optional[int] = None) -> dict:
     """Architecture of a TorchRec DLRM state_dict (keys without the ``model.`` prefix).
 
     ``keys_sorted``: the file sorted its keys as strings (safetensors), so the tables' order is taken
-    from the numbers in their names (:func:`natural_key`)."""
+    from the numbers in their names (:func:`natural_key`).  ``num_features``: the sparse features the
+    interaction sees (default: one a table; a model's table configs can give several)."""
     tables = []
     for k, w in state.items():
         if k.startswith(EBC) and k.endswith(".weight"):
@@ -66,7 +68,7 @@ def infer_torchrec_architecture(state: Dict[str, torch.Tensor], keys_sorted: boo
     if "over_arch.model.1.weight" not in state:
         raise CheckpointError("TorchRec layout without over_arch.model.1.weight (the final Linear): missing keys")
     top = over + [int(state["over_arch.model.1.weight"].shape[0])]
-    f = len(tables)
+    f = len(tables) if num_features is None else num_features
     arch = {"family": "torchrec", "bottom": bottom, "top": top, "tables": tables, "num_dense": bottom[0],
             "embedding_dim": d}
     if "inter_arch.crossnet.W_kernels.0" in state:

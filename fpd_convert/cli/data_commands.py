@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -66,6 +67,8 @@ def train(train_data, output, val_data, table_rows, dim, epochs, batch_size, lr,
 @click.option("--patience", type=click.IntRange(1), help="Stop after N evaluations without a better AUC.")
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="Data-loading worker processes.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUTPUT.resume.pt.")
+@click.option("--torchrec", is_flag=True, help="Train as a TorchRec model (torchrec.models.dlrm with KeyedJaggedTensors); "
+              "under torchrun, DistributedModelParallel shards the dense tables. Needs torchrec.")
 @click.option("--checkpoint-every", type=click.IntRange(1), default=None,
               help="Write OUTPUT.resume.pt every N steps (it is also written every 10 minutes and on Ctrl-C).")
 @click.option("--force", is_flag=True)
@@ -73,13 +76,15 @@ def train(train_data, output, val_data, table_rows, dim, epochs, batch_size, lr,
 @data_options
 @friendly_errors
 def finetune(compressed, train_data, val_data, output, device, optimizer, lr, tt_lr, epochs, max_steps, batch_size,
-             eval_every, patience, workers, resume, checkpoint_every, force, as_json, strict, dense_transform):
+             eval_every, patience, workers, resume, torchrec, checkpoint_every, force, as_json, strict, dense_transform):
     """Fine-tune a compressed model (TT cores and MLPs) to recover AUC. Multi-GPU: torchrun."""
     from ..training.finetune import finetune as run
     r = run(compressed, train_data, output, val_data, device=device, optimizer=optimizer, lr=lr, tt_lr=tt_lr,
             epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_every=eval_every, patience=patience,
             resume=resume, force=force, workers=workers, progress=not as_json, strict=strict,
-            dense_transform=dense_transform, checkpoint_every=checkpoint_every)
+            dense_transform=dense_transform, checkpoint_every=checkpoint_every, torchrec=torchrec)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one report: rank 0's
+        return
     if as_json:
         click.echo(json.dumps(r, indent=2))
     elif r["interrupted"]:

@@ -51,6 +51,7 @@ class Result:
     plain_error: float = 0.0
     tt_error: float = 0.0  # TT-SVD's own error on the table it saw (float32 cores)
     extra: dict = field(default_factory=dict)
+    entry_for_file: Optional[dict] = None  # the table's whole file entry, once chosen and measured
 
 
 def make_layout(importance: Optional[np.ndarray], exact_count: int, hot_count: int) -> Layout:

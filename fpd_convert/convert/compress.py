@@ -184,58 +184,23 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     check_output(output, [model], force)
     if workers < 1:
         raise ValueError(f"--workers should be >= 1 but got {workers}")
-    if rank is None and ratio is None and budget is None and tol is None:
-        rank = DEFAULT_RANK
     fidelity = fidelity if fidelity is not None else FidelityOptions()
     if data is not None and fidelity.importance == "none":
         raise ValueError("--data gives row importance; it needs an importance other than 'none'")
     src = read_source(model, allow_unsafe=allow_unsafe_pickle, layout=layout)
 
-    # 1. choose the tables
-    chosen = select_tables(src.tables(), tables, min_rows, num_largest)
-    if not chosen:
-        raise CheckpointError(f"{model}: no table matches the selection; `fpd-convert inspect {model}` lists them")
-    weights = [src.state[t["key"]] for t in chosen]
-    # 2. plan each table: shape, ranks, TT-SVD path, memory
-    budget_bytes = parse_size(budget) if budget is not None else None
-    plans = plan_tables(chosen, order, rank, ratio, budget_bytes, tol, svd_path, dim_factors, suffix_rows)
-    available = memory_available()
-    workers = affordable_workers(plans, workers, available)
-    if log is not None:
-        log(describe(plans, workers, available))
-    # 3. row importance of each table (none for plain TT-SVD)
-    counts = _counts(src, chosen, data, data_rows) if data is not None else {}
-    prepared = [prepare(plan, w, src.mapped, fidelity, counts.get(plan.key)) for plan, w in zip(plans, weights)]
-    # 4. candidates and 5. the allocation: the plans' ranks, or the best TTs under the byte budget
-    total_budget = None
-    if fidelity.importance != "none":  # plain TT-SVD keeps the plans' ranks (ratio per table, budget by size)
-        total_budget = budget_bytes if budget_bytes is not None else (
-            None if ratio is None else int(sum(w.numel() * w.element_size() for w in weights) / ratio))
-    results = choose_results(prepared, fidelity, total_budget, tol, seed, svd, power_iters, progress, workers)
-    # 6. measure what each chosen TT gives back, and 7. write
-    tensors, tt_tables, summaries, skipped = dict(src.state), {}, [], []
-    for t, p, weight, res in zip(chosen, prepared, weights, results):
-        before = weight.numel() * weight.element_size()
-        if res.nbytes >= before and not keep_larger:
-            skipped.append(f"{t['name']}: a TT of ranks {res.shape.ranks} ({res.nbytes:,} B) is not smaller than the "
-                           f"table ({before:,} B)")
-            continue
-        final_errors(res, p.reader, p.plan.rows)
+    counts_of = (lambda chosen: _counts(src, chosen, data, data_rows)) if data is not None else None
+    done = compress_tables(src.tables(), src.state, src.mapped, tables=tables, min_rows=min_rows,
+                           num_largest=num_largest, rank=rank, ratio=ratio, budget=budget, tol=tol, order=order,
+                           svd=svd, svd_path=svd_path, workers=workers, power_iters=power_iters, seed=seed,
+                           fidelity=fidelity, counts_of=counts_of, dim_factors=dim_factors, suffix_rows=suffix_rows,
+                           keep_larger=keep_larger, progress=progress, log=log, source=str(model))
+    # 7. write
+    tensors, tt_tables = dict(src.state), {}
+    for t, res in done.compressed:
         del tensors[t["key"]]
-        entry = res.shape.to_dict()
-        entry.update(padding=res.shape.padded_rows - res.shape.num_rows, relative_error=res.plain_error,
-                     source_dtype=str(weight.dtype).replace("torch.", ""), svd_path=p.plan.path, **res.entry,
-                     weighted_error=res.weighted_error, tt_error=res.tt_error)
-        tensors.update(encode_table(t["key"], entry, res.table))
-        tt_tables[t["key"]] = entry
-        summaries.append(TableSummary(t["key"], t["name"], t["rows"], t["dim"], res.shape.row_factors,
-                                      res.shape.dim_factors, res.shape.ranks, before, res.nbytes, res.plain_error,
-                                      p.plan.path, weighted_error=res.weighted_error,
-                                      importance=None if p.method == "none" else p.method,
-                                      hot_rows=res.entry["row_map_rows"], exact_rows=res.entry["exact_rows"],
-                                      core_dtype=res.entry["core_dtype"],
-                                      core_dtype_added=res.entry.get("core_dtype_added_weighted_error"),
-                                      why=res.extra.get("why", "")))
+        tensors.update(encode_table(t["key"], res.entry_for_file, res.table))
+        tt_tables[t["key"]] = res.entry_for_file
     if not tt_tables:
         raise CheckpointError("no table got smaller with these ranks; choose a lower --rank or a --ratio")
     meta = CompressedMeta(source_layout=src.layout, tt_tables=tt_tables, architecture=src.architecture,
@@ -245,8 +210,81 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
                           state_keys=list(src.state))
     write_compressed(output, tensors, meta)
     kept = [f"{t['name']} ({t['kind']} table)" for t in src.tables() if t.get("kind", "dense") != "dense"]
-    return CompressionSummary(str(model), str(output), src.layout, summaries, skipped, kept, src.dropped,
+    return CompressionSummary(str(model), str(output), src.layout, done.summaries, done.skipped, kept, src.dropped,
                               src.nbytes(), sum(v.numel() * v.element_size() for v in tensors.values()))
+
+
+@dataclass
+class Compressed:
+    """What :func:`compress_tables` made: per compressed table its spec and result (``result.table``: the
+    decoded tensors, ``result.entry_for_file``: its file entry), the summaries, and the tables left
+    dense because their TT was not smaller."""
+
+    compressed: list
+    summaries: List[TableSummary]
+    skipped: List[str]
+
+
+def compress_tables(specs: List[dict], state, mapped: bool = False, tables: Optional[Sequence[str]] = None,
+                    min_rows: Optional[int] = None, num_largest: int = 5, rank=None, ratio: Optional[float] = None,
+                    budget=None, tol: Optional[float] = None, order: int = 3, svd: str = "auto",
+                    svd_path: str = "auto", workers: int = 1, power_iters: int = 1, seed: int = 0,
+                    fidelity: Optional[FidelityOptions] = None, counts_of=None, dim_factors=None,
+                    suffix_rows="auto", keep_larger: bool = False, progress: bool = True,
+                    log: Optional[Callable[[str], None]] = None, source: str = "the model") -> Compressed:
+    """Steps 1-6 of :func:`compress` on tables held in memory (or mapped): ``specs`` as
+    ``Source.tables()`` gives them (``key``, ``name``, ``rows``, ``dim``, ``kind``), ``state[key]`` each
+    table's weight; ``counts_of(chosen)`` the lookup counts per chosen key, if any.  What
+    ``fpd_convert.torchrec.compress_module`` runs on a live model."""
+    check_ranks_rule(rank, ratio, budget, tol)
+    if rank is None and ratio is None and budget is None and tol is None:
+        rank = DEFAULT_RANK
+    fidelity = fidelity if fidelity is not None else FidelityOptions()
+    # 1. choose the tables
+    chosen = select_tables(specs, tables, min_rows, num_largest)
+    if not chosen:
+        raise CheckpointError(f"{source}: no table matches the selection; `fpd-convert inspect` lists them")
+    weights = [state[t["key"]] for t in chosen]
+    # 2. plan each table: shape, ranks, TT-SVD path, memory
+    budget_bytes = parse_size(budget) if budget is not None else None
+    plans = plan_tables(chosen, order, rank, ratio, budget_bytes, tol, svd_path, dim_factors, suffix_rows)
+    available = memory_available()
+    workers = affordable_workers(plans, workers, available)
+    if log is not None:
+        log(describe(plans, workers, available))
+    # 3. row importance of each table (none for plain TT-SVD)
+    counts = counts_of(chosen) if counts_of is not None else {}
+    prepared = [prepare(plan, w, mapped, fidelity, counts.get(plan.key)) for plan, w in zip(plans, weights)]
+    # 4. candidates and 5. the allocation: the plans' ranks, or the best TTs under the byte budget
+    total_budget = None
+    if fidelity.importance != "none":  # plain TT-SVD keeps the plans' ranks (ratio per table, budget by size)
+        total_budget = budget_bytes if budget_bytes is not None else (
+            None if ratio is None else int(sum(w.numel() * w.element_size() for w in weights) / ratio))
+    results = choose_results(prepared, fidelity, total_budget, tol, seed, svd, power_iters, progress, workers)
+    # 6. measure what each chosen TT gives back
+    done = Compressed([], [], [])
+    for t, p, weight, res in zip(chosen, prepared, weights, results):
+        before = weight.numel() * weight.element_size()
+        if res.nbytes >= before and not keep_larger:
+            done.skipped.append(f"{t['name']}: a TT of ranks {res.shape.ranks} ({res.nbytes:,} B) is not smaller "
+                                f"than the table ({before:,} B)")
+            continue
+        final_errors(res, p.reader, p.plan.rows)
+        entry = res.shape.to_dict()
+        entry.update(padding=res.shape.padded_rows - res.shape.num_rows, relative_error=res.plain_error,
+                     source_dtype=str(weight.dtype).replace("torch.", ""), svd_path=p.plan.path, **res.entry,
+                     weighted_error=res.weighted_error, tt_error=res.tt_error)
+        res.entry_for_file = entry
+        done.compressed.append((t, res))
+        done.summaries.append(TableSummary(t["key"], t["name"], t["rows"], t["dim"], res.shape.row_factors,
+                                           res.shape.dim_factors, res.shape.ranks, before, res.nbytes,
+                                           res.plain_error, p.plan.path, weighted_error=res.weighted_error,
+                                           importance=None if p.method == "none" else p.method,
+                                           hot_rows=res.entry["row_map_rows"], exact_rows=res.entry["exact_rows"],
+                                           core_dtype=res.entry["core_dtype"],
+                                           core_dtype_added=res.entry.get("core_dtype_added_weighted_error"),
+                                           why=res.extra.get("why", "")))
+    return done
 
 
 def plan_tables(chosen, order, rank, ratio, budget_bytes, tol, svd_path, dim_factors, suffix_rows) -> list:

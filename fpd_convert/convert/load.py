@@ -59,6 +59,9 @@ def load(path: Union[str, Path], allow_unsafe_pickle: bool = False) -> nn.Module
         tables, others = split_tables(tensors, meta)
         if meta.architecture is None:
             return GenericCompressedModel(shapes, tables, others, meta.state_keys).eval()
+        if any(len(t.get("feature_names") or [0]) > 1 for t in meta.architecture["tables"]):
+            raise CheckpointError(f"{path}: a TorchRec model whose tables read several features each; load it with "
+                                  "fpd_convert.torchrec.load(path), which builds the TorchRec model itself")
         model = build_model(meta.architecture, shapes)
         attach_tables(model, tables)
         state = {**others, **{k: v for k, v in model.state_dict().items()

@@ -39,7 +39,7 @@ def finetune(compressed, train_data, output, val_data=None, device: str = "auto"
              resume: bool = False, force: bool = False, progress: bool = True, workers: int = 0,
              seed: int = 0, interrupt_after: Optional[int] = None, val_batches: Optional[int] = None,
              strict: bool = False, dense_transform: str = "log", checkpoint_every: Optional[int] = None,
-             checkpoint_seconds: Optional[float] = CHECKPOINT_EVERY_S) -> dict:
+             checkpoint_seconds: Optional[float] = CHECKPOINT_EVERY_S, torchrec: bool = False) -> dict:
     """Fine-tune every parameter of ``compressed`` and write the best model (by validation AUC)
     to ``output`` in the compressed format.  While it trains, ``OUTPUT.resume.pt`` is written every
     ``checkpoint_every`` steps and every ``checkpoint_seconds`` (default 10 minutes) and when the run is
@@ -51,7 +51,12 @@ def finetune(compressed, train_data, output, val_data=None, device: str = "auto"
     parts are already trained, and a fresh Adagrad state moves every weight by about ``lr`` in
     its first steps (at 0.001 that undid more than the fine-tuning recovered: docs/benchmarks.md);
     the TT cores have the most to recover.  The input model is evaluated first, so the output is
-    never worse on ``val``."""
+    never worse on ``val``.
+
+    ``torchrec``: the model runs as a real TorchRec DLRM (``fpd_convert.torchrec``), and under ``torchrun``
+    under ``DistributedModelParallel`` (dense tables sharded by TorchRec's planner and trained by their
+    optimizer in the backward, TT tables replicated; resume states every ``checkpoint_every`` steps, not
+    by the clock)."""
     compressed, output = Path(compressed), Path(output)
     state_path = output.with_name(output.name + ".resume.pt")
     dev = _init_distributed(resolve_device(device))
@@ -66,9 +71,14 @@ def finetune(compressed, train_data, output, val_data=None, device: str = "auto"
         check_output(output, [compressed, train_data] + ([val_data] if val_data else []), force or resume)
         check_output(state_path, [compressed, train_data] + ([val_data] if val_data else []), force=True)
     torch.manual_seed(seed)
-    model = load(compressed).train().to(dev)  # before the optimizer: its state lives with the params
-    if not hasattr(model, "architecture"):
-        raise ValueError(f"{compressed}: a generic state_dict has no model to fine-tune")
+    if torchrec:
+        from ..torchrec.training import torchrec_trainee
+        model, opt = torchrec_trainee(compressed, dev, optimizer, lr, tt_lr, dist.is_initialized())
+    else:
+        model = load(compressed).train().to(dev)  # before the optimizer: its state lives with the params
+        if not hasattr(model, "architecture"):
+            raise ValueError(f"{compressed}: a generic state_dict has no model to fine-tune")
+        opt = make_optimizer(model, optimizer, lr, tt_lr)
     rows = table_rows_of_model(model)
     train_set = CriteoData(train_data, rows, batch_size, dense_transform, strict)
     if workers:
@@ -77,7 +87,6 @@ def finetune(compressed, train_data, output, val_data=None, device: str = "auto"
     else:
         train_iter = train_set
     val_set = CriteoData(val_data, rows, 8192, dense_transform, strict) if val_data else None
-    opt = make_optimizer(model, optimizer, lr, tt_lr)
     log = (lambda s: print(s, file=sys.stderr)) if progress and rank == 0 else (lambda s: None)
     res = fit(model, train_iter, val_set, opt, epochs=epochs, max_steps=max_steps, eval_every=eval_every,
               patience=patience, device=dev, progress=progress, state_path=state_path, resume=resume,

@@ -64,6 +64,10 @@ class FitResult:
 
 
 def _cpu_state(model):
+    """Whole tensors of the model's state on the CPU (a model that shards its tables across processes
+    gathers them: ``full_state_dict``, a collective call)."""
+    if hasattr(model, "full_state_dict"):
+        return model.full_state_dict()
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
@@ -79,7 +83,8 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     model.to(device).train()
     net = LogitModel(model)
-    if distributed:
+    sharded = getattr(model, "parallel_inside", False)  # DMP: its own data parallelism; states gathered together
+    if distributed and not sharded:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     use_bf16 = device.type == "cuda"
@@ -106,7 +111,7 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
         stop["flag"] = True
 
     old = {}
-    if rank == 0 and hasattr(signal, "SIGTERM"):
+    if (rank == 0 or sharded) and hasattr(signal, "SIGTERM"):  # (every rank of a sharded model saves)
         for s in (signal.SIGINT, signal.SIGTERM):
             try:
                 old[s] = signal.signal(s, on_signal)
@@ -117,17 +122,21 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
 
     def save_state():
         last_save[0] = time.time()
-        if rank != 0 or state_path is None:
+        if state_path is None or (rank != 0 and not sharded):
+            return
+        state = _cpu_state(model)
+        if rank != 0:
             return
         with atomic_path(state_path) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **{k: st[k] for k in st}}, tmp)
+            torch.save({"model": state, "optimizer": optimizer.state_dict(), **{k: st[k] for k in st}}, tmp)
 
     def checkpoint_due() -> bool:
         if state_path is None:
             return False
         if checkpoint_every and st["step"] % checkpoint_every == 0:
             return True
-        return checkpoint_seconds is not None and time.time() - last_save[0] >= checkpoint_seconds
+        # a clock differs between ranks: a sharded model (a collective save) checkpoints by steps only
+        return not sharded and checkpoint_seconds is not None and time.time() - last_save[0] >= checkpoint_seconds
 
     def run_eval():
         nonlocal best_state

@@ -16,13 +16,18 @@ def tt_parameters(model: torch.nn.Module):
     return ids
 
 
-def make_optimizer(model: torch.nn.Module, name: str = "adagrad", lr: float = 0.01, tt_lr=None):
-    """``name`` in sgd/adagrad/adam; TT cores get ``tt_lr`` (default ``lr``)."""
+def optimizer_class(name: str):
+    """The ``torch.optim`` class of ``name`` (sgd, adagrad, adam)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer should be one of {OPTIMIZERS} but got {name!r}")
+    return {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}[name]
+
+
+def make_optimizer(model: torch.nn.Module, name: str = "adagrad", lr: float = 0.01, tt_lr=None):
+    """``name`` in sgd/adagrad/adam; TT cores get ``tt_lr`` (default ``lr``)."""
+    cls = optimizer_class(name)
     tt = tt_parameters(model)
     groups = [{"params": [p for p in model.parameters() if id(p) not in tt], "lr": lr},
               {"params": [p for p in model.parameters() if id(p) in tt], "lr": tt_lr if tt_lr is not None else lr}]
     groups = [g for g in groups if g["params"]]
-    cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}[name]
     return cls(groups, lr=lr)

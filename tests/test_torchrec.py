@@ -1,0 +1,210 @@
+"""TorchRec-native: TT tables in an EmbeddingBagCollection that TorchRec's DLRM models, KeyedJaggedTensors
+and DistributedModelParallel take as they are (skipped where torchrec is not installed)."""
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+torchrec = pytest.importorskip("torchrec")
+from torchrec.models.dlrm import DLRM, DLRM_DCN  # noqa: E402
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType  # noqa: E402
+from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
+
+import fpd_convert  # noqa: E402
+import fpd_convert.torchrec as ftr  # noqa: E402
+from layouts import torchrec_state  # noqa: E402
+
+warnings.filterwarnings("ignore")
+ROWS = [5000, 3000, 40, 2000, 30]
+ATOL = 1e-5
+
+
+def _configs(pooling=PoolingType.SUM):
+    out = [EmbeddingBagConfig(name=f"t_{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f_{i}"],
+                              pooling=pooling) for i, n in enumerate(ROWS)]
+    out[3].feature_names = ["f_3", "f_3b"]  # one table, two features
+    return out
+
+
+def _spec(configs):
+    """What a config says (its init_fn, a partial, compares by identity)."""
+    return [(c.name, c.num_embeddings, c.embedding_dim, list(c.feature_names), c.pooling) for c in configs]
+
+
+def _kjt(configs, b, seed, weighted, empty=True):
+    g = torch.Generator().manual_seed(seed)
+    keys = [f for c in configs for f in c.feature_names]
+    rows = {f: c.num_embeddings for c in configs for f in c.feature_names}
+    lengths = torch.randint(0 if empty else 1, 4, (len(keys) * b,), generator=g)  # empty bags included
+    values = torch.cat([torch.randint(0, rows[k], (int(lengths[i * b:(i + 1) * b].sum()),), generator=g)
+                        for i, k in enumerate(keys)])
+    weights = torch.rand(values.numel(), generator=g) if weighted else None
+    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths, weights=weights)
+
+
+def _trained(cls, weighted, pooling=PoolingType.SUM, **kw):
+    """A TorchRec model trained five steps by TorchRec code (its EBC, KJTs, an optimizer)."""
+    torch.manual_seed(0)
+    configs = _configs(pooling)
+    model = cls(embedding_bag_collection=EmbeddingBagCollection(configs, is_weighted=weighted), dense_in_features=13,
+                dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1], **kw)
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.05)
+    for step in range(5):
+        g = torch.Generator().manual_seed(step)
+        dense, labels = torch.rand(32, 13, generator=g), (torch.rand(32, generator=g) < 0.3).float()
+        out = model(dense, _kjt(configs, 32, step, weighted)).squeeze(1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, configs
+
+
+def _reference(model, tt_model, cls, configs, weighted, **kw):
+    """The TorchRec model whose compressed tables hold their TT reconstructions, as dense tables."""
+    ref = cls(embedding_bag_collection=EmbeddingBagCollection(configs, is_weighted=weighted), dense_in_features=13,
+              dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1], **kw)
+    state = model.state_dict()
+    for name, layer in tt_model.sparse_arch.embedding_bag_collection.tt_tables().items():
+        state[f"sparse_arch.embedding_bag_collection.embedding_bags.{name}.weight"] = layer.to_dense()
+    ref.load_state_dict(state)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("cls,kw", [(DLRM, {}), (DLRM_DCN, {"dcn_num_layers": 2, "dcn_low_rank_dim": 4})],
+                         ids=["DLRM", "DLRM_DCN"])
+@pytest.mark.parametrize("weighted,pooling", [(True, PoolingType.SUM), (False, PoolingType.MEAN)],
+                         ids=["weighted-sum", "unweighted-mean"])
+def test_compress_module_equals_torchrec_with_the_tt_reconstructions(cls, kw, weighted, pooling):
+    model, configs = _trained(cls, weighted, pooling, **kw)
+    tt_model, summary = ftr.compress_module(model, rank=4, num_largest=2, importance="norm", exact_rows=0.01)
+    ebc = tt_model.sparse_arch.embedding_bag_collection
+    assert isinstance(ebc, ftr.TTEmbeddingBagCollection) and isinstance(tt_model, cls)
+    assert sorted(ebc.tt_tables()) == ["t_0", "t_1"] and [t.name for t in summary.tables] == ["t_0", "t_1"]
+    assert _spec(ebc.embedding_bag_configs()) == _spec(configs) and ebc.is_weighted() == weighted
+    assert all(layer.exact_ids is not None for layer in ebc.tt_tables().values())
+    assert model.sparse_arch.embedding_bag_collection is not ebc  # a copy: the input model is untouched
+    ref = _reference(model, tt_model, cls, configs, weighted, **kw)
+    dense = torch.rand(24, 13)
+    features = _kjt(configs, 24, 99, weighted)
+    with torch.no_grad():
+        got, want = tt_model.eval()(dense, features), ref(dense, features)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+        assert not torch.allclose(got, model.eval()(dense, features), atol=1e-4)  # the TT is not the original
+
+
+def test_a_tt_collection_keeps_torchrec_semantics_for_shared_features_and_empty_bags():
+    configs = [EmbeddingBagConfig(name="big", embedding_dim=4, num_embeddings=3000, feature_names=["a", "shared"]),
+               EmbeddingBagConfig(name="small", embedding_dim=4, num_embeddings=20, feature_names=["shared"])]
+    ebc = EmbeddingBagCollection(configs)
+    tt_ebc, _ = ftr.compress_module(ebc, rank=3, num_largest=1, importance="none")
+    assert isinstance(tt_ebc, ftr.TTEmbeddingBagCollection)
+    features = KeyedJaggedTensor.from_lengths_sync(keys=["a", "shared"], values=torch.tensor([5, 2999, 7, 3]),
+                                                   lengths=torch.tensor([2, 0, 0, 2]))
+    got = tt_ebc(features)
+    assert got.keys() == ebc(features).keys() == ["a", "shared@big", "shared@small"]
+    dense = EmbeddingBagCollection(configs)
+    dense.load_state_dict({"embedding_bags.big.weight": tt_ebc.tt_tables()["big"].to_dense(),
+                           "embedding_bags.small.weight": ebc.embedding_bags["small"].weight.detach()})
+    torch.testing.assert_close(got.values(), dense(features).values(), atol=ATOL, rtol=ATOL)
+    values = got.values()  # empty bags: "a" of sample 1, "shared" of sample 0 (both tables' outputs)
+    assert values[1, :4].abs().sum() == 0 and values[0, 4:].abs().sum() == 0 and values[1, 4:].abs().sum() > 0
+    assert sorted(tt_ebc.state_dict()) == ["embedding_bags.big.cores.0", "embedding_bags.big.cores.1",
+                                           "embedding_bags.big.cores.2", "embedding_bags.small.weight"]
+
+
+def test_save_and_load_round_trip_keeps_keys_configs_and_scores(tmp_path):
+    model, configs = _trained(DLRM, True)
+    tt_model, _ = ftr.compress_module(model, rank=4, num_largest=2)
+    ftr.save(tt_model, tmp_path / "m.safetensors")
+    back = ftr.load(tmp_path / "m.safetensors")
+    assert type(back) is DLRM and sorted(back.state_dict()) == sorted(tt_model.state_dict())
+    assert _spec(back.sparse_arch.embedding_bag_collection.embedding_bag_configs()) == _spec(configs)
+    dense, features = torch.rand(10, 13), _kjt(configs, 10, 7, True)
+    with torch.no_grad():
+        torch.testing.assert_close(back(dense, features), tt_model.eval()(dense, features), atol=0, rtol=0)
+    info = fpd_convert.inspect(tmp_path / "m.safetensors")
+    assert info["layout"] == "torchrec" and {t["key"].split(".")[-2] for t in info["tables"] if t["kind"] == "tt"} \
+        == {"t_0", "t_1"}
+    with pytest.raises(fpd_convert.checkpoints.CheckpointError, match="fpd_convert.torchrec.load"):
+        fpd_convert.load(tmp_path / "m.safetensors")  # t_3 reads two features: our own model class cannot
+
+
+@pytest.mark.parametrize("variant", ["dot", "dcn", "projection"])
+def test_load_of_a_compress_output_scores_as_fpd_convert_load(tmp_path, variant):
+    state = torchrec_state(variant=variant)
+    torch.save(state, tmp_path / "m.pt")
+    fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=4, num_largest=2, progress=False)
+    ours, theirs = fpd_convert.load(tmp_path / "c.safetensors"), ftr.load(tmp_path / "c.safetensors")
+    assert type(theirs).__module__ == "torchrec.models.dlrm"
+    names = [c.feature_names[0] for c in theirs.sparse_arch.embedding_bag_collection.embedding_bag_configs()]
+    g = torch.Generator().manual_seed(3)
+    dense = torch.rand(12, 13, generator=g)
+    ids = torch.stack([torch.randint(0, n, (12,), generator=g) for n in [3000, 50, 1200, 7, 400]], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(dense, ftr.to_kjt(ids, names)), ours(dense, ids), atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.slow
+def test_a_training_step_under_dmp_equals_one_process(tmp_path):
+    script = Path(__file__).parent / "torchrec_dmp_step.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
+                           str(tmp_path / "out.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["tt"] == ["t_0", "t_1"]  # replicated, the rest sharded by TorchRec's planner:
+    assert set(out["plan"]) == {"t_2", "t_3", "t_4"}
+    moved = [k for k, d in out["diffs"].items() if d["moved"] > 0]
+    assert any(".cores." in k for k in moved) and any("t_3.weight" in k for k in moved)  # the step trained both
+    for k, d in out["diffs"].items():
+        assert d["diff"] <= 1e-6 + 1e-4 * d["moved"], (k, d)
+
+
+def _finetune_files(tmp_path):
+    from fpd_convert.data.synth import synth
+    rows = [3000, 50, 1200, 7, 400] + [20] * 21
+    torch.save(torchrec_state(rows=rows), tmp_path / "m.pt")
+    fpd_convert.compress(tmp_path / "m.pt", tmp_path / "c.safetensors", rank=4, num_largest=2, progress=False)
+    synth(tmp_path / "train.npz", 1500, seed=0, table_rows=rows)
+    synth(tmp_path / "val.npz", 400, seed=1, table_rows=rows)
+    return ["finetune", str(tmp_path / "c.safetensors"), "--train", str(tmp_path / "train.npz"), "--val",
+            str(tmp_path / "val.npz"), "--max-steps", "6", "--batch-size", "64"]
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def test_finetune_as_a_torchrec_model_equals_our_own_model_class(tmp_path):
+    from click.testing import CliRunner
+    from fpd_convert.cli import main
+    args = _finetune_files(tmp_path)
+    for name, extra in (("ours", []), ("torchrec", ["--torchrec"])):
+        r = CliRunner().invoke(main, args + ["-o", str(tmp_path / f"{name}.safetensors")] + extra)
+        assert r.exit_code == 0, r.output
+    a, b = _tensors(tmp_path / "ours.safetensors"), _tensors(tmp_path / "torchrec.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun_with_dmp_equals_one_process(tmp_path):
+    args = _finetune_files(tmp_path) + ["--torchrec"]
+    one = subprocess.run([sys.executable, "-m", "fpd_convert", *args, "-o", str(tmp_path / "one.safetensors")],
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "fpd_convert",
+                          *args, "-o", str(tmp_path / "two.safetensors")], capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # one report, rank 0's
+    a, b = _tensors(tmp_path / "one.safetensors"), _tensors(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:  # float32 sums split over two processes: rounding only
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
