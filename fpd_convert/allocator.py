@@ -14,6 +14,11 @@ variables ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` would): buff
 for the next step.  Larger buffers (a table's TT-SVD chunks) are still returned at once.  The
 ``fpd-convert`` command calls it; it does nothing where the user chose otherwise: ``MALLOC_*``
 variables set, another allocator preloaded (jemalloc, tcmalloc), or ``FPD_MALLOC=system``.
+
+:func:`return_freed_memory` goes the other way, once a long piece of work is done: compress calls it
+after each layout of a table, whose candidates allocate and free many table- and core-sized arrays;
+without it the freed heap, fragmented by the small arrays that stay, made the resident memory climb
+by a table or more per layout (1.27 -> 2.33 GB over one 1M x 64 table's layouts).
 """
 from __future__ import annotations
 
@@ -40,6 +45,15 @@ def _glibc() -> bool:
         return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
     except (AttributeError, ValueError, OSError):  # not POSIX, or not glibc
         return False
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the kernel (glibc's ``malloc_trim``; elsewhere nothing)."""
+    if _glibc():
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def keep_freed_memory() -> bool:

@@ -125,7 +125,7 @@ def test_compress_with_chosen_dim_factors(tmp_path):
     r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "c.safetensors"),
                                   "--rank", "4", "--num-largest", "2", "--dim-factors", "2,2,4", "--json"])
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.output[r.output.index("{"):])  # after the plan, which goes to stderr
+    summary = json.loads(r.stdout)  # after the plan, which goes to stderr
     assert [t["dim_factors"] for t in summary["tables"]] == [[2, 2, 4], [2, 2, 4]]
     model = fpd_convert.load(tmp_path / "c.safetensors")
     assert model.emb_l[0].tt_shape.dim_factors == [2, 2, 4]
@@ -150,7 +150,7 @@ def test_compress_with_a_fixed_suffix(tmp_path, svd_path):
                                   "--rank", "4", "--num-largest", "2", "--suffix-rows", "40", "--svd-path", svd_path,
                                   "--importance", "none", "--json"])
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.output[r.output.index("{"):])
+    summary = json.loads(r.stdout)
     assert [t["row_factors"] for t in summary["tables"]] == [[500, 8, 5], [200, 8, 5]]
     assert all(0 < t["relative_error"] < 1 for t in summary["tables"])
     model = fpd_convert.load(tmp_path / "c.safetensors")
@@ -238,7 +238,7 @@ def test_cli_compress_inspect_decompress(tmp_path):
     assert r.exit_code == 0, r.output
     assert "total (tables)" in r.output and "rel. error" in r.output
     r = CliRunner().invoke(main, ["inspect", str(tmp_path / "c.safetensors"), "--json"])
-    info = json.loads(r.output)
+    info = json.loads(r.stdout)
     assert info["compressed"] and info["layout"] == "dlrm" and info["tables"][0]["kind"] in ("tt", "dense")
     assert {t["kind"] for t in info["tables"]} == {"tt", "dense"}
     r = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.pt")])
@@ -404,7 +404,7 @@ def test_bench_command_runs_and_reports_ratios():
     r = CliRunner().invoke(main, ["bench", "--rows", "20000", "--dim", "16", "--rank", "4", "--batch", "256",
                                   "--reps", "2", "--json"])
     assert r.exit_code == 0, r.output
-    d = json.loads(r.output)["lookups"]
+    d = json.loads(r.stdout)["lookups"]
     assert d["tt_forward_lookups_s"] > 0 and d["forward_ratio"] > 0 and 0 < d["unique_ids"] <= 256
     assert d["kernel"] in ("cpu", "triton") and d["tt_reference_fwd_bwd_lookups_s"] > 0 and d["speedup_forward_vs_reference"] > 0
     if d["device"] == "cpu":  # the quantized alternatives: int8 keeps d bytes plus an fp32 scale and bias a row
@@ -420,14 +420,14 @@ def test_bench_command_runs_and_reports_ratios():
     r = CliRunner().invoke(main, ["bench", "--rows", "20000", "--dim", "16", "--rank", "4", "--batch", "64",
                                   "--reps", "1", "--dim-factors", "2,2,4", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["lookups"]["dim_factors"] == [2, 2, 4]
+    assert json.loads(r.stdout)["lookups"]["dim_factors"] == [2, 2, 4]
     for bad in ("2,x", "3,3,3"):  # not integers; not a factorization of 16
         r = CliRunner().invoke(main, ["bench", "--rows", "2000", "--dim", "16", "--dim-factors", bad])
         assert r.exit_code != 0 and ("--dim-factors" in r.output or "multiply" in r.output), r.output
     r = CliRunner().invoke(main, ["bench", "--rows", "20000", "--dim", "16", "--rank", "4", "--batch", "64",
                                   "--reps", "1", "--suffix-rows", "50", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["lookups"]["row_factors"] == [400, 10, 5]
+    assert json.loads(r.stdout)["lookups"]["row_factors"] == [400, 10, 5]
 
 
 def test_interleaved_medians_time_every_function_in_turn():
@@ -459,7 +459,7 @@ def test_bench_dlrm_step_default_model_and_compressed_file(tmp_path):
     r = CliRunner().invoke(main, ["bench", "--rows", "2000", "--dim", "16", "--rank", "4", "--batch", "64",
                                   "--reps", "1", "--step", "--rows-cap", "3000", "--json"])
     assert r.exit_code == 0, r.output
-    step = json.loads(r.output)["dlrm_step"]
+    step = json.loads(r.stdout)["dlrm_step"]
     assert step["tt_tables"] == 5 and step["ratio"] > 0 and step["inference_ratio"] > 0
     assert step["tt_embedding_bytes"] < step["dense_embedding_bytes"]
     torch.save(dlrm_checkpoint(dlrm_state()), tmp_path / "m.pt")

@@ -81,7 +81,7 @@ def test_compress_picks_the_long_first_core_by_default_and_keeps_balanced_on_req
                 "--num-largest", "1", "--importance", "none", "--json"]
         r = CliRunner().invoke(main, args + ([] if choice == "auto" else ["--suffix-rows", choice]))
         assert r.exit_code == 0, r.output
-        out[choice] = json.loads(r.output[r.output.index("{"):])["tables"][0]
+        out[choice] = json.loads(r.stdout)["tables"][0]
     df = out["auto"]["dim_factors"]
     assert out["auto"]["row_factors"] == choose_row_factors(20_000, df, 16) != out["balanced"]["row_factors"]
     assert out["balanced"]["row_factors"] == factor_rows(20_000, 3)
@@ -103,7 +103,7 @@ def test_bench_times_the_layout_compress_would_pick():
     for extra in ([], ["--suffix-rows", "balanced"]):
         r = CliRunner().invoke(main, args + extra)
         assert r.exit_code == 0, r.output
-        result = json.loads(r.output)["lookups"]
+        result = json.loads(r.stdout)["lookups"]
         picked[bool(extra)] = result["row_factors"]
         # the end CPU serving reads (both tables are small here: the one with fewer bag entries) and its table
         assert result["cpu_serving"]["end"] in ("first", "last") and result["cpu_serving"]["table_bytes"] > 0

@@ -114,7 +114,7 @@ def test_report_json_and_plot(workdir):
                                   str(workdir / "c.safetensors"), "--data", str(workdir / "test.npz"), "--json",
                                   "--plot", str(out)])
     assert r.exit_code == 0, r.output
-    rep = json.loads(r.output)
+    rep = json.loads(r.stdout)
     assert set(rep["models"]) == {"original", "compressed", "finetuned", "int8_rowwise"}
     for m in rep["models"].values():
         assert {"bytes", "ratio", "auc", "logloss", "auc_diff", "logloss_diff", "n"} <= set(m)
@@ -147,7 +147,7 @@ def test_report_on_criteo_text_with_strict(workdir, tmp_path):
     args = ["report", str(workdir / "base.pt"), str(workdir / "c.safetensors"), "--no-int8", "--json", "--strict"]
     r = CliRunner().invoke(main, args + ["--data", real])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["models"]["original"]["n"] == 1000
+    assert json.loads(r.stdout)["models"]["original"]["n"] == 1000
     bad = tmp_path / "bad.txt"
     bad.write_text(open(real).read() + "\n7\tnot a line\n")
     r = CliRunner().invoke(main, args + ["--data", str(bad)])

@@ -158,3 +158,23 @@ def test_rank_modes_are_exclusive(rng):
         decompose_table(w, budget_bytes=8)
     with pytest.raises(ValueError, match="2D"):
         decompose_table(np.zeros(10, np.float32), rank=2)
+
+
+@pytest.mark.parametrize("svd", ["truncated_svd", "randomized_svd"])
+@pytest.mark.parametrize("n, rf, df", [(997, [10, 10, 10], [4, 2, 2]), (5000, [80, 63], [4, 4]),
+                                       (997, [4, 5, 5, 10], [2, 2, 2, 2])])
+def test_ladder_errors_without_rebuilding_equal_the_rebuilt_ones(rng, svd, n, rf, df):
+    # the ladder's errors come from the first core's projection (and the padded rows); they must be the
+    # error of the table rebuilt from its cores, for the exact and the randomized SVD alike
+    from fpd_convert.tt import clamp_ranks, relative_error
+    from fpd_convert.tt.decompose import tt_svd_ladder
+    w = (rng.standard_normal((n, 16)) @ rng.standard_normal((16, 16))).astype(np.float32)
+    w[:, :4] += 3 * rng.standard_normal((n, 1)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        lists = [clamp_ranks(r, rf, df) for r in (2, 5, 12)]
+    decs = tt_svd_ladder(w, rf, df, lists, svd, 0)
+    errors = [d.relative_error for d in decs]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0]
+    for dec in decs:
+        assert dec.relative_error == pytest.approx(relative_error(w, dec.cores), abs=1e-5)

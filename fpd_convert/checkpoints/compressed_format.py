@@ -18,13 +18,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..paths import not_a_file
 from ..tt import TTShape
 from ..tt import core_quant
 from ..outputs import atomic_path
 from .safe_load import CheckpointError, looks_like
+from .writers import Planned, write_safetensors
 
 FORMAT_NAME = "fpd-convert"
 FORMAT_VERSION = 1
@@ -99,11 +99,15 @@ def core_key(table_key: str, j: int) -> str:
     return f"{table_key}.tt_core.{j}"
 
 
-def write_compressed(path: os.PathLike, tensors: Dict[str, torch.Tensor], meta: CompressedMeta) -> None:
-    """Write atomically: a temp file beside ``path`` renamed over it on success."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+def write_compressed(path: os.PathLike, tensors: Dict[str, torch.Tensor], meta: CompressedMeta,
+                     mapped_source: bool = False) -> None:
+    """Write atomically (a temp file beside ``path`` renamed over it on success); the same tensors and
+    metadata give the same bytes.  ``mapped_source``: the tensors that lie in a file mapping are a source's,
+    never written, and their pages are dropped once written (a big model's kept tables do not pile up in
+    the process's resident memory)."""
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta.to_strings())
+        write_safetensors(tmp, [Planned.of(k, v, release=mapped_source) for k, v in tensors.items()],
+                          meta.to_strings())
 
 
 def read_compressed_meta(path: os.PathLike) -> CompressedMeta:

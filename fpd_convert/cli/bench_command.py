@@ -6,22 +6,23 @@ import json
 import click
 
 from .group import friendly_errors, main
-from .options import SuffixRows, _int_list
+from .options import SuffixRows, _int_list, threads_option
 
 
 @main.command()
-@click.option("--rows", type=click.IntRange(1), default=1_000_000, show_default=True)
-@click.option("--dim", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--rank", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--rows", type=click.IntRange(1), default=1_000_000, show_default=True,
+              help="Rows of the benchmark's table (--memory: the cap on the Terabyte tables' rows).")
+@click.option("--dim", type=click.IntRange(1), default=64, show_default=True, help="Embedding dim of the tables.")
+@click.option("--rank", type=click.IntRange(1), default=16, show_default=True, help="TT rank of the benchmark's tables.")
 @click.option("--batch", type=click.IntRange(1), default=None, help="Bags per batch [8192 for lookups; DLRM step: "
               "65536 on CUDA, 2048 on CPU].")
 @click.option("--pooling", type=click.IntRange(1), default=1, show_default=True, help="Ids per bag.")
 @click.option("--zipf", type=click.FloatRange(0), default=1.1, show_default=True,
               help="Exponent of the ids' popularity (0: uniform).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
 @click.option("--kernel", type=click.Choice(["auto", "reference", "cpu", "triton"]), default="auto",
               show_default=True, help="TT row path to time (the reference is timed beside it).")
-@click.option("--reps", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--reps", type=click.IntRange(1), default=10, show_default=True, help="Timed repetitions (the median is reported).")
 @click.option("--dim-factors", default=None, help="Lookups: the TT's factors of --dim, e.g. 2,4,8 "
               "[default: as balanced as possible].")
 @click.option("--suffix-rows", type=SuffixRows(), default="auto", show_default=True,
@@ -45,17 +46,34 @@ from .options import SuffixRows, _int_list
               "ONNX Runtime, beside the same model with dense tables.")
 @click.option("--svd", is_flag=True, help="Instead of lookups: TT-SVD of a rows x dim table written to disk, "
               "in memory (TensorLy) and streamed, each in its own process (seconds, peak RSS, error).")
+@click.option("--memory", is_flag=True, help="Instead of lookups: a facebookresearch/dlrm checkpoint of the Criteo "
+              "Terabyte tables capped at --rows rows x --dim, written to disk; compress --ratio 50 and decompress, "
+              "each in its own process: peak RSS against the printed plan and the largest table.")
+@click.option("--thread-fit", is_flag=True, help="Instead of lookups: a 200-step train and the demo's compress with "
+              "the default threads against --threads 1..N, quiet and beside 2 CPU-bound processes.")
 @click.option("--svd-paths", default="memory,stream", show_default=True, help="--svd: the paths to run.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True, help="--svd: dtype of the table on disk.")
 @click.option("--folder", type=click.Path(file_okay=False, exists=True), default=None,
-              help="--svd: where to write the table (default: the temp folder).")
-@click.option("--json", "as_json", is_flag=True)
+              help="--svd, --memory, --thread-fit: where to write the files (default: the temp folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @friendly_errors
+@threads_option
 def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, dim_factors, suffix_rows, batches, step, model,
-          tt_tables, rows_cap, hot_rows, exact_rows, serve, svd, svd_paths, dtype, folder, as_json):
+          tt_tables, rows_cap, hot_rows, exact_rows, serve, svd, memory, thread_fit, svd_paths, dtype, folder, as_json):
     """Lookups/s of TTEmbeddingBag vs nn.EmbeddingBag (and a DLRM step), a whole model's serving in every
-    runtime (--serve), or TT-SVD paths (--svd), in one run."""
+    runtime (--serve), TT-SVD paths (--svd), or a big model's compress and decompress memory (--memory), in one
+    run."""
+    if thread_fit:
+        from ..bench.threads import bench_threads, format_threads
+        out = bench_threads(folder=folder, echo=None if as_json else lambda text: click.echo(text, err=True))
+        click.echo(json.dumps(out, indent=2) if as_json else format_threads(out))
+        return
+    if memory:
+        from ..bench.memory import bench_memory, format_memory
+        out = bench_memory(rows, dim, folder=folder, echo=None if as_json else lambda text: click.echo(text, err=True))
+        click.echo(json.dumps(out, indent=2) if as_json else format_memory(out))
+        return
     if serve:
         from ..bench.serve import RUNTIMES, bench_serve, format_serve
         runtimes = list(RUNTIMES)

@@ -6,7 +6,7 @@ import json
 import click
 
 from .group import friendly_errors, main
-from .options import SuffixRows, _int_list, _rank_value
+from .options import SuffixRows, _int_list, _rank_value, refuse_together, threads_option
 
 
 @main.command()
@@ -59,6 +59,7 @@ from .options import SuffixRows, _int_list, _rank_value
 @click.option("--keep-larger", is_flag=True, help="Keep a TT even when it is not smaller (full-rank checks).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
+@threads_option
 def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, tol, order, dim_factors, suffix_rows,
              svd, svd_path,
              workers, power_iters, seed, importance, data_path, data_rows, hot_rows, exact_rows, core_dtype, exact_dtype,
@@ -66,6 +67,7 @@ def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, 
     """Replace the largest embedding tables of MODEL by TT cores (TT-SVD)."""
     from ..convert import compress as run, inspect as describe
     from ..convert.importance import FidelityOptions
+    refuse_together(**{"--tables": tables, "--min-rows": min_rows})
     names = [t.strip() for t in tables.split(",")] if tables else None
     if names is None and min_rows is None and not yes:
         info = describe(model, allow_unsafe_pickle=allow_unsafe_pickle)
@@ -103,6 +105,7 @@ def inspect(path, as_json, allow_unsafe_pickle):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Dense checkpoint to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @friendly_errors
+@threads_option
 def decompress(compressed, output, force):
     """Rebuild dense tables and write the checkpoint in its source layout."""
     from ..convert import decompress as run
@@ -126,6 +129,7 @@ def decompress(compressed, output, force):
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 @friendly_errors
+@threads_option
 def export(compressed, output, fmt, pooled, lookup, force, as_json):
     """Write COMPRESSED as a program for torch.export, AOTInductor or ONNX Runtime, checked against load()."""
     from ..convert.export import export as run, format_export

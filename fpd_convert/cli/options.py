@@ -39,3 +39,26 @@ def _rank_value(text):
     return parts if parts is None or len(parts) > 1 else parts[0]
 
 
+
+
+def threads_option(fn):
+    """``--threads N`` on a command that works long on the CPU; before it runs, torch's and BLAS's pools are
+    sized to the machine (:func:`fpd_convert.threads.fit_threads`) and the choice is the first line on
+    stderr."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, threads=None, **kwargs):
+        from ..threads import fit_threads
+        click.echo(fit_threads(threads).describe(), err=True)
+        return fn(*args, **kwargs)
+    return click.option("--threads", type=click.IntRange(1), default=None,
+                        help="CPU threads for torch and BLAS [default: the CPUs this process may use (affinity, "
+                             "cgroup quota) less those busy with other work; OMP_NUM_THREADS set: as it says].")(wrapper)
+
+
+def refuse_together(**given) -> None:
+    """Refuse options that exclude each other, by their flags: ``refuse_together(**{"--json": a, "--markdown": b})``."""
+    chosen = [flag for flag, value in given.items() if value not in (None, False)]
+    if len(chosen) > 1:
+        raise click.UsageError(f"{' and '.join(chosen)} cannot be used together: give one of them")

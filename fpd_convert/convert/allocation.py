@@ -9,13 +9,14 @@ weighted error most per extra byte.
 from __future__ import annotations
 
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
 from tqdm import tqdm
 
 from ..tt.allocate import allocate
-from .candidates import EXACT_FRACTIONS, Result, fixed_result, table_candidates
+from .candidates import EXACT_FRACTIONS, Result, chosen_result, fixed_result, table_candidates
 from .importance import FidelityOptions, Prepared
 
 
@@ -54,18 +55,29 @@ def choose_results(prepared: Sequence[Prepared], options: FidelityOptions, budge
         sizes = [p.plan.rows * p.plan.dim for p in prepared]
         shares = [int(budget * size / sum(sizes)) for size in sizes]
 
+        done = []
+
         def offer(i: int):
+            started = time.perf_counter()
             out = table_candidates(prepared[i], shares[i], options, seed, svd, power_iters, progress,
                                    i % max(workers, 1))
             bar.update(1)
+            done.append(i)
+            if progress and bar.disable:  # not a terminal (a batch job's log): one line per table
+                plan = prepared[i].plan
+                print(f"TT-SVD {len(done)}/{len(prepared)}: {plan.name} ({plan.rows:,} x {plan.dim}), {len(out)} candidates "
+                      f"in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
             return out
         candidates = _map(offer, list(range(len(prepared))), workers)
         chosen = allocate({p.plan.key: c for p, c in zip(prepared, candidates)}, budget)
-        results = []
-        for p, cands, share in zip(prepared, candidates, shares):
-            c = chosen[p.plan.key]
-            c.extra["result"].extra["why"] = _why(p, c, cands, share)
-            results.append(c.extra["result"])
-        return results
+        why = [_why(p, chosen[p.plan.key], cands, share) for p, cands, share in zip(prepared, candidates, shares)]
+        del candidates  # the tables' candidates hold their layouts: one table's work at a time from here
+
+        def rebuild(i: int) -> Result:
+            c = chosen[prepared[i].plan.key]
+            res = chosen_result(prepared[i], c, options, seed, svd, power_iters)
+            res.extra["why"] = why[i]
+            return res
+        return _map(rebuild, list(range(len(prepared))), workers)
     finally:
         bar.close()

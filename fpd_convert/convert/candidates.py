@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..allocator import return_freed_memory
 from ..checkpoints import TableTensors, encode_table
-from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, relative_error, streaming_tt_svd
+from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, streaming_tt_svd
 from ..tt import tt_param_count
 from ..tt.allocate import Candidate
 from ..tt.core_quant import decode, element_bytes, encode
@@ -28,7 +29,7 @@ from ..tt.decompose import tt_svd_ladder
 from ..tt.importance import row_map_moves, top_rows, tt_positions
 from .importance import FidelityOptions, Prepared, Reader, TableEval, gather
 from .measure import layer_of, weighted_error_sq
-from .plan import RANDOMIZED_ABOVE, TOL_MAX_RANK
+from .plan import TOL_MAX_RANK, svd_method
 
 EXACT_FRACTIONS = (0.0, 0.005, 0.01, 0.02)
 
@@ -99,7 +100,7 @@ def decompose(reader, rows: int, dim: int, row_factors: Sequence[int], dim_facto
                                     max_rank=TOL_MAX_RANK, oversample=oversample, power_iters=power_iters, seed=seed,
                                     progress=progress)
         table = whole if whole is not None else reader(0, rows)
-        method = svd if svd != "auto" else ("randomized_svd" if rows * dim > RANDOMIZED_ABOVE else "truncated_svd")
+        method = svd_method(rows, dim, row_factors, dim_factors, svd)
         kwargs = {"tol": tol} if tol is not None else {"rank": list(ranks)}
         dec = decompose_table(table, row_factors=row_factors, dim_factors=dim_factors, svd=method,
                               random_state=seed, **kwargs)
@@ -140,8 +141,9 @@ def finish(dec: TTDecomposition, layout: Layout, exact_values: Optional[np.ndarr
 
 
 def results_for(p: Prepared, options: FidelityOptions, exact_fraction: float, hot: int, rank_lists, tol, seed, svd,
-                power_iters, progress=None) -> List[Result]:
-    """One result per rank list (or one for ``tol``) of this layout of the table."""
+                power_iters, progress=None, only: Optional[int] = None) -> List[Result]:
+    """One result per rank list (or one for ``tol``) of this layout of the table; ``only``: the result of
+    that rank list alone (the decompositions are the same: the ladder shares its first SVD)."""
     plan = p.plan
     layout = make_layout(p.importance, int(round(exact_fraction * plan.rows)), hot)
     reader = (LayoutReader(p.reader, plan.rows, layout, writable=True) if layout.hot_ids.size or layout.exact_ids.size
@@ -149,19 +151,22 @@ def results_for(p: Prepared, options: FidelityOptions, exact_fraction: float, ho
     whole = reader(0, plan.rows) if plan.path == "memory" else None
     exact_values = gather(p.reader, layout.exact_ids) if layout.exact_ids.size else None
     if plan.path == "memory" and tol is None and len(rank_lists) > 1:
-        # exact TT-SVD sharing the first unfolding's SVD across the ladder
-        decs = [TTDecomposition(TTShape(plan.rows, plan.dim, plan.row_factors, plan.dim_factors,
-                                        [1] + [c.shape[3] for c in cores]), cores, relative_error(whole, cores))
-                for cores in tt_svd_ladder(whole, plan.row_factors, plan.dim_factors, rank_lists)]
-    else:
+        # TT-SVD sharing the first unfolding's SVD across the ladder
+        decs = tt_svd_ladder(whole, plan.row_factors, plan.dim_factors, rank_lists,
+                             svd_method(plan.rows, plan.dim, plan.row_factors, plan.dim_factors, svd), seed)
+        decs = decs if only is None else decs[only:only + 1]
+    else:  # each rank list on its own (streamed: each is its passes over the table)
+        lists = rank_lists if tol is None else [None]
         decs = [decompose(reader, plan.rows, plan.dim, plan.row_factors, plan.dim_factors, ranks, tol, plan.path,
                           seed, svd, power_iters, progress, whole)
-                for ranks in (rank_lists if tol is None else [None])]
+                for ranks in (lists if only is None else lists[only:only + 1])]
+    del whole, reader
     out = []
     for dec in decs:
         res = finish(dec, layout, exact_values, options, p.method, plan.key, p.ev)
         res.extra.update(exact_fraction=exact_fraction, hot_rows=hot)
         out.append(res)
+    return_freed_memory()
     return out
 
 
@@ -229,10 +234,27 @@ def table_candidates(p: Prepared, share: int, options: FidelityOptions, seed, sv
                    position=position + 1, leave=False, file=sys.stderr)
     out = []
     for exact_fraction, hot in layouts:
-        for ranks, res in zip(ladder, results_for(p, options, exact_fraction, hot, ladder, None, seed, svd,
-                                                  power_iters, bar.update if bar is not None else None)):
-            out.append(Candidate({"ranks": ranks, "exact_fraction": exact_fraction, "hot": hot},
-                                 res.nbytes, res.weighted_sq, {"result": res}))
+        for i, res in enumerate(results_for(p, options, exact_fraction, hot, ladder, None, seed, svd, power_iters,
+                                            bar.update if bar is not None else None)):
+            # a candidate keeps what the allocation compares (bytes, error); the chosen one is rebuilt
+            # (chosen_result): every candidate's cores at once would hold up to a table's worth per table
+            res.table = None
+            res.extra.pop("fp32_cores", None)
+            out.append(Candidate({"ranks": ladder[i], "exact_fraction": exact_fraction, "hot": hot, "ladder": ladder,
+                                  "index": i}, res.nbytes, res.weighted_sq, {"result": res}))
     if bar is not None:
         bar.close()
     return out
+
+
+def chosen_result(p: Prepared, chosen: Candidate, options: FidelityOptions, seed, svd, power_iters) -> Result:
+    """The candidate the allocation chose, rebuilt with its tables (the same decomposition: same layout,
+    ladder and seed)."""
+    c = chosen.config
+    res = results_for(p, options, c["exact_fraction"], c["hot"], c["ladder"], None, seed, svd, power_iters,
+                      only=c["index"])[0]
+    if res.nbytes != chosen.nbytes or not math.isclose(res.weighted_sq, chosen.error, rel_tol=1e-6, abs_tol=1e-12):
+        raise RuntimeError(f"{p.plan.name}: the chosen TT rebuilt differs from the one measured "
+                           f"({res.nbytes:,} B, {res.weighted_sq:.6g} against {chosen.nbytes:,} B, {chosen.error:.6g})")
+    res.extra.update(chosen.extra["result"].extra)
+    return res

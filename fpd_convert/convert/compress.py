@@ -12,13 +12,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
 
+import torch
+
 from .. import __version__
 from ..checkpoints import CheckpointError, CompressedMeta, encode_table, read_source, sha256_of, write_compressed
 from ..outputs import check_output, releases_outputs
 from .allocation import choose_results
 from .importance import FidelityOptions, prepare
 from .measure import final_errors
-from .plan import affordable_workers, describe, memory_available, plan_table
+from .plan import affordable_workers, describe, memory_available, plan_table, planned_peak, workers_for_cpus
 from .selection import parse_size, select_tables
 
 DEFAULT_RANK = 32
@@ -63,6 +65,8 @@ class CompressionSummary:
     dropped: List[str] = field(default_factory=list)
     model_bytes_before: int = 0
     model_bytes_after: int = 0
+    planned_peak_bytes: int = 0  # the memory plan stated before the work (above the process as it started)
+    workers: int = 1
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -208,10 +212,11 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
                           source_sha256=sha256_of(model), source_name=model.name, tool_version=__version__,
                           extras=src.extras, optimizer_param_groups=src.optimizer_param_groups,
                           state_keys=list(src.state))
-    write_compressed(output, tensors, meta)
+    write_compressed(output, tensors, meta, mapped_source=src.mapped)
     kept = [f"{t['name']} ({t['kind']} table)" for t in src.tables() if t.get("kind", "dense") != "dense"]
     return CompressionSummary(str(model), str(output), src.layout, done.summaries, done.skipped, kept, src.dropped,
-                              src.nbytes(), sum(v.numel() * v.element_size() for v in tensors.values()))
+                              src.nbytes(), sum(v.numel() * v.element_size() for v in tensors.values()),
+                              done.planned_peak_bytes, done.workers)
 
 
 @dataclass
@@ -223,6 +228,8 @@ class Compressed:
     compressed: list
     summaries: List[TableSummary]
     skipped: List[str]
+    planned_peak_bytes: int = 0
+    workers: int = 1
 
 
 def compress_tables(specs: List[dict], state, mapped: bool = False, tables: Optional[Sequence[str]] = None,
@@ -249,9 +256,10 @@ def compress_tables(specs: List[dict], state, mapped: bool = False, tables: Opti
     budget_bytes = parse_size(budget) if budget is not None else None
     plans = plan_tables(chosen, order, rank, ratio, budget_bytes, tol, svd_path, dim_factors, suffix_rows)
     available = memory_available()
-    workers = affordable_workers(plans, workers, available)
+    cpus = torch.get_num_threads()
+    workers, note = workers_for_cpus(affordable_workers(plans, workers, available), cpus)
     if log is not None:
-        log(describe(plans, workers, available))
+        log(describe(plans, workers, available, note))
     # 3. row importance of each table (none for plain TT-SVD)
     counts = counts_of(chosen) if counts_of is not None else {}
     prepared = [prepare(plan, w, mapped, fidelity, counts.get(plan.key)) for plan, w in zip(plans, weights)]
@@ -260,9 +268,13 @@ def compress_tables(specs: List[dict], state, mapped: bool = False, tables: Opti
     if fidelity.importance != "none":  # plain TT-SVD keeps the plans' ranks (ratio per table, budget by size)
         total_budget = budget_bytes if budget_bytes is not None else (
             None if ratio is None else int(sum(w.numel() * w.element_size() for w in weights) / ratio))
-    results = choose_results(prepared, fidelity, total_budget, tol, seed, svd, power_iters, progress, workers)
+    torch.set_num_threads(max(1, cpus // workers))  # the workers share the CPU threads
+    try:
+        results = choose_results(prepared, fidelity, total_budget, tol, seed, svd, power_iters, progress, workers)
+    finally:
+        torch.set_num_threads(cpus)
     # 6. measure what each chosen TT gives back
-    done = Compressed([], [], [])
+    done = Compressed([], [], [], planned_peak(plans, workers), workers)
     for t, p, weight, res in zip(chosen, prepared, weights, results):
         before = weight.numel() * weight.element_size()
         if res.nbytes >= before and not keep_larger:
@@ -291,7 +303,15 @@ def plan_tables(chosen, order, rank, ratio, budget_bytes, tol, svd_path, dim_fac
     """Step 2: one plan per chosen table; a budget is shared in proportion to the tables' sizes."""
     total = sum(t["rows"] * t["dim"] for t in chosen)
     available = memory_available()
-    return [plan_table(t["key"], t["name"], t["rows"], t["dim"], order, rank=rank, ratio=ratio, tol=tol,
-                       budget_bytes=None if budget_bytes is None else int(budget_bytes * t["rows"] * t["dim"] / total),
-                       svd_path=svd_path, available=available, dim_factors=dim_factors, suffix_rows=suffix_rows)
-            for t in chosen]
+    plans = []
+    for t in chosen:
+        try:
+            plans.append(plan_table(t["key"], t["name"], t["rows"], t["dim"], order, rank=rank, ratio=ratio, tol=tol,
+                                    budget_bytes=None if budget_bytes is None else
+                                    int(budget_bytes * t["rows"] * t["dim"] / total),
+                                    svd_path=svd_path, available=available, dim_factors=dim_factors,
+                                    suffix_rows=suffix_rows))
+        except ValueError as e:
+            raise ValueError(f"table {t['name']} ({t['rows']:,} x {t['dim']}): {e}; leave it out (--tables, "
+                             "--min-rows, --num-largest) or ask for fewer bytes less sharply") from None
+    return plans

@@ -7,13 +7,15 @@ from typing import Union
 import torch
 
 from ..checkpoints import read_compressed, split_tables
+from ..checkpoints.writers import Planned, write_safetensors, write_torch
 from ..outputs import atomic_path, check_output, releases_outputs
 from ..layers import TTEmbeddingBag
 
 
 @releases_outputs
 def decompress(compressed: Union[str, Path], output: Union[str, Path], force: bool = False) -> dict:
-    """Write ``output`` loadable by the source's own code.
+    """Write ``output`` loadable by the source's own code, rebuilding and writing one table at a time
+    (peak memory: the compressed file, one dense table and a chunk).
 
     facebookresearch/dlrm checkpoints come back as a dict with ``state_dict``, the training
     scalars and ``opt_state_dict`` (param_groups only: optimizer moments were not kept);
@@ -24,27 +26,32 @@ def decompress(compressed: Union[str, Path], output: Union[str, Path], force: bo
     check_output(output, [compressed], force)
     tensors, meta = read_compressed(compressed)
     tables, others = split_tables(tensors, meta)
-    dense = {}
-    for key, tt in tables.items():
+
+    def rebuilt(key: str) -> Planned:
         s = meta.tt_shape(key)
-        table = TTEmbeddingBag(s.num_rows, s.dim, rank=s.ranks, row_factors=s.row_factors,
-                               dim_factors=s.dim_factors, _cores=tt.cores)
-        table.load_table(tt)
         dtype = getattr(torch, meta.tt_tables[key].get("source_dtype", "float32"), torch.float32)
-        dense[key] = table.to_dense().to(dtype)
-    merged = {**others, **dense}
-    order = [k for k in meta.state_keys if k in merged] + [k for k in merged if k not in meta.state_keys]
-    state = {meta.source_prefix + k: merged[k].contiguous() for k in order}
+
+        def make() -> torch.Tensor:  # one table at a time, when the writer reaches it
+            table = TTEmbeddingBag(s.num_rows, s.dim, rank=s.ranks, row_factors=s.row_factors,
+                                   dim_factors=s.dim_factors, _cores=tables[key].cores)
+            table.load_table(tables[key])
+            with torch.no_grad():
+                return table.to_dense(dtype=dtype)
+        return Planned(meta.source_prefix + key, dtype, (s.num_rows, s.dim), make)
+
+    planned = {k: Planned.of(meta.source_prefix + k, v, release=True) for k, v in others.items()}  # read-only mapped
+    planned.update({k: rebuilt(k) for k in tables})
+    order = [k for k in meta.state_keys if k in planned] + [k for k in planned if k not in meta.state_keys]
+    state = {meta.source_prefix + k: planned[k] for k in order}
     with atomic_path(output) as tmp:
         if meta.source_container == "safetensors":
-            from safetensors.torch import save_file
-            save_file(state, str(tmp))
+            write_safetensors(tmp, list(state.values()))
         elif meta.source_container == "dlrm_checkpoint":
             obj = {"state_dict": state, **meta.extras}
             if meta.optimizer_param_groups is not None:
                 obj["opt_state_dict"] = {"state": {}, "param_groups": meta.optimizer_param_groups}
-            torch.save(obj, tmp)
+            write_torch(tmp, obj)
         else:
-            torch.save(state, tmp)
-    return {"output": str(output), "container": meta.source_container, "tables_rebuilt": sorted(dense),
+            write_torch(tmp, state)
+    return {"output": str(output), "container": meta.source_container, "tables_rebuilt": sorted(tables),
             "tensors": len(state)}

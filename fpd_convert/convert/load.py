@@ -9,6 +9,7 @@ from torch import nn
 
 from ..checkpoints import (CheckpointError, TableTensors, encode_table, is_compressed, read_compressed,
                            read_source, split_tables)
+from ..checkpoints.lazy_tables import file_mapping_of, release_pages
 from ..models import build_model
 from ..models.generic import GenericCompressedModel
 
@@ -38,6 +39,33 @@ def compressed_state_from_model(state: Dict[str, torch.Tensor], meta) -> Dict[st
         row_map, exact_ids, exact_rows = (out.pop(k, None) for k in _table_state_keys(key))
         out.update(encode_table(key, entry, TableTensors(cores, row_map, exact_ids, exact_rows)))
     return out
+
+
+def _dense_model(path: Path, src) -> nn.Module:
+    """The source's own model holding the file's tensors, not copies of them: built on the meta device,
+    then given the tensors (``assign``).  A ``.pt`` file's tensors are a private (copy-on-write) mapping and
+    are used as they are; a ``.safetensors`` file's big tensors are a read-only mapping, so each is copied
+    and its mapped pages released before the next: the model costs its size once, not twice."""
+    with torch.device("meta"):
+        model = build_model(src.architecture)
+    want = model.state_dict()
+    state = {}
+    for key, t in src.state.items():
+        ref = want.get(key)
+        if ref is not None and t.dtype != ref.dtype:
+            state[key] = t.to(ref.dtype)
+        elif src.container == "safetensors" and file_mapping_of(t) is not None:
+            state[key] = t.clone()
+        else:
+            state[key] = t
+        if state[key] is not t and file_mapping_of(t) is not None:
+            release_pages(t)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing or unexpected or left:
+        raise CheckpointError(f"{path}: the tensors do not fit the inferred model (missing {(missing or left)[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+    return model.eval()
 
 
 def load(path: Union[str, Path], allow_unsafe_pickle: bool = False) -> nn.Module:
@@ -71,7 +99,7 @@ def load(path: Union[str, Path], allow_unsafe_pickle: bool = False) -> nn.Module
         if src.architecture is None:
             raise CheckpointError(f"{path}: a generic state_dict has no model to build; compress it first or load "
                                   "it with torch/safetensors")
-        model, state = build_model(src.architecture), src.state
+        return _dense_model(path, src)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: the tensors do not fit the inferred model (missing {missing[:5]}, "

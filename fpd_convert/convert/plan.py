@@ -21,7 +21,10 @@ from ..tt import choose_row_factors, factor_dims, factor_rows, parse_suffix_rows
 SVD_PATHS = ("auto", "memory", "stream")
 MEMORY_FACTOR = 5.5  # expected peak of the in-memory path / table bytes in float32
 MEMORY_PATH_MAX = 2 << 30  # auto: tables whose in-memory peak would exceed this are streamed
-RANDOMIZED_ABOVE = 20_000_000  # in-memory path: table elements above which TensorLy's randomized SVD is used
+# in-memory path: TensorLy's exact (truncated) SVD of the first unfolding costs about m * n * min(m, n)
+# multiply-adds; above this the randomized one is used (0.2 s against 10.6 s for a 300k x 64 table in
+# the long-first-core layout on one core, relative errors within 0.0004: docs/benchmarks.md)
+EXACT_SVD_MAX_FLOPS = 2e9
 TOL_MAX_RANK = 256
 
 
@@ -48,6 +51,16 @@ def memory_available() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")  # pragma: no cover
+
+
+def svd_method(rows: int, dim: int, row_factors: Sequence[int], dim_factors: Sequence[int], svd: str = "auto") -> str:
+    """The in-memory path's SVD: ``svd`` unless ``auto``, which takes TensorLy's exact SVD where the first
+    (largest) unfolding's SVD is cheap and its randomized SVD elsewhere."""
+    if svd != "auto":
+        return svd
+    m = row_factors[0] * dim_factors[0]
+    n = math.prod(row_factors) * dim // m
+    return "truncated_svd" if m * n * min(m, n) <= EXACT_SVD_MAX_FLOPS else "randomized_svd"
 
 
 def plan_table(key: str, name: str, rows: int, dim: int, order: int = 3, rank=None, ratio=None,
@@ -97,10 +110,24 @@ def affordable_workers(plans: Sequence[TablePlan], workers: int, available: int)
     return n
 
 
-def describe(plans: Sequence[TablePlan], workers: int, available: int) -> str:
+def workers_for_cpus(workers: int, cpus: int) -> tuple:
+    """``(workers, note)``: no more workers than CPU threads (each worker's TT-SVD then gets
+    ``cpus // workers`` of them); ``note`` says why when fewer than asked."""
+    if workers <= cpus:
+        return workers, ""
+    return max(1, cpus), (f"; {workers} workers asked for, {cpus} CPU thread(s) here: more would only share them "
+                          f"(--threads to change)")
+
+
+def planned_peak(plans: Sequence[TablePlan], workers: int) -> int:
+    """The memory the run is expected to add at its peak: the ``workers`` largest tables' peaks at once."""
+    return sum(sorted((p.peak_bytes for p in plans), reverse=True)[:workers])
+
+
+def describe(plans: Sequence[TablePlan], workers: int, available: int, note: str = "") -> str:
     from ..reporting.tables import format_bytes
     streamed = sum(p.path == "stream" for p in plans)
-    peak = sum(sorted((p.peak_bytes for p in plans), reverse=True)[:workers])
+    peak = planned_peak(plans, workers)
     return (f"TT-SVD of {len(plans)} table(s): {streamed} streamed in row chunks, {len(plans) - streamed} in memory; "
             f"expected peak memory {format_bytes(peak)} with {workers} worker(s) "
-            f"(available: {format_bytes(available)})")
+            f"(available: {format_bytes(available)}){note}")

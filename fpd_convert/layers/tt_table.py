@@ -329,13 +329,18 @@ class _TTTable(nn.Module):
         return torch.cat(out) if out else self.cores[0].new_zeros(0, self.embedding_dim)
 
     @torch.no_grad()
-    def to_dense(self, chunk_rows: Optional[int] = None) -> torch.Tensor:
-        """The full ``(num_embeddings, embedding_dim)`` table, built in row chunks."""
+    def to_dense(self, chunk_rows: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The full ``(num_embeddings, embedding_dim)`` table (in ``dtype``, default the cores'), built in
+        row chunks into one buffer: the table plus one chunk is all it holds."""
         device = self.cores[0].device
         chunk_rows = chunk_rows or min(1 << 16, self.safe_chunk())
-        parts = [self._rows_for(torch.arange(s, min(s + chunk_rows, self.num_embeddings), device=device))
-                 for s in range(0, self.num_embeddings, chunk_rows)]
-        return torch.cat(parts)
+        out = None
+        for s in range(0, self.num_embeddings, chunk_rows):
+            part = self._rows_for(torch.arange(s, min(s + chunk_rows, self.num_embeddings), device=device))
+            if out is None:
+                out = torch.empty(self.num_embeddings, self.embedding_dim, dtype=dtype or part.dtype, device=device)
+            out[s:s + part.shape[0]] = part
+        return out
 
     def param_count(self) -> int:
         """``sum_j r_{j-1} n_j d_j r_j`` plus exact rows (equals ``sum(p.numel() for p in parameters())``)."""

@@ -196,8 +196,11 @@ class DotInteraction(nn.Module):
             pairs = [(i, j) for i in range(n) for j in range(i + offset)]
         else:
             pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-        self.register_buffer("_rows", torch.tensor([p[0] for p in pairs], dtype=torch.long), persistent=False)
-        self.register_buffer("_cols", torch.tensor([p[1] for p in pairs], dtype=torch.long), persistent=False)
+        # on the CPU even where the model is built on the meta device (loading a file's tensors into it)
+        self.register_buffer("_rows", torch.tensor([p[0] for p in pairs], dtype=torch.long, device="cpu"),
+                             persistent=False)
+        self.register_buffer("_cols", torch.tensor([p[1] for p in pairs], dtype=torch.long, device="cpu"),
+                             persistent=False)
         # the pairs as places in the flattened (n x n) products: an index_select, whose backward
         # is an index_add (z[:, rows, cols] backpropagates through a sorting index_put: 4.6 ms
         # of a 21 ms DLRM step at batch 65,536 on an H100)

@@ -1,7 +1,6 @@
 """``report``: size and AUC of the original, compressed and fine-tuned models, and int8."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Optional
@@ -74,17 +73,6 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
                        "importance": e.get("importance"), "row_map_rows": e.get("row_map_rows", 0),
                        "exact_rows": e.get("exact_rows", 0), "core_dtype": e.get("core_dtype", "float32"),
                        "int8_bytes": int8_rowwise_bytes(e["num_rows"], e["dim"])})
-    models = {"original": base, **models}
-    if int8:
-        q = copy.deepcopy(base)
-        state = q.state_dict()
-        for key in meta.tt_tables:
-            state[key] = int8_rowwise(state[key])
-        q.load_state_dict(state)
-        models["int8_rowwise"] = q
-    sizes = {name: _model_bytes(m) for name, m in models.items()}
-    if int8:
-        sizes["int8_rowwise"] = sizes["original"] - sum(t["bytes_before"] - t["int8_bytes"] for t in tables)
     out = {"original": str(original), "compressed": str(compressed), "finetuned": str(finetuned) if finetuned else None,
            "data": str(data) if data else None, "tables": tables,
            "totals": {"tables_bytes_before": sum(t["bytes_before"] for t in tables),
@@ -93,11 +81,25 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
            "models": {}}
     out["totals"]["tables_ratio"] = out["totals"]["tables_bytes_before"] / out["totals"]["tables_bytes_after"]
     rows = [t["rows"] for t in base.architecture["tables"]]
-    for name, m in models.items():
-        entry = {"bytes": sizes[name], "ratio": sizes["original"] / sizes[name]}
+    original_bytes = _model_bytes(base)
+
+    def measure(name: str, m: torch.nn.Module, nbytes: int) -> None:
+        entry = {"bytes": nbytes, "ratio": original_bytes / nbytes}
         if data:
             entry.update(evaluate(m, CriteoData(data, rows, batch_size, dense_transform, strict, max_rows)))
         out["models"][name] = entry
+
+    # one dense model at a time: the original, then the same model with its tables rounded to int8 in place
+    measure("original", base, original_bytes)
+    for name, m in models.items():
+        measure(name, m, _model_bytes(m))
+    if int8:
+        state = base.state_dict()
+        with torch.no_grad():
+            for key in meta.tt_tables:
+                int8_rowwise(state[key], out=state[key])
+        measure("int8_rowwise", base, original_bytes - sum(t["bytes_before"] - t["int8_bytes"] for t in tables))
+    del base
     if data:
         ref = out["models"]["original"]
         for entry in out["models"].values():

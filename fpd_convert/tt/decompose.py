@@ -14,11 +14,13 @@ References
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import tensorly as tl
+import torch
 from tensorly.decomposition import tensor_train
 from tensorly.tenalg.svd import svd_interface
 
@@ -87,6 +89,40 @@ def relative_error(weight: np.ndarray, cores: Sequence[np.ndarray]) -> float:
     norm = float(np.linalg.norm(weight.astype(np.float64)))
     diff = float(np.linalg.norm((weight - approx).astype(np.float64)))
     return diff / norm if norm > 0 else diff
+
+
+# below this squared relative error, ||W||^2 - 2 <W, W_tt> + ||W_tt||^2 has lost too many digits to
+# cancellation (float32 cores): the table is rebuilt instead
+LADDER_ERROR_MIN_SQ = 1e-3
+
+
+def _ladder_error(weight: np.ndarray, norm_sq: float, projected: np.ndarray, cores: List[np.ndarray]) -> float:
+    """:func:`relative_error` of a ladder's cores without rebuilding the table.
+
+    With ``U`` the (orthonormal) first core and ``R`` the TT of the rest, ``W_tt = U R``, so
+    ``||W - W_tt||^2 = ||W||^2 - 2 <U^T W, R> + ||R||^2`` (``projected`` = ``U^T W``, first unfolding),
+    less the TT's padded rows (the table's are zero).
+    """
+    from ..kernels.reference import tt_rows
+    r1 = cores[0].shape[3]
+    rest = _rest_tensor(cores[1:])
+    err_sq = (norm_sq - 2.0 * float(np.vdot(projected[:r1].astype(np.float64), rest.astype(np.float64)))
+              + float(np.sum(np.square(rest, dtype=np.float64))))
+    n, padded = weight.shape[0], int(np.prod([c.shape[1] for c in cores]))
+    if padded > n:
+        pad = tt_rows([torch.from_numpy(np.ascontiguousarray(c)).double() for c in cores], torch.arange(n, padded))
+        err_sq -= float(pad.square().sum())
+    if norm_sq <= 0 or err_sq < LADDER_ERROR_MIN_SQ * norm_sq:
+        return relative_error(weight, cores)
+    return math.sqrt(err_sq / norm_sq)
+
+
+def _rest_tensor(cores: Sequence[np.ndarray]) -> np.ndarray:
+    """The cores ``(r_0, n_j, d_j, r_j)`` after the first (left rank open) contracted: ``(r_0, prod n_j d_j)``."""
+    acc = cores[0].reshape(-1, cores[0].shape[3])
+    for c in cores[1:]:
+        acc = (acc @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[3])
+    return acc.reshape(cores[0].shape[0], -1)
 
 
 def tt_svd(weight: np.ndarray, row_factors: Sequence[int], dim_factors: Sequence[int],
@@ -159,17 +195,24 @@ def tolerance_sweep(tensor: np.ndarray, row_factors: Sequence[int], dim_factors:
 
 
 def tt_svd_ladder(weight: np.ndarray, row_factors: Sequence[int], dim_factors: Sequence[int],
-                  rank_lists: Sequence[Sequence[int]]) -> List[List[np.ndarray]]:
-    """Exact TT-SVD (truncated SVDs, as ``tt_svd(..., svd="truncated_svd")``) at several rank
-    lists, sharing the SVD of the first (largest) unfolding, which every rank list truncates.
+                  rank_lists: Sequence[Sequence[int]], svd: str = "truncated_svd",
+                  random_state: Optional[int] = 0) -> List[TTDecomposition]:
+    """TT-SVD (as ``tt_svd(..., svd=svd)``: ``truncated_svd`` exact, ``randomized_svd`` TensorLy's
+    randomized range finder) at several rank lists, sharing the SVD of the first (largest) unfolding,
+    which every rank list truncates, and its projection, which gives every rank list's error without
+    rebuilding the table.
 
-    Returns one core list per rank list (full lists ``[1, r_1, ..., 1]``, already clamped).
+    Returns one decomposition per rank list (ranks clamped), with its relative error on the real rows.
     """
+    n, d = weight.shape
     tensor = table_to_tt_tensor(weight, row_factors, dim_factors)
     modes = tensor.shape
     first = tensor.reshape(modes[0], -1)
     r_max = max(r[1] for r in rank_lists)
-    u, s, v = svd_interface(first, n_eigenvecs=min(r_max, min(first.shape)), method="truncated_svd")
+    u, s, v = svd_interface(first, n_eigenvecs=min(r_max, min(first.shape)), method=svd, random_state=random_state)
+    projected = u.T @ first  # U^T W: the first core's coefficients, exact for either SVD
+    norm_sq = float(np.sum(np.square(first, dtype=np.float64)))
+    del tensor, first
     out = []
     for ranks in rank_lists:
         r1 = ranks[1]
@@ -178,12 +221,13 @@ def tt_svd_ladder(weight: np.ndarray, row_factors: Sequence[int], dim_factors: S
         if len(modes) == 2:
             cores.append(rest.reshape(r1, row_factors[1], dim_factors[1], 1))
         else:
-            factors = tensor_train(rest, rank=[1] + list(ranks[2:]), svd="truncated_svd")
+            factors = tensor_train(rest, rank=[1] + list(ranks[2:]), svd=svd, random_state=random_state)
             f0 = np.asarray(factors[0])
             cores.append(f0.reshape(r1, row_factors[1], dim_factors[1], f0.shape[2]))
-            cores += [np.asarray(f).reshape(f.shape[0], n, d, f.shape[2])
-                      for f, n, d in zip(factors[1:], row_factors[2:], dim_factors[2:])]
-        out.append(cores)
+            cores += [np.asarray(f).reshape(f.shape[0], n_, d_, f.shape[2])
+                      for f, n_, d_ in zip(factors[1:], row_factors[2:], dim_factors[2:])]
+        shape = TTShape(n, d, list(row_factors), list(dim_factors), [1] + [c.shape[3] for c in cores])
+        out.append(TTDecomposition(shape, cores, _ladder_error(weight, norm_sq, projected, cores)))
     return out
 
 
