@@ -9,7 +9,7 @@ from .convert import compress
 from .data.synth import synth
 from .outputs import write_text
 from .reporting.report import format_report, plot_report, report, to_json
-from .training.finetune import finetune
+from .training.finetune import describe_best, finetune
 from .training.train import train
 
 
@@ -37,7 +37,7 @@ def run_demo(folder="fpd-demo", train_rows: int = 300_000, val_rows: int = 30_00
     echo(f"[3/5] compressed: {f['compressed.safetensors']}\n" + cs.format())
     ft = finetune(f["compressed.safetensors"], f["train.npz"], f["finetuned.safetensors"], val_data=f["val.npz"],
                   force=True, progress=progress, eval_every=200, seed=seed)
-    echo(f"[4/5] fine-tuned: {f['finetuned.safetensors']}, best val AUC {ft['best']['auc']:.4f}")
+    echo(f"[4/5] fine-tuned: {f['finetuned.safetensors']}\n      {describe_best(ft)}")
     r = report(f["baseline.pt"], f["compressed.safetensors"], f["finetuned.safetensors"], data=f["test.npz"])
     for name, text in (("report.json", to_json(r)), ("report.md", format_report(r, markdown=True))):
         write_text(f[name], text + "\n", force=True)

@@ -25,6 +25,9 @@ def test_the_readme_commands_and_python_run_as_written(tmp_path):
     done = subprocess.run(fpd + ["demo", "--dir", "fpd-demo", "--train-rows", "20000"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    wide = [line for line in (done.stdout + done.stderr).splitlines() if len(line) > 100]
+    assert wide == [], wide  # the demo's output fits 100 columns
+    assert done.stderr.splitlines()[0].startswith("threads: ")  # the thread choice comes first
     walk = _blocks("bash")[2].replace("fpd-convert ", f"{sys.executable} -m fpd_convert ")
     done = subprocess.run(["bash", "-e", "-c", walk], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -96,8 +96,9 @@ def finetune(compressed, train_data, val_data, output, device, optimizer, lr, tt
                    "Run the same command with --resume to continue.")
         raise SystemExit(130)
     else:
-        best = f", best val AUC {r['best']['auc']:.4f}" if r["best"] else ""
-        click.echo(f"wrote {r['output']}: {r['steps']} steps on {r['device']}, {r['samples_per_s']:,.0f} samples/s{best}")
+        from ..training.finetune import describe_best
+        click.echo(f"wrote {r['output']}: {r['steps']} steps on {r['device']}, {r['samples_per_s']:,.0f} samples/s; "
+                   f"{describe_best(r)}")
 
 
 @main.command()

@@ -77,42 +77,44 @@ class CompressionSummary:
         return d
 
     def format(self) -> str:
+        """Two tables (the TT shapes; what each table became) and notes, in 100 columns."""
+        import os
+        import textwrap
         from ..reporting.tables import format_bytes, render_table
         fid = any(t.importance for t in self.tables)
+        shapes = [[t.key, f"{t.rows:,}", t.dim, "x".join(map(str, t.row_factors)), "x".join(map(str, t.dim_factors)),
+                   ",".join(map(str, t.ranks[1:-1])), t.svd_path] for t in self.tables]
+        out = [render_table(["table", "rows", "dim", "row factors", "dim factors", "ranks", "TT-SVD"], shapes), ""]
         rows = []
         for t in self.tables:
-            row = [t.name, f"{t.rows:,}", t.dim, "x".join(map(str, t.row_factors)), "x".join(map(str, t.dim_factors)),
-                   ",".join(map(str, t.ranks[1:-1])), format_bytes(t.bytes_before), format_bytes(t.bytes_after),
-                   f"{t.ratio:.1f}x", f"{t.relative_error:.4f}"]
+            row = [t.key, format_bytes(t.bytes_before), format_bytes(t.bytes_after), f"{t.ratio:.1f}x",
+                   f"{t.relative_error:.4f}"]
             if fid:
                 cores = t.core_dtype if t.core_dtype_added is None else f"{t.core_dtype} ({t.core_dtype_added:+.4f})"
                 row += [f"{t.weighted_error:.4f}" if t.weighted_error is not None else "", t.importance or "",
                         f"{t.hot_rows:,}/{t.exact_rows:,}", cores]
-            rows.append(row + [t.svd_path])
+            rows.append(row)
         before = sum(t.bytes_before for t in self.tables)
         after = sum(t.bytes_after for t in self.tables)
-        rows.append(["total (tables)", "", "", "", "", "", format_bytes(before), format_bytes(after),
-                     f"{before / max(after, 1):.1f}x", ""] + ([""] * 4 if fid else []) + [""])
-        head = ["table", "rows", "dim", "row factors", "dim factors", "ranks", "before", "after", "ratio",
-                "rel. error"]
+        rows.append(["total", format_bytes(before), format_bytes(after), f"{before / max(after, 1):.1f}x", ""]
+                    + ([""] * 4 if fid else []))
+        head = ["table", "before", "after", "ratio", "rel. err"]
         if fid:
-            head += ["weighted err.", "importance", "hot/exact rows", "cores"]
-        out = [render_table(head + ["TT-SVD"], rows)]
-        for t in self.tables:
-            if t.why:
-                out.append(f"{t.name}: {t.why}")
+            head += ["weighted", "importance", "hot/exact", "cores"]
+        out.append(render_table(head, rows))
+        notes = [f"{t.key}: {t.why}" for t in self.tables if t.why]
         if fid:
-            out.append("bytes count every tensor of a table (cores, scales, row map, exact rows); weighted error: "
-                       "relative error weighted by row importance; cores (+x): weighted error the low-precision "
-                       "cores add")
-        out.append(f"model: {format_bytes(self.model_bytes_before)} -> {format_bytes(self.model_bytes_after)} "
-                   f"({self.model_bytes_before / max(self.model_bytes_after, 1):.1f}x), written to {self.output}")
-        for s in self.skipped:
-            out.append(f"skipped: {s}")
-        for s in self.kept_as_is:
-            out.append(f"kept as it is: {s}")
-        for s in self.dropped:
-            out.append(f"not carried over: {s}")
+            notes.append("bytes count every tensor of a table (cores, scales, row map, exact rows); rel. err: "
+                         "relative error over the rows; weighted: relative error weighted by row importance; hot/exact: "
+                         "rows in the row map / kept exactly; cores (+x): weighted error the low-precision cores add")
+        on_disk = [os.path.getsize(f) if os.path.exists(f) else 0 for f in (self.input, self.output)]
+        notes.append(f"model: {self.input} {format_bytes(on_disk[0])} on disk ({format_bytes(self.model_bytes_before)} "
+                     f"of tensors) -> {self.output} {format_bytes(on_disk[1])} ({on_disk[0] / max(on_disk[1], 1):.1f}x "
+                     f"on disk, {self.model_bytes_before / max(self.model_bytes_after, 1):.1f}x in tensors)")
+        notes += [f"skipped: {s}" for s in self.skipped] + [f"kept as it is: {s}" for s in self.kept_as_is]
+        notes += [f"not carried over: {s}" for s in self.dropped]
+        for note in notes:
+            out.append(textwrap.fill(note, width=100, subsequent_indent="  ", break_on_hyphens=False))
         return "\n".join(out)
 
 

@@ -115,7 +115,7 @@ def workers_for_cpus(workers: int, cpus: int) -> tuple:
     ``cpus // workers`` of them); ``note`` says why when fewer than asked."""
     if workers <= cpus:
         return workers, ""
-    return max(1, cpus), (f"; {workers} workers asked for, {cpus} CPU thread(s) here: more would only share them "
+    return max(1, cpus), (f"{workers} workers asked for, {cpus} CPU thread(s) here: more would only share them "
                           f"(--threads to change)")
 
 
@@ -128,6 +128,6 @@ def describe(plans: Sequence[TablePlan], workers: int, available: int, note: str
     from ..reporting.tables import format_bytes
     streamed = sum(p.path == "stream" for p in plans)
     peak = planned_peak(plans, workers)
-    return (f"TT-SVD of {len(plans)} table(s): {streamed} streamed in row chunks, {len(plans) - streamed} in memory; "
-            f"expected peak memory {format_bytes(peak)} with {workers} worker(s) "
-            f"(available: {format_bytes(available)}){note}")
+    return (f"TT-SVD of {len(plans)} table(s): {streamed} streamed in row chunks, {len(plans) - streamed} in memory\n"
+            f"expected peak memory {format_bytes(peak)} with {workers} worker(s) (available: {format_bytes(available)})"
+            + (f"\n{note}" if note else ""))

@@ -100,49 +100,81 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
                 int8_rowwise(state[key], out=state[key])
         measure("int8_rowwise", base, original_bytes - sum(t["bytes_before"] - t["int8_bytes"] for t in tables))
     del base
+    out["warnings"] = []
     if data:
         ref = out["models"]["original"]
         for entry in out["models"].values():
             entry["auc_diff"] = entry["auc"] - ref["auc"]
             entry["logloss_diff"] = entry["logloss"] - ref["logloss"]
+        out["warnings"] += sample_warnings(ref)
+    if finetuned and data and out["models"]["finetuned"]["auc"] > ref["auc"]:
+        out["warnings"].append("the fine-tuned model beats the original: the original may be under-trained (the "
+                               "same fine-tuning of the original would tell; see docs/commands.md)")
+    elif not data:
+        out["warnings"].append("no --data: sizes only; give test data (--data FILE) for AUC and logloss")
     if plot is not None:
         plot_report(out, plot, force=force)
     return out
+
+
+SMALL_TEST_SET = 10_000  # below this many samples, AUC differences of 0.001 are within the noise
+
+
+def sample_warnings(m: dict) -> list:
+    """What makes a test set's AUC untrustworthy: one class only (AUC undefined), or few samples."""
+    out = []
+    n, ctr = m.get("n", 0), m.get("ctr")
+    if ctr is not None and ctr in (0.0, 1.0):
+        out.append(f"the test data has only {'positive' if ctr else 'negative'} samples: AUC is undefined")
+    elif n < SMALL_TEST_SET:
+        out.append(f"the test data has {n:,} samples: AUC differences below ~{1 / n ** 0.5:.3f} are within its noise")
+    return out
+
+
+def _signed(x: float) -> str:
+    """``+0.0012``; a difference that rounds to zero is ``+0.0000``, never ``-0.0000``."""
+    v = round(float(x), 4)
+    return f"{v if v != 0 else 0.0:+.4f}"
 
 
 def _model_rows(r: dict):
     rows = []
     for name, m in r["models"].items():
         rows.append([name, format_bytes(m["bytes"]), f"{m['ratio']:.1f}x",
-                     f"{m['auc']:.4f}" if "auc" in m else "-", f"{m['auc_diff']:+.4f}" if "auc_diff" in m else "-",
+                     f"{m['auc']:.4f}" if "auc" in m else "-", _signed(m["auc_diff"]) if "auc_diff" in m else "-",
                      f"{m['logloss']:.4f}" if "logloss" in m else "-",
-                     f"{m['logloss_diff']:+.4f}" if "logloss_diff" in m else "-"])
+                     _signed(m["logloss_diff"]) if "logloss_diff" in m else "-"])
     return ["model", "bytes", "ratio", "AUC", "AUC diff", "logloss", "logloss diff"], rows
 
 
 def _table_rows(r: dict):
+    """Two tables: the TT tables' shapes, and their bytes and errors (100 columns)."""
     def weighted(t):
         w = t.get("weighted_error")
         return f"{w:.4f} ({t['importance']})" if w is not None else "-"
 
-    rows = [[t["key"], f"{t['rows']:,}", t["dim"], ",".join(map(str, t["ranks"][1:-1])),
-             f"{t.get('row_map_rows', 0):,}/{t.get('exact_rows', 0):,}", t.get("core_dtype", "float32"),
-             format_bytes(t["bytes_before"]), format_bytes(t["bytes_after"]), f"{t['ratio']:.1f}x",
-             f"{t['relative_error']:.4f}", weighted(t), format_bytes(t["int8_bytes"])] for t in r["tables"]]
+    shapes = [[t["key"], f"{t['rows']:,}", t["dim"], ",".join(map(str, t["ranks"][1:-1])),
+               f"{t.get('row_map_rows', 0):,}/{t.get('exact_rows', 0):,}", t.get("core_dtype", "float32")]
+              for t in r["tables"]]
+    sizes = [[t["key"], format_bytes(t["bytes_before"]), format_bytes(t["bytes_after"]), f"{t['ratio']:.1f}x",
+              f"{t['relative_error']:.4f}", weighted(t), format_bytes(t["int8_bytes"])] for t in r["tables"]]
     tot = r["totals"]
-    rows.append(["total", "", "", "", "", "", format_bytes(tot["tables_bytes_before"]),
-                 format_bytes(tot["tables_bytes_after"]), f"{tot['tables_ratio']:.1f}x", "", "",
-                 format_bytes(tot["tables_int8_bytes"])])
-    return ["table", "rows", "dim", "ranks", "hot/exact rows", "cores", "before", "TT", "ratio", "rel. error",
-            "weighted error", "int8 row-wise"], rows
+    sizes.append(["total", format_bytes(tot["tables_bytes_before"]), format_bytes(tot["tables_bytes_after"]),
+                  f"{tot['tables_ratio']:.1f}x", "", "", format_bytes(tot["tables_int8_bytes"])])
+    return ((["table", "rows", "dim", "ranks", "hot/exact rows", "cores"], shapes),
+            (["table", "before", "TT", "ratio", "rel. error", "weighted error", "int8 row-wise"], sizes))
 
 
 def format_report(r: dict, markdown: bool = False) -> str:
+    import textwrap
     fmt = markdown_table if markdown else render_table
-    parts = [fmt(*_table_rows(r)), "", fmt(*_model_rows(r))]
+    shapes, sizes = _table_rows(r)
+    parts = [fmt(*shapes), "", fmt(*sizes), "", fmt(*_model_rows(r))]
     if r["data"]:
-        parts.append(f"\nAUC and logloss on {r['data']} ({next(iter(r['models'].values()))['n']:,} samples). "
-                     "'compressed' is the AUC before fine-tuning: the gap fine-tuning still has to recover.")
+        parts.append("\n" + textwrap.fill(
+            f"AUC and logloss on {r['data']} ({next(iter(r['models'].values()))['n']:,} samples). 'compressed' is the "
+            "AUC before fine-tuning: the gap fine-tuning still has to recover.", width=100))
+    parts += [textwrap.fill(f"Warning: {w}", width=100, subsequent_indent="  ") for w in r.get("warnings", [])]
     return "\n".join(parts)
 
 

@@ -18,7 +18,8 @@ def render_table(headers: Sequence[str], rows: List[Sequence]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(r):
-        return "  ".join(c.rjust(w) if c[:1].isdigit() or c[:1] == "-" else c.ljust(w) for c, w in zip(r, widths))
+        return "  ".join(c.rjust(w) if c[:1].isdigit() or c[:1] in "-+" else c.ljust(w)
+                         for c, w in zip(r, widths)).rstrip()
 
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
 

@@ -109,3 +109,14 @@ def finetune(compressed, train_data, output, val_data=None, device: str = "auto"
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def describe_best(r: dict) -> str:
+    """The best validation result of :func:`finetune`'s return, said plainly when fine-tuning never beat
+    the model it started from."""
+    best = r.get("best")
+    if not best:
+        return "no validation data: the last step is kept"
+    if best.get("step", 0) == 0:
+        return f"no step beat the start (val AUC {best['auc']:.4f}): kept the start"
+    return f"best val AUC {best['auc']:.4f} at step {best['step']:,}"
