@@ -41,7 +41,7 @@ def test_importance_methods():
     assert d[4] > d[6] > 0 and d[2] == 0
     counts = np.array([0, 9, 0, 0, 1, 0, 0])
     assert top_rows(importance_from(norms, "data", counts), 3).tolist() == [1, 4, 6]  # ties: by norm
-    with pytest.raises(ValueError, match="needs lookup counts"):
+    with pytest.raises(ValueError, match="needs per-row counts"):
         importance_from(norms, "data")
     assert top_rows(norms, 3, exclude=np.array([4])).tolist() == [6, 1, 5]
 
@@ -225,3 +225,38 @@ def test_importance_aware_streaming_path_meets_the_budget(tmp_path):
     assert t.svd_path == "stream" and t.bytes_after <= budget and t.exact_rows + t.hot_rows > 0
     layer = fpd_convert.load(tmp_path / "o.safetensors").table("t.weight")
     torch.testing.assert_close(layer.to_dense()[layer.exact_ids], w[layer.exact_ids])
+
+
+def test_importance_from_the_optimizer_state_without_data(trained):
+    # our train saves Adagrad's state the way facebookresearch/dlrm does: auto takes its per-row sums of
+    # squared gradients (rows never looked up have none) when no data is given
+    from fpd_convert.checkpoints import read_source
+    d = trained
+    src = read_source(d / "base.pt")
+    acc = src.optimizer_accumulators
+    assert set(acc) == {t["key"] for t in src.tables()}
+    assert all(tuple(acc[k].shape) == tuple(src.state[k].shape) for k in acc)
+    summary = fpd_convert.compress(d / "base.pt", d / "opt.safetensors", ratio=20, progress=False, force=True)
+    assert {t.importance for t in summary.tables} == {"optimizer"}
+    rows = acc["emb_l.0.weight"].double().sum(dim=1)
+    assert float((rows == 0).double().mean()) < 1  # some rows were seen ...
+    _, meta = read_compressed(d / "opt.safetensors")
+    assert meta.tt_tables["emb_l.0.weight"]["importance"] == "optimizer"
+    # ... and a checkpoint without that state cannot be asked for it
+    torch.save(src.state, d / "no_opt.pt")
+    with pytest.raises(ValueError, match="needs a checkpoint with its optimizer's state"):
+        fpd_convert.compress(d / "no_opt.pt", d / "x.safetensors", ratio=20, progress=False, force=True,
+                             fidelity=FidelityOptions("optimizer"), tables=["emb_l.0.weight"])
+
+
+def test_optimizer_state_is_paired_with_tables_only_when_it_matches():
+    from fpd_convert.checkpoints.source import optimizer_accumulators
+    state = {"a": torch.zeros(4, 2), "b": torch.zeros(3)}
+    good = {"param_groups": [{"params": [0, 1]}], "state": {0: {"sum": torch.ones(4, 2)}, 1: {"sum": torch.ones(3)}}}
+    assert set(optimizer_accumulators(good, state, ["a"])) == {"a"}
+    fewer = {"param_groups": [{"params": [0]}], "state": {0: {"sum": torch.ones(4, 2)}}}
+    assert optimizer_accumulators(fewer, state, ["a"]) == {}  # a parameter count that differs: no pairing
+    shape = {"param_groups": [{"params": [0, 1]}], "state": {0: {"sum": torch.ones(2, 4)}, 1: {}}}
+    assert optimizer_accumulators(shape, state, ["a"]) == {}
+    sgd = {"param_groups": [{"params": [0, 1]}], "state": {}}
+    assert optimizer_accumulators(sgd, state, ["a"]) == {}

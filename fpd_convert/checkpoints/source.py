@@ -38,6 +38,9 @@ class Source:
     dropped: List[str] = field(default_factory=list)
     #: big tensors are views of a read-only file mapping (see :mod:`.lazy_tables`)
     mapped: bool = False
+    #: per table key, the optimizer's per-element squared-gradient accumulator the checkpoint holds
+    #: (Adagrad's ``sum``, Adam's ``exp_avg_sq``), for row importance without data
+    optimizer_accumulators: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def tables(self) -> List[dict]:
         """Table specs (``key``, ``name``, ``rows``, ``dim``, ``kind``), largest first for generic files."""
@@ -81,7 +84,7 @@ def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None) 
     path = Path(path)
     if layout is not None and layout not in LAYOUTS:
         raise CheckpointError(f"layout should be one of {LAYOUTS} but got {layout!r}")
-    extras, groups, dropped, container = {}, None, [], "state_dict"
+    extras, groups, dropped, container, opt_state = {}, None, [], "state_dict", None
     if path.suffix == ".safetensors":
         state, _ = map_safetensors(path)
         container, mapped = "safetensors", True
@@ -97,6 +100,7 @@ def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None) 
                 if k == "opt_state_dict" and isinstance(v, dict):
                     groups = _json_or_none([{a: to_plain(b) for a, b in g.items()} for g in v.get("param_groups", [])])
                     dropped.append("opt_state_dict.state (optimizer moments; param_groups kept)")
+                    opt_state = v
                     continue
                 plain = to_plain(v)
                 if _json_or_none(plain) is not None or plain is None:
@@ -131,4 +135,36 @@ def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None) 
     arch = (infer_dlrm_architecture(state) if layout == "dlrm"
             else infer_torchrec_architecture(state, keys_sorted=container == "safetensors") if layout == "torchrec"
             else None)
-    return Source(path, layout, arch, state, prefix, container, extras, groups, dropped, mapped)
+    src = Source(path, layout, arch, state, prefix, container, extras, groups, dropped, mapped)
+    if opt_state is not None:
+        src.optimizer_accumulators = optimizer_accumulators(opt_state, state, [t["key"] for t in src.tables()])
+    return src
+
+
+ACCUMULATORS = ("sum", "exp_avg_sq")  # Adagrad's, Adam's (and AdamW's) squared-gradient accumulators
+
+
+def optimizer_accumulators(opt_state: dict, state: Dict[str, torch.Tensor], table_keys) -> Dict[str, torch.Tensor]:
+    """The accumulator of each table in a ``torch.optim`` state_dict saved beside the model.
+
+    ``param_groups[*]["params"]`` number the parameters in the model's order, which is its state_dict's
+    order when the state_dict holds parameters only (facebookresearch/dlrm's DLRM_Net, ours); anything
+    else (buffers, a count or a shape that does not match) gives nothing rather than a wrong pairing."""
+    try:
+        ids = [i for g in opt_state.get("param_groups", []) for i in g["params"]]
+        per_param = opt_state.get("state", {})
+    except (TypeError, KeyError, AttributeError):
+        return {}
+    keys = list(state)
+    if len(ids) != len(keys):
+        return {}
+    out = {}
+    for key, i in zip(keys, ids):
+        if key not in table_keys:
+            continue
+        entry = per_param.get(i, {}) if isinstance(per_param, dict) else {}
+        acc = next((entry[a] for a in ACCUMULATORS if isinstance(entry.get(a), torch.Tensor)), None)
+        if acc is None or tuple(acc.shape) != tuple(state[key].shape):
+            return {}
+        out[key] = acc
+    return out

@@ -37,10 +37,11 @@ from .options import SuffixRows, _int_list, _rank_value, refuse_together, thread
 @click.option("--power-iters", type=click.IntRange(0), default=1, show_default=True,
               help="Streaming path: power iterations (each is two more passes over the table).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVDs.")
-@click.option("--importance", type=click.Choice(["none", "auto", "data", "norm", "drift"]), default="auto",
-              show_default=True, help="Importance-aware TT-SVD: row importance from --data (lookup counts) or the "
-              "weights (norm, or drift above the untrained bulk); auto: data if given, else norm. none: plain "
-              "TT-SVD in natural row order.")
+@click.option("--importance", type=click.Choice(["none", "auto", "data", "optimizer", "norm", "drift"]),
+              default="auto", show_default=True, help="Importance-aware TT-SVD: row importance from --data (lookup "
+              "counts), the checkpoint's optimizer state (Adagrad's or Adam's squared-gradient sums per row), or the "
+              "weights (norm, or drift above the untrained bulk); auto: data if given, else the optimizer's state "
+              "if the checkpoint has it, else norm. none: plain TT-SVD in natural row order.")
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Training data sample for row importance (any format the data readers take).")
 @click.option("--data-rows", type=click.IntRange(1), default=1_000_000, show_default=True, help="Samples of --data to count.")

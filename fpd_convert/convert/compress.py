@@ -195,12 +195,17 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
         raise ValueError("--data gives row importance; it needs an importance other than 'none'")
     src = read_source(model, allow_unsafe=allow_unsafe_pickle, layout=layout)
 
-    counts_of = (lambda chosen: _counts(src, chosen, data, data_rows)) if data is not None else None
+    counts_of, counts_from = None, "data"
+    if data is not None:
+        counts_of = lambda chosen: _counts(src, chosen, data, data_rows)  # noqa: E731
+    elif fidelity.importance in ("auto", "optimizer") and src.optimizer_accumulators:
+        counts_of, counts_from = lambda chosen: _accumulated(src, chosen), "optimizer"  # noqa: E731
     done = compress_tables(src.tables(), src.state, src.mapped, tables=tables, min_rows=min_rows,
                            num_largest=num_largest, rank=rank, ratio=ratio, budget=budget, tol=tol, order=order,
                            svd=svd, svd_path=svd_path, workers=workers, power_iters=power_iters, seed=seed,
-                           fidelity=fidelity, counts_of=counts_of, dim_factors=dim_factors, suffix_rows=suffix_rows,
-                           keep_larger=keep_larger, progress=progress, log=log, source=str(model))
+                           fidelity=fidelity, counts_of=counts_of, counts_from=counts_from, dim_factors=dim_factors,
+                           suffix_rows=suffix_rows, keep_larger=keep_larger, progress=progress, log=log,
+                           source=str(model))
     # 7. write
     tensors, tt_tables = dict(src.state), {}
     for t, res in done.compressed:
@@ -234,11 +239,24 @@ class Compressed:
     workers: int = 1
 
 
+def _accumulated(src, chosen, chunk_rows: int = 1 << 16) -> dict:
+    """Per chosen table key, its rows' sums of the optimizer's squared-gradient accumulator (chunked: the
+    accumulator may be a mapped tensor as big as the table)."""
+    out = {}
+    for t in chosen:
+        acc = src.optimizer_accumulators.get(t["key"])
+        if acc is not None:
+            out[t["key"]] = torch.cat([acc[i:i + chunk_rows].double().sum(dim=1)
+                                       for i in range(0, acc.shape[0], chunk_rows)]).numpy()
+    return out
+
+
 def compress_tables(specs: List[dict], state, mapped: bool = False, tables: Optional[Sequence[str]] = None,
                     min_rows: Optional[int] = None, num_largest: int = 5, rank=None, ratio: Optional[float] = None,
                     budget=None, tol: Optional[float] = None, order: int = 3, svd: str = "auto",
                     svd_path: str = "auto", workers: int = 1, power_iters: int = 1, seed: int = 0,
-                    fidelity: Optional[FidelityOptions] = None, counts_of=None, dim_factors=None,
+                    fidelity: Optional[FidelityOptions] = None, counts_of=None, counts_from: str = "data",
+                    dim_factors=None,
                     suffix_rows="auto", keep_larger: bool = False, progress: bool = True,
                     log: Optional[Callable[[str], None]] = None, source: str = "the model") -> Compressed:
     """Steps 1-6 of :func:`compress` on tables held in memory (or mapped): ``specs`` as
@@ -264,7 +282,7 @@ def compress_tables(specs: List[dict], state, mapped: bool = False, tables: Opti
         log(describe(plans, workers, available, note))
     # 3. row importance of each table (none for plain TT-SVD)
     counts = counts_of(chosen) if counts_of is not None else {}
-    prepared = [prepare(plan, w, mapped, fidelity, counts.get(plan.key)) for plan, w in zip(plans, weights)]
+    prepared = [prepare(plan, w, mapped, fidelity, counts.get(plan.key), counts_from) for plan, w in zip(plans, weights)]
     # 4. candidates and 5. the allocation: the plans' ranks, or the best TTs under the byte budget
     total_budget = None
     if fidelity.importance != "none":  # plain TT-SVD keeps the plans' ranks (ratio per table, budget by size)

@@ -17,27 +17,32 @@ from ..tt.importance import importance_from, top_rows
 from .plan import TablePlan
 
 Reader = Callable[[int, int], np.ndarray]
-IMPORTANCE_CHOICES = ("none", "auto", "data", "norm", "drift")
+IMPORTANCE_CHOICES = ("none", "auto", "data", "optimizer", "norm", "drift")
 EVAL_TOP = 50_000  # most important rows always in the evaluation set
 EVAL_SAMPLE = 20_000  # plus a uniform sample of the others
 
 
 @dataclass
 class FidelityOptions:
-    importance: str = "auto"  # none | auto (data if counts are given, else norm) | data | norm | drift
+    importance: str = "auto"  # none | auto (data, else the optimizer's state, else norm) | data | optimizer | norm | drift
     hot_fraction: float = 0.02  # rows moved to the leading TT rows
     exact_fraction: Optional[float] = None  # rows kept exactly; None: chosen by the budget (0 with --rank/--tol)
     core_dtype: str = "float32"
     exact_dtype: str = "float32"
 
-    def method(self, have_counts: bool) -> str:
+    def method(self, have_counts: bool, counts_from: str = "data") -> str:
+        """The importance a table gets; ``counts_from``: what its counts are (``data``: lookup counts,
+        ``optimizer``: the checkpoint's per-row optimizer accumulator)."""
         if self.importance not in IMPORTANCE_CHOICES:
             raise ValueError(f"importance should be one of {', '.join(IMPORTANCE_CHOICES)} but got "
                              f"{self.importance!r}")
         if self.importance == "auto":
-            return "data" if have_counts else "norm"
-        if self.importance == "data" and not have_counts:
+            return counts_from if have_counts else "norm"
+        if self.importance == "data" and not (have_counts and counts_from == "data"):
             raise ValueError("importance 'data' needs --data (a sample of training data)")
+        if self.importance == "optimizer" and not (have_counts and counts_from == "optimizer"):
+            raise ValueError("importance 'optimizer' needs a checkpoint with its optimizer's state (Adagrad's sums "
+                             "or Adam's second moments of the tables, as facebookresearch/dlrm saves them)")
         return self.importance
 
 
@@ -100,11 +105,12 @@ def evaluation_set(reader: Reader, importance: np.ndarray, seed: int = 0) -> Tab
 
 
 def prepare(plan: TablePlan, weight, mapped: bool, options: FidelityOptions,
-            counts: Optional[np.ndarray]) -> Prepared:
-    """Importance and evaluation set of one table (``counts``: its lookup counts, if data was given)."""
+            counts: Optional[np.ndarray], counts_from: str = "data") -> Prepared:
+    """Importance and evaluation set of one table (``counts``: its lookup counts if data was given, or
+    its optimizer accumulator's row sums, ``counts_from="optimizer"``)."""
     reader = row_reader(weight, mapped)
     if options.importance == "none":
         return Prepared(plan, reader, None, "none", None)
-    method = options.method(counts is not None)
+    method = options.method(counts is not None, counts_from)
     imp = importance_from(row_norms(reader, plan.rows), method, counts)
     return Prepared(plan, reader, imp, method, evaluation_set(reader, imp))

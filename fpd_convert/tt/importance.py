@@ -6,8 +6,9 @@ TT-SVD spends its capacity on the table in its natural row order; here the most
 important rows are either kept exactly, or moved to the leading TT indices (where the
 first core's leading slices serve them alone), and errors are weighted by importance.
 
-Importance comes from the data (lookup counts) or from the weights alone:
-``norm`` (row L2 norm) or ``drift`` (how far a row's norm lies above the bulk of
+Importance comes from the data (lookup counts), from the checkpoint's optimizer state
+(``optimizer``: a row's sum of Adagrad's squared-gradient accumulator, or Adam's second moment, which
+only rows that were looked up gather), or from the weights alone: ``norm`` (row L2 norm) or ``drift`` (how far a row's norm lies above the bulk of
 rows that kept their initialization: robust z-score against the median and MAD).
 
 The row map is a partial permutation stored as the hot ids alone: hot row ``h_k``
@@ -20,7 +21,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-IMPORTANCE_METHODS = ("data", "norm", "drift")
+IMPORTANCE_METHODS = ("data", "optimizer", "norm", "drift")
 
 
 def drift_scores(norms: np.ndarray) -> np.ndarray:
@@ -38,12 +39,12 @@ def importance_from(norms: np.ndarray, method: str, counts: Optional[np.ndarray]
         return norms
     if method == "drift":
         return drift_scores(norms)
-    if method == "data":
+    if method in ("data", "optimizer"):  # counts: lookup counts, or the optimizer's per-row accumulator
         if counts is None:
-            raise ValueError("importance 'data' needs lookup counts")
+            raise ValueError(f"importance {method!r} needs per-row counts")
         counts = np.asarray(counts, dtype=np.float64)
         if counts.shape != norms.shape:
-            raise ValueError(f"lookup counts cover {counts.shape[0]} rows but the table has {norms.shape[0]}")
+            raise ValueError(f"the {method} counts cover {counts.shape[0]} rows but the table has {norms.shape[0]}")
         # a tiny share of the norm orders rows that were never looked up (or equally often)
         top = max(float(norms.max()), 1e-30)
         return counts + 1e-3 * norms / top
