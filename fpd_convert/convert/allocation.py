@@ -65,7 +65,7 @@ def choose_results(prepared: Sequence[Prepared], options: FidelityOptions, budge
             done.append(i)
             if progress and bar.disable:  # not a terminal (a batch job's log): one line per table
                 plan = prepared[i].plan
-                print(f"TT-SVD {len(done)}/{len(prepared)}: {plan.name} ({plan.rows:,} x {plan.dim}), {len(out)} candidates "
+                print(f"TT-SVD {len(done)}/{len(prepared)}: {plan.key} ({plan.rows:,} x {plan.dim}), {len(out)} candidates "
                       f"in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
             return out
         candidates = _map(offer, list(range(len(prepared))), workers)

@@ -20,7 +20,8 @@ from ..outputs import check_output, releases_outputs
 from .allocation import choose_results
 from .importance import FidelityOptions, prepare
 from .measure import final_errors
-from .plan import affordable_workers, describe, memory_available, plan_table, planned_peak, workers_for_cpus
+from .plan import (affordable_workers, describe, memory_available, plan_table, planned_peak, with_importance,
+                   workers_for_cpus)
 from .selection import parse_size, select_tables
 
 DEFAULT_RANK = 32
@@ -275,6 +276,8 @@ def compress_tables(specs: List[dict], state, mapped: bool = False, tables: Opti
     # 2. plan each table: shape, ranks, TT-SVD path, memory
     budget_bytes = parse_size(budget) if budget is not None else None
     plans = plan_tables(chosen, order, rank, ratio, budget_bytes, tol, svd_path, dim_factors, suffix_rows)
+    if fidelity.importance != "none":
+        with_importance(plans)
     available = memory_available()
     cpus = torch.get_num_threads()
     workers, note = workers_for_cpus(affordable_workers(plans, workers, available), cpus)

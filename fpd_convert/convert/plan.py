@@ -26,6 +26,11 @@ MEMORY_PATH_MAX = 2 << 30  # auto: tables whose in-memory peak would exceed this
 # the long-first-core layout on one core, relative errors within 0.0004: docs/benchmarks.md)
 EXACT_SVD_MAX_FLOPS = 2e9
 TOL_MAX_RANK = 256
+# what an importance-aware run holds beside the TT-SVD, per table (fitted to measured peaks of streamed
+# 2M x 16, 2M x 64 and 10M x 64 tables: docs/benchmarks.md): importance, norms and layouts per row, and
+# the moved and exact rows with their copies, a share of the table
+IMPORTANCE_BYTES_PER_ROW = 40
+IMPORTANCE_TABLE_SHARE = 0.3
 
 
 @dataclass
@@ -99,6 +104,12 @@ def plan_table(key: str, name: str, rows: int, dim: int, order: int = 3, rank=No
         limit = MEMORY_PATH_MAX if available is None else min(MEMORY_PATH_MAX, available // 2)
         path = "memory" if memory_peak <= limit or len(rf) < 2 else "stream"
     return TablePlan(key, name, rows, dim, rf, df, ranks, path, memory_peak if path == "memory" else stream_peak)
+
+
+def with_importance(plans: Sequence[TablePlan]) -> None:
+    """Add what row importance holds to each plan's peak (compress with an importance)."""
+    for p in plans:
+        p.peak_bytes += int(IMPORTANCE_BYTES_PER_ROW * p.rows + IMPORTANCE_TABLE_SHARE * p.rows * p.dim * 4)
 
 
 def affordable_workers(plans: Sequence[TablePlan], workers: int, available: int) -> int:
