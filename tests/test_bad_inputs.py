@@ -217,7 +217,7 @@ def _cases():
         cases.append((f"report-original-{bad}", lambda f, o, b=bad: ["report", str(f[b]), str(f["comp"]),
                                                                     "--no-int8"]))
     for bad in BAD_DATA:
-        cases.append((f"train-{bad}", lambda f, o, b=bad: ["train", str(f[b]), "-o", str(o / "m.pt"),
+        cases.append((f"train-{bad}", lambda f, o, b=bad: ["train", "--train", str(f[b]), "-o", str(o / "m.pt"),
                                                           "--table-rows", ",".join(map(str, ROWS))]))
         cases.append((f"finetune-data-{bad}", lambda f, o, b=bad: ["finetune", str(f["comp"]), "--train", str(f[b]),
                                                                   "-o", str(o / "ft.safetensors"), "--max-steps", "2"]))
@@ -249,8 +249,8 @@ def _cases():
         cases.append((f"decompress-output-{name}", lambda f, o, out=out, name=name: ["decompress", str(f["comp"]), "-o",
                                                                          out(f, o) if name != "same-as-input"
                                                                          else str(f["comp"])]))
-        cases.append((f"train-output-{name}", lambda f, o, out=out: ["train", str(f["train"]), "-o", out(f, o)]))
-        cases.append((f"synth-output-{name}", lambda f, o, out=out: ["synth", out(f, o), "--rows", "10"]))
+        cases.append((f"train-output-{name}", lambda f, o, out=out: ["train", "--train", str(f["train"]), "-o", out(f, o)]))
+        cases.append((f"synth-output-{name}", lambda f, o, out=out: ["synth", "-o", out(f, o), "--rows", "10"]))
         cases.append((f"report-plot-{name}", lambda f, o, out=out: ["report", str(f["base"]), str(f["comp"]),
                                                                    "--no-int8", "--plot", out(f, o)]))
         cases.append((f"finetune-output-{name}", lambda f, o, out=out, name=name: [
@@ -260,11 +260,11 @@ def _cases():
         ("report-plot-onto-data", lambda f, o: ["report", str(f["base"]), str(f["comp"]), "--data", str(f["val"]),
                                                 "--no-int8", "--plot", str(f["val"])]),
         ("report-unpaired", lambda f, o: ["report", str(f["other_base"]), str(f["comp"]), "--no-int8"]),
-        ("train-table-rows-zero", lambda f, o: ["train", str(f["train"]), "-o", str(o / "m.pt"), "--table-rows",
+        ("train-table-rows-zero", lambda f, o: ["train", "--train", str(f["train"]), "-o", str(o / "m.pt"), "--table-rows",
                                                 ",".join(["0"] * 26)]),
-        ("train-table-rows-few", lambda f, o: ["train", str(f["train"]), "-o", str(o / "m.pt"), "--table-rows",
+        ("train-table-rows-few", lambda f, o: ["train", "--train", str(f["train"]), "-o", str(o / "m.pt"), "--table-rows",
                                                "10,20"]),
-        ("train-table-rows-word", lambda f, o: ["train", str(f["train"]), "-o", str(o / "m.pt"), "--table-rows", "a"]),
+        ("train-table-rows-word", lambda f, o: ["train", "--train", str(f["train"]), "-o", str(o / "m.pt"), "--table-rows", "a"]),
         ("finetune-resume-nothing", lambda f, o: ["finetune", str(f["comp"]), "--train", str(f["train"]), "-o",
                                                   str(o / "ft.safetensors"), "--resume"]),
         ("finetune-generic", lambda f, o: ["finetune", str(f["generic"]), "--train", str(f["train"]), "-o",

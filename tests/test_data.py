@@ -109,7 +109,7 @@ def test_synth_is_deterministic_and_round_trips_through_text(tmp_path):
     b = generate(2000, seed=7)
     assert all(np.array_equal(p, q) for p, q in zip(a[:3], b[:3]))
     assert 0.15 < a[2].mean() < 0.35
-    r = CliRunner().invoke(main, ["synth", str(tmp_path / "s.txt"), "-n", "2000", "--seed", "7"])
+    r = CliRunner().invoke(main, ["synth", "-o", str(tmp_path / "s.txt"), "-n", "2000", "--seed", "7"])
     assert r.exit_code == 0, r.output
     d, s, y = read_all(tmp_path / "s.txt", a[3])
     assert torch.equal(s, torch.from_numpy(a[1]).long()) and torch.equal(y, torch.from_numpy(a[2]).float())

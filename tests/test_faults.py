@@ -13,22 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import fpd_convert
-from fpd_convert.data.synth import synth
 from fpd_convert.training.finetune import finetune
-from fpd_convert.training.train import train
 
-ROWS = [2000, 1500, 1000, 800, 600] + [50] * 21
+from tiny import tiny_model
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every process
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     d = tmp_path_factory.mktemp("faults")
-    synth(d / "train.npz", 3000, seed=0, table_rows=ROWS)
-    synth(d / "val.npz", 500, seed=1, table_rows=ROWS)
-    train(d / "train.npz", d / "base.pt", table_rows=ROWS, max_steps=3, progress=False)
-    fpd_convert.compress(d / "base.pt", d / "comp.safetensors", rank=4, tables=["0", "1", "2"], progress=False)
+    tiny_model(d)
     return d
 
 

@@ -22,7 +22,7 @@ def test_the_readme_has_two_set_up_commands_and_the_demo():
 
 def test_the_readme_commands_and_python_run_as_written(tmp_path):
     fpd = [sys.executable, "-m", "fpd_convert"]
-    done = subprocess.run(fpd + ["demo", "--dir", "fpd-demo", "--train-rows", "20000"], cwd=tmp_path,
+    done = subprocess.run(fpd + ["demo", "-o", "fpd-demo", "--train-rows", "20000"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     wide = [line for line in (done.stdout + done.stderr).splitlines() if len(line) > 100]

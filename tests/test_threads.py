@@ -73,10 +73,10 @@ def test_a_command_states_its_threads_first_and_writes_files_by_the_umask(tmp_pa
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     run = lambda *a: subprocess.run([sys.executable, "-m", "fpd_convert", *a], capture_output=True, text=True,
                                     env=env, cwd=tmp_path)
-    assert run("synth", str(data), "-n", "600").returncode == 0
+    assert run("synth", "-o", str(data), "-n", "600").returncode == 0
     old = os.umask(0o022)
     try:
-        out = run("train", str(data), "-o", str(model), "--max-steps", "2", "--threads", "1")
+        out = run("train", "--train", str(data), "-o", str(model), "--max-steps", "2", "--threads", "1")
     finally:
         os.umask(old)
     assert out.returncode == 0, out.stderr

@@ -160,7 +160,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, cap
     synth(tmp_path / "train.npz", 6_000, seed=0)
     train(tmp_path / "train.npz", tmp_path / "m.pt", batch_size=64, max_steps=60, force=True)  # progress on
     err = capsys.readouterr().err  # captured: not a terminal, so no bar
-    assert "step 1/60, epoch 1/1: loss" in err and "step 51/60, epoch 1/1: loss" in err, err
-    assert "samples/s" in err
+    assert "train: step 1/60 (2%), epoch 1/1, loss" in err and "train: step 51/60 (85%), epoch 1/1, loss" in err, err
+    assert "samples/s, ETA " in err
     train(tmp_path / "train.npz", tmp_path / "m2.pt", batch_size=64, max_steps=60, force=True, progress=False)
     assert "step 51" not in capsys.readouterr().err

@@ -39,10 +39,10 @@ def bench_threads(steps: int = 200, busy: int = 2, cap: float = 8.0, folder: Opt
     settings: List[Optional[int]] = [None] + list(range(1, usable_cpus() + 1))
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         where = Path(tmp)
-        _run(["synth", "train.npz", "-n", str(steps * 512)], None, where, None)
-        _run(["train", "train.npz", "-o", "model.pt", "--max-steps", str(steps)], 1, where, None)
+        _run(["synth", "-o", "train.npz", "-n", str(steps * 512)], None, where, None)
+        _run(["train", "--train", "train.npz", "-o", "model.pt", "--max-steps", str(steps)], 1, where, None)
         workloads = {
-            f"train ({steps} steps)": ["train", "train.npz", "-o", "again.pt", "--max-steps", str(steps), "--force"],
+            f"train ({steps} steps)": ["train", "--train", "train.npz", "-o", "again.pt", "--max-steps", str(steps), "--force"],
             "compress --ratio 20": ["compress", "model.pt", "-o", "model.tt.safetensors", "--ratio", "20", "--force"],
         }
         out = {"usable_cpus": usable_cpus(), "busy_processes": busy, "cap": cap, "results": []}

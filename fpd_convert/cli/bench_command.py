@@ -6,40 +6,40 @@ import json
 import click
 
 from .group import friendly_errors, main
-from .options import SuffixRows, _int_list, threads_option
+from .options import SuffixRows, _int_list, advanced, device_option, json_option, threads_option, verbosity_options
 
 
 @main.command()
 @click.option("--rows", type=click.IntRange(1), default=1_000_000, show_default=True,
               help="Rows of the benchmark's table (--memory: the cap on the Terabyte tables' rows).")
 @click.option("--dim", type=click.IntRange(1), default=64, show_default=True, help="Embedding dim of the tables.")
-@click.option("--rank", type=click.IntRange(1), default=16, show_default=True, help="TT rank of the benchmark's tables.")
-@click.option("--batch", type=click.IntRange(1), default=None, help="Bags per batch [8192 for lookups; DLRM step: "
+@advanced("--rank", type=click.IntRange(1), default=16, show_default=True, help="TT rank of the benchmark's tables.")
+@advanced("--batch", type=click.IntRange(1), default=None, help="Bags per batch [8192 for lookups; DLRM step: "
               "65536 on CUDA, 2048 on CPU].")
-@click.option("--pooling", type=click.IntRange(1), default=1, show_default=True, help="Ids per bag.")
-@click.option("--zipf", type=click.FloatRange(0), default=1.1, show_default=True,
+@advanced("--pooling", type=click.IntRange(1), default=1, show_default=True, help="Ids per bag.")
+@advanced("--zipf", type=click.FloatRange(0), default=1.1, show_default=True,
               help="Exponent of the ids' popularity (0: uniform).")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
-@click.option("--kernel", type=click.Choice(["auto", "reference", "cpu", "triton"]), default="auto",
+@device_option("the timed work")
+@advanced("--kernel", type=click.Choice(["auto", "reference", "cpu", "triton"]), default="auto",
               show_default=True, help="TT row path to time (the reference is timed beside it).")
-@click.option("--reps", type=click.IntRange(1), default=10, show_default=True, help="Timed repetitions (the median is reported).")
-@click.option("--dim-factors", default=None, help="Lookups: the TT's factors of --dim, e.g. 2,4,8 "
+@advanced("--reps", type=click.IntRange(1), default=10, show_default=True, help="Timed repetitions (the median is reported).")
+@advanced("--dim-factors", default=None, help="Lookups: the TT's factors of --dim, e.g. 2,4,8 "
               "[default: as balanced as possible].")
-@click.option("--suffix-rows", type=SuffixRows(), default="auto", show_default=True,
+@advanced("--suffix-rows", type=SuffixRows(), default="auto", show_default=True,
               help="The TT tables' row factors: auto (the byte-neutral long first core at --rank, as compress "
               "picks), balanced, or an int the trailing row factors multiply to (the first takes the rest).")
-@click.option("--batches", type=click.IntRange(1), default=1, show_default=True,
+@advanced("--batches", type=click.IntRange(1), default=1, show_default=True,
               help="Lookups: cycle through this many distinct batches (1: the same batch every time).")
 @click.option("--step", is_flag=True, help="Also time a DLRM training step, dense vs TT tables.")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
               help="DLRM step (or --serve) on this compressed file's model (implies --step).")
-@click.option("--tt-tables", type=click.IntRange(0), default=5, show_default=True, help="DLRM step: tables in TT.")
-@click.option("--rows-cap", type=click.IntRange(1), default=None,
+@advanced("--tt-tables", type=click.IntRange(0), default=5, show_default=True, help="DLRM step: tables in TT.")
+@advanced("--rows-cap", type=click.IntRange(1), default=None,
               help="DLRM step: cap on table rows [10M on CUDA, 200k on CPU].")
-@click.option("--hot-rows", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@advanced("--hot-rows", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Lookups: give the TT table a row map of this fraction of its hottest ids (timed beside the "
                    "same table without).")
-@click.option("--exact-rows", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@advanced("--exact-rows", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Lookups: keep this fraction of the hottest ids as exact rows.")
 @click.option("--serve", is_flag=True, help="Instead of lookups: the whole model's inference (the demo's, or "
               "--model's) at batch 1, 64 and 2,048 (or --batch) in eager PyTorch, torch.compile, AOTInductor and "
@@ -51,27 +51,29 @@ from .options import SuffixRows, _int_list, threads_option
               "each in its own process: peak RSS against the printed plan and the largest table.")
 @click.option("--thread-fit", is_flag=True, help="Instead of lookups: a 200-step train and the demo's compress with "
               "the default threads against --threads 1..N, quiet and beside 2 CPU-bound processes.")
-@click.option("--svd-paths", default="memory,stream", show_default=True, help="--svd: the paths to run.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+@advanced("--svd-paths", default="memory,stream", show_default=True, help="--svd: the paths to run.")
+@advanced("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True, help="--svd: dtype of the table on disk.")
 @click.option("--folder", type=click.Path(file_okay=False, exists=True), default=None,
               help="--svd, --memory, --thread-fit: where to write the files (default: the temp folder).")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@json_option("the results")
+@verbosity_options
 @friendly_errors
 @threads_option
 def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, dim_factors, suffix_rows, batches, step, model,
-          tt_tables, rows_cap, hot_rows, exact_rows, serve, svd, memory, thread_fit, svd_paths, dtype, folder, as_json):
+          tt_tables, rows_cap, hot_rows, exact_rows, serve, svd, memory, thread_fit, svd_paths, dtype, folder, as_json,
+          quiet):
     """Lookups/s of TTEmbeddingBag vs nn.EmbeddingBag (and a DLRM step), a whole model's serving in every
     runtime (--serve), TT-SVD paths (--svd), or a big model's compress and decompress memory (--memory), in one
     run."""
     if thread_fit:
         from ..bench.threads import bench_threads, format_threads
-        out = bench_threads(folder=folder, echo=None if as_json else lambda text: click.echo(text, err=True))
+        out = bench_threads(folder=folder, echo=None if as_json or quiet else lambda text: click.echo(text, err=True))
         click.echo(json.dumps(out, indent=2) if as_json else format_threads(out))
         return
     if memory:
         from ..bench.memory import bench_memory, format_memory
-        out = bench_memory(rows, dim, folder=folder, echo=None if as_json else lambda text: click.echo(text, err=True))
+        out = bench_memory(rows, dim, folder=folder, echo=None if as_json or quiet else lambda text: click.echo(text, err=True))
         click.echo(json.dumps(out, indent=2) if as_json else format_memory(out))
         return
     if serve:
@@ -85,13 +87,13 @@ def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, dim_facto
                        err=True)
         out = bench_serve(model, [batch] if batch else [1, 64, 2048], runtimes, reps=max(reps, 20), zipf=zipf,
                           device="cpu" if device == "auto" else device,
-                          echo=None if as_json else lambda text: click.echo(text, err=True))
+                          echo=None if as_json or quiet else lambda text: click.echo(text, err=True))
         click.echo(json.dumps(out, indent=2) if as_json else format_serve(out))
         return
     if svd:
         from ..bench.svd import bench_svd, format_svd
         out = bench_svd(rows, dim, rank, dtype, [p.strip() for p in svd_paths.split(",")], folder,
-                        echo=None if as_json else lambda text: click.echo(text, err=True))
+                        echo=None if as_json or quiet else lambda text: click.echo(text, err=True))
         click.echo(json.dumps(out, indent=2) if as_json else format_svd(out))
         return
     from ..bench.lookups import bench_lookups, format_lookups

@@ -6,6 +6,7 @@ import functools
 import click
 
 from .. import __version__
+from .options import Command
 
 
 def friendly_errors(fn):
@@ -46,3 +47,6 @@ def main():
         warnings.filterwarnings("ignore", category=category)
     from ..allocator import keep_freed_memory
     keep_freed_memory()  # CPU steps reuse freed buffers instead of faulting fresh pages in (FPD_MALLOC=system: off)
+
+
+main.command_class = Command  # every command's --help lists the advanced options apart

@@ -7,6 +7,7 @@ each one (:mod:`.plan`), weigh its rows (:mod:`.importance`), make its candidate
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from .measure import final_errors
 from .plan import (affordable_workers, describe, memory_available, plan_table, planned_peak, with_importance,
                    workers_for_cpus)
 from .selection import parse_size, select_tables
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_RANK = 32
 
@@ -103,14 +106,15 @@ class CompressionSummary:
         if fid:
             head += ["weighted", "importance", "hot/exact", "cores"]
         out.append(render_table(head, rows))
-        notes = [f"{t.key}: {t.why}" for t in self.tables if t.why]
+        notes = []  # (each table's ``why`` is logged at INFO: ``compress -v``; in to_dict for --json)
         if fid:
             notes.append("bytes count every tensor of a table (cores, scales, row map, exact rows); rel. err: "
                          "relative error over the rows; weighted: relative error weighted by row importance; hot/exact: "
                          "rows in the row map / kept exactly; cores (+x): weighted error the low-precision cores add")
         on_disk = [os.path.getsize(f) if os.path.exists(f) else 0 for f in (self.input, self.output)]
         notes.append(f"model: {self.input} {format_bytes(on_disk[0])} on disk ({format_bytes(self.model_bytes_before)} "
-                     f"of tensors) -> {self.output} {format_bytes(on_disk[1])} ({on_disk[0] / max(on_disk[1], 1):.1f}x "
+                     f"of tensors) -> {self.output} {format_bytes(on_disk[1])} ({format_bytes(self.model_bytes_after)} of "
+                     f"tensors; {on_disk[0] / max(on_disk[1], 1):.1f}x "
                      f"on disk, {self.model_bytes_before / max(self.model_bytes_after, 1):.1f}x in tensors)")
         notes += [f"skipped: {s}" for s in self.skipped] + [f"kept as it is: {s}" for s in self.kept_as_is]
         notes += [f"not carried over: {s}" for s in self.dropped]
@@ -319,6 +323,8 @@ def compress_tables(specs: List[dict], state, mapped: bool = False, tables: Opti
                                            core_dtype=res.entry["core_dtype"],
                                            core_dtype_added=res.entry.get("core_dtype_added_weighted_error"),
                                            why=res.extra.get("why", "")))
+        if res.extra.get("why"):
+            logger.info("%s: %s", t["key"], res.extra["why"])  # -v: why this table got these bytes
     return done
 
 

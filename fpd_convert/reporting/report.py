@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +12,8 @@ from ..checkpoints import (CheckpointError, is_compressed, read_compressed_meta,
                            table_file_keys)
 from ..checkpoints.compressed_format import file_tensor_bytes
 from ..convert.load import load
-from ..outputs import atomic_path, check_output, releases_outputs
+from ..devices import resolve_device
+from ..outputs import atomic_path, check_output, releases_outputs, write_text
 from ..paths import not_a_file
 from ..data import CriteoData
 from ..training.metrics import evaluate
@@ -19,8 +21,23 @@ from .quantize import int8_rowwise, int8_rowwise_bytes
 from .tables import format_bytes, markdown_table, render_table
 
 
-def _model_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+logger = logging.getLogger(__name__)
+
+
+def check_control(original, control) -> None:
+    """Refuse a control that is not the original fine-tuned (``finetune --control`` records the original's
+    SHA-256 in it)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(control), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        meta = {}
+    if "fpd_convert_control_of" not in meta:
+        raise CheckpointError(f"--control {control}: not a control written by `fpd-convert finetune --control`")
+    if meta.get("source_sha256") != sha256_of(Path(original)):
+        raise CheckpointError(f"--control {control} was fine-tuned from {meta['fpd_convert_control_of']}, not from "
+                              f"{original}")
 
 
 def check_pairing(original, compressed, finetuned=None) -> None:
@@ -39,13 +56,20 @@ def check_pairing(original, compressed, finetuned=None) -> None:
 @releases_outputs
 def report(original, compressed, finetuned=None, data=None, batch_size: int = 8192,
            max_rows: Optional[int] = None, int8: bool = True, strict: bool = False,
-           dense_transform: str = "log", check_source: bool = True, plot=None, force: bool = False) -> dict:
+           dense_transform: str = "log", check_source: bool = True, plot=None, force: bool = False,
+           device: str = "cpu", control=None) -> dict:
     """Per table: bytes before/after, ratio, relative error (and int8's bytes); per model:
     bytes, AUC and log loss on ``data`` and the differences from the original.
 
-    ``plot``: a PNG to write (checked before any work: never over an input or, without ``force``,
-    an existing file).  ``check_source``: refuse compressed files not made from ``original``."""
-    inputs = [original, compressed, finetuned, data]
+    A model's ``bytes`` are those of its tensors as written (the original's weights, the compressed
+    file's tensors: what ``compress`` reports), ``on_disk`` its file's size (the original's may hold
+    optimizer state too).  ``plot``: a PNG to write (checked before any work: never over an input or,
+    without ``force``, an existing file).  ``check_source``: refuse compressed files not made from
+    ``original``.  ``device``: where the models are evaluated.  ``control``: ``original`` fine-tuned with
+    the same schedule as ``finetuned`` (``finetune --control``); the fine-tuned model is then also compared
+    with it (``finetuned_vs_control``)."""
+    dev = resolve_device(device)
+    inputs = [original, compressed, finetuned, data, control]
     if plot is not None:
         _pyplot()  # a missing matplotlib is said before the work, not after
         plot = check_output(plot, [p for p in inputs if p is not None], force)
@@ -54,9 +78,14 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
             reason = not_a_file(path)
             raise CheckpointError(f"{path}: {reason}" if reason else f"{path}: not a compressed file; COMPRESSED and "
                                   "FINETUNED are files written by `fpd-convert compress` / `finetune`")
+    if control is not None and finetuned is None:
+        raise ValueError("--control compares a fine-tuned model with the original fine-tuned the same way: give "
+                         "FINETUNED too")
     models = {"compressed": load(compressed)}  # validates the file before its metadata is used
     if finetuned:
         models["finetuned"] = load(finetuned)
+    if control is not None:
+        check_control(original, control)
     src = read_source(original)
     if check_source:
         check_pairing(original, compressed, finetuned)
@@ -74,6 +103,7 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
                        "exact_rows": e.get("exact_rows", 0), "core_dtype": e.get("core_dtype", "float32"),
                        "int8_bytes": int8_rowwise_bytes(e["num_rows"], e["dim"])})
     out = {"original": str(original), "compressed": str(compressed), "finetuned": str(finetuned) if finetuned else None,
+           "control": str(control) if control else None,
            "data": str(data) if data else None, "tables": tables,
            "totals": {"tables_bytes_before": sum(t["bytes_before"] for t in tables),
                       "tables_bytes_after": sum(t["bytes_after"] for t in tables),
@@ -81,18 +111,29 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
            "models": {}}
     out["totals"]["tables_ratio"] = out["totals"]["tables_bytes_before"] / out["totals"]["tables_bytes_after"]
     rows = [t["rows"] for t in base.architecture["tables"]]
-    original_bytes = _model_bytes(base)
+    original_bytes = src.nbytes()
+    files = {"original": original, "compressed": compressed, "finetuned": finetuned, "control": control}
 
     def measure(name: str, m: torch.nn.Module, nbytes: int) -> None:
-        entry = {"bytes": nbytes, "ratio": original_bytes / nbytes}
+        entry = {"bytes": nbytes, "ratio": original_bytes / nbytes,
+                 "on_disk": Path(files[name]).stat().st_size if name in files else None}
         if data:
-            entry.update(evaluate(m, CriteoData(data, rows, batch_size, dense_transform, strict, max_rows)))
+            m.to(dev)
+            entry.update(evaluate(m, CriteoData(data, rows, batch_size, dense_transform, strict, max_rows), dev))
+            m.to("cpu")
         out["models"][name] = entry
+        logger.info("%s: %s of tensors%s", name, format_bytes(nbytes),
+                    f", AUC {entry['auc']:.4f} on {entry['n']:,} samples" if data else "")
 
     # one dense model at a time: the original, then the same model with its tables rounded to int8 in place
     measure("original", base, original_bytes)
     for name, m in models.items():
-        measure(name, m, _model_bytes(m))
+        measure(name, m, sum(file_tensor_bytes(files[name]).values()))
+    del models
+    if control is not None:  # a dense model: one at a time, as the original
+        ctl = load(control)
+        measure("control", ctl, sum(t.numel() * t.element_size() for t in ctl.state_dict().values()))
+        del ctl
     if int8:
         state = base.state_dict()
         with torch.no_grad():
@@ -107,9 +148,13 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
             entry["auc_diff"] = entry["auc"] - ref["auc"]
             entry["logloss_diff"] = entry["logloss"] - ref["logloss"]
         out["warnings"] += sample_warnings(ref)
-    if finetuned and data and out["models"]["finetuned"]["auc"] > ref["auc"]:
-        out["warnings"].append("the fine-tuned model beats the original: the original may be under-trained (the "
-                               "same fine-tuning of the original would tell; see docs/commands.md)")
+    if control is not None and data:
+        ft, ctl = out["models"]["finetuned"], out["models"]["control"]
+        out["finetuned_vs_control"] = {"auc_diff": ft["auc"] - ctl["auc"], "logloss_diff": ft["logloss"] - ctl["logloss"]}
+    elif finetuned and data and out["models"]["finetuned"]["auc"] > ref["auc"]:
+        out["warnings"].append("the fine-tuned model beats the original: the original may be under-trained; "
+                               "the same fine-tuning of the original tells (finetune --control ORIGINAL, then "
+                               "report --control)")
     elif not data:
         out["warnings"].append("no --data: sizes only; give test data (--data FILE) for AUC and logloss")
     if plot is not None:
@@ -140,11 +185,12 @@ def _signed(x: float) -> str:
 def _model_rows(r: dict):
     rows = []
     for name, m in r["models"].items():
-        rows.append([name, format_bytes(m["bytes"]), f"{m['ratio']:.1f}x",
+        disk = m.get("on_disk")
+        rows.append([name, format_bytes(m["bytes"]), format_bytes(disk) if disk is not None else "-", f"{m['ratio']:.1f}x",
                      f"{m['auc']:.4f}" if "auc" in m else "-", _signed(m["auc_diff"]) if "auc_diff" in m else "-",
                      f"{m['logloss']:.4f}" if "logloss" in m else "-",
                      _signed(m["logloss_diff"]) if "logloss_diff" in m else "-"])
-    return ["model", "bytes", "ratio", "AUC", "AUC diff", "logloss", "logloss diff"], rows
+    return ["model", "tensors", "on disk", "ratio", "AUC", "AUC diff", "logloss", "logloss diff"], rows
 
 
 def _table_rows(r: dict):
@@ -174,6 +220,12 @@ def format_report(r: dict, markdown: bool = False) -> str:
         parts.append("\n" + textwrap.fill(
             f"AUC and logloss on {r['data']} ({next(iter(r['models'].values()))['n']:,} samples). 'compressed' is the "
             "AUC before fine-tuning: the gap fine-tuning still has to recover.", width=100))
+    vs = r.get("finetuned_vs_control")
+    if vs:
+        parts.append(textwrap.fill(
+            f"finetuned against the control (the original fine-tuned the same way, {r['control']}): AUC "
+            f"{_signed(vs['auc_diff'])}, logloss {_signed(vs['logloss_diff'])}. This, not the diff from the "
+            "original, is what the compression cost after fine-tuning.", width=100, subsequent_indent="  "))
     parts += [textwrap.fill(f"Warning: {w}", width=100, subsequent_indent="  ") for w in r.get("warnings", [])]
     return "\n".join(parts)
 
@@ -188,31 +240,77 @@ def _pyplot():
     return plt
 
 
+def plot_points(r: dict) -> list:
+    """What the plot shows: per model (name, megabytes, AUC or None, label), the label giving its bytes,
+    ratio and AUC difference from the original."""
+    points = []
+    for name, m in r["models"].items():
+        label = f"{name}\n{format_bytes(m['bytes'])}, {m['ratio']:.1f}x"
+        if "auc_diff" in m:
+            label += f", AUC {_signed(m['auc_diff'])}" if name != "original" else f", AUC {m['auc']:.4f}"
+        points.append((name, m["bytes"] / 1e6, m.get("auc"), label))
+    return points
+
+
 @releases_outputs
 def plot_report(r: dict, path, force: bool = False) -> None:
-    """Bars of model sizes and AUCs, written atomically to ``path`` (PNG), never over the report's
-    inputs or, without ``force``, an existing file."""
+    """Size against AUC, one labelled point per model (sizes alone as labelled bars without test data),
+    written atomically to ``path`` (PNG), never over the report's inputs or, without ``force``, an existing
+    file."""
     plt = _pyplot()
-    inputs = [r[k] for k in ("original", "compressed", "finetuned", "data") if r.get(k)]
+    inputs = [r[k] for k in ("original", "compressed", "finetuned", "data", "control") if r.get(k)]
     path = check_output(path, inputs, force)
-    names = list(r["models"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].bar(names, [r["models"][n]["bytes"] / 1e6 for n in names], color="tab:blue")
-    axes[0].set_ylabel("model size (MB)")
-    axes[0].set_title("size")
-    if "auc" in r["models"][names[0]]:
-        aucs = [r["models"][n]["auc"] for n in names]
-        axes[1].bar(names, aucs, color="tab:green")
-        lo = min(aucs)
-        axes[1].set_ylim(lo - 0.02, max(aucs) + 0.005)
-        axes[1].set_ylabel("AUC")
-        axes[1].set_title("AUC on " + Path(r["data"]).name)
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=20)
+    points = plot_points(r)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if all(auc is not None for _, _, auc, _ in points):
+        groups = {}  # models with the same size and AUC (a fine-tune that kept its start) share one label
+        for name, mb, auc, label in points:
+            groups.setdefault((round(mb, 4), round(auc, 4)), []).append((name, mb, auc, label))
+        for i, members in enumerate(sorted(groups.values(), key=lambda g: g[0][1])):
+            name, mb, auc, label = members[0]
+            if len(members) > 1:
+                label = " = ".join(m[0] for m in members) + "\n" + label.split("\n", 1)[1]
+            ax.scatter([mb], [auc], s=50, zorder=3)
+            ax.annotate(label, (mb, auc), textcoords="offset points", xytext=(6, 8 if i % 2 == 0 else -26),
+                        fontsize=8)
+        ref = r["models"]["original"]["auc"]
+        ax.axhline(ref, color="gray", linewidth=0.8, linestyle="--", zorder=1)
+        ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.set_xlabel("model size, MB of tensors (log scale)")
+        ax.set_ylabel("AUC on " + Path(r["data"]).name)
+        aucs = [auc for _, _, auc, _ in points]
+        pad = max(max(aucs) - min(aucs), 0.002) * 0.5
+        ax.set_ylim(min(aucs) - pad, max(aucs) + pad)
+        sizes = [mb for _, mb, _, _ in points]
+        ax.set_xlim(min(sizes) / 1.6, max(sizes) * 2.5)  # room for the labels right of the points
+        ax.set_title("size against AUC (dashed: the original's AUC)")
+    else:
+        names = [p[0] for p in points]
+        bars = ax.barh(names, [p[1] for p in points], color="tab:blue")
+        for bar, (_, _, _, label) in zip(bars, points):
+            ax.annotate(label.split("\n", 1)[1], (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                        textcoords="offset points", xytext=(4, -3), fontsize=8)
+        ax.set_xlabel("model size, MB of tensors (no test data: give --data for AUC)")
+        ax.set_xlim(0, max(p[1] for p in points) * 1.4)
+    ax.grid(True, alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def claim_report_output(path, inputs, force: bool = False) -> Path:
+    """Check and claim ``report -o`` before any work (see :func:`fpd_convert.outputs.check_output`)."""
+    return check_output(path, [p for p in inputs if p is not None], force)
+
+
+def write_report(path, text: str) -> Path:
+    """Write a claimed report file atomically."""
+    return write_text(path, text + "\n", force=True)
 
 
 def to_json(r: dict) -> str:

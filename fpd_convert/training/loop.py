@@ -13,6 +13,7 @@ batch (DDP averages the gradients, so the result equals one process with that ba
 """
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import sys
@@ -29,6 +30,8 @@ from ..checkpoints import CheckpointError, load_torch_file
 from ..outputs import atomic_path
 from .metrics import evaluate
 from .sparse_grads import sparse_table_gradients
+
+logger = logging.getLogger(__name__)
 
 #: seconds between progress lines when stderr is not a terminal (no progress bar then)
 LINE_EVERY_S = 30.0
@@ -71,13 +74,40 @@ def _cpu_state(model):
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def planned_steps(train_data, epochs: int, max_steps: Optional[int]) -> Optional[int]:
+    """The steps a run will take: ``epochs`` times the data's batches (estimated for text files), capped by
+    ``max_steps``; None when neither is known."""
+    data = getattr(train_data, "dataset", train_data)  # a DataLoader over our dataset
+    per_epoch = data.num_batches() if hasattr(data, "num_batches") else None
+    total = per_epoch * epochs if per_epoch else None
+    if max_steps is not None:
+        total = max_steps if total is None else min(total, max_steps)
+    return total
+
+
+def progress_line(desc: str, step: int, total: Optional[int], epoch: int, epochs: int, loss: float, rate: float,
+                  steps_per_s: float) -> str:
+    """One progress line for a log: ``finetune: step 1,200/4,000 (30%), epoch 1/1, loss 0.4512, 51,000
+    samples/s, ETA 1m05s``."""
+    where = f"step {step:,}"
+    if total:
+        where += f"/{total:,} ({min(step / total, 1):.0%})"
+    eta = ""
+    if total and steps_per_s > 0:
+        left = max(total - step, 0) / steps_per_s
+        eta = f", ETA {int(left // 60)}m{int(left % 60):02d}s"
+    return f"{desc}: {where}, epoch {epoch + 1}/{epochs}, loss {loss:.4f}, {rate:,.0f} samples/s{eta}"
+
+
 def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1, max_steps: Optional[int] = None,
         eval_every: Optional[int] = None, patience: Optional[int] = None, device="cpu", progress: bool = True,
         state_path: Optional[Path] = None, resume: bool = False, interrupt_after: Optional[int] = None,
         val_batches: Optional[int] = None, log: Callable[[str], None] = lambda s: None,
         eval_at_start: bool = False, checkpoint_every: Optional[int] = None,
-        checkpoint_seconds: Optional[float] = CHECKPOINT_EVERY_S) -> FitResult:
-    """Train ``model`` in place; returns the best state and the evaluation history."""
+        checkpoint_seconds: Optional[float] = CHECKPOINT_EVERY_S, desc: str = "train") -> FitResult:
+    """Train ``model`` in place; returns the best state and the evaluation history.  ``desc`` names the
+    progress bar (on a terminal: a bar with the total steps and the ETA; otherwise a line every
+    :data:`LINE_EVERY_S` seconds with the same figures)."""
     device = torch.device(device)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -145,7 +175,7 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
         m = evaluate(model, val_data, device, val_batches)
         m.update(step=st["step"], samples=st["samples"])
         st["history"].append(m)
-        log(f"step {st['step']}: val AUC {m['auc']:.4f}, logloss {m['logloss']:.4f}")
+        say(f"step {st['step']:,}: val AUC {m['auc']:.4f}, logloss {m['logloss']:.4f}")
         if m["auc"] > st["best_auc"]:
             st.update(best_auc=m["auc"], best_metrics=m, bad_evals=0)
             best_state = _cpu_state(model)
@@ -154,12 +184,25 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
         st["best_state"] = best_state
         return patience is not None and st["bad_evals"] >= patience
 
+    total = planned_steps(train_data, epochs, max_steps)
+    logger.info("%s: %s steps planned (%d epoch%s%s) on %s, %s, evaluating %s", desc,
+                f"{total:,}" if total else "an unknown number of", epochs, "s" if epochs > 1 else "",
+                f", at most {max_steps:,} steps" if max_steps else "", device, type(optimizer).__name__,
+                f"every {eval_every:,} steps and at each epoch's end" if eval_every else "at each epoch's end"
+                if val_data is not None else "never (no validation data)")
+    bar = tqdm(total=total, desc=desc, unit="step", disable=True if (not progress or rank != 0) else None,
+               file=sys.stderr, mininterval=1.0, initial=st["step"])
+
+    def say(text: str) -> None:  # a line above the bar, never glued onto it
+        if bar.disable:
+            log(text)
+        else:
+            bar.write(text, file=sys.stderr)
+
     if eval_at_start and not resume:
         run_eval()  # the starting point competes for "best" too
-    t0, done_samples0 = time.time(), st["samples"]
+    t0, done_samples0, done_steps0 = time.time(), st["samples"], st["step"]
     result = FitResult(best_state, None)
-    bar = tqdm(total=max_steps, desc="train", unit="step", disable=True if (not progress or rank != 0) else None, file=sys.stderr, mininterval=1.0,
-               initial=st["step"])
     last_line = [time.time()]
     sparse_grads = sparse_table_gradients(model, optimizer, distributed)  # dense tables: exact sparse updates
     sparse_grads.__enter__()  # left in the finally below
@@ -190,8 +233,8 @@ def fit(model: torch.nn.Module, train_data, val_data, optimizer, epochs: int = 1
                     bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
                     if progress and rank == 0 and bar.disable and time.time() - last_line[0] >= LINE_EVERY_S:
                         last_line[0] = time.time()  # no bar (stderr is not a terminal): a line now and then
-                        log(f"step {st['step']:,}" + (f"/{max_steps:,}" if max_steps else "") +
-                            f", epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, {rate:,.0f} samples/s")
+                        log(progress_line(desc, st["step"], total, epoch, epochs, loss.item(), rate,
+                                          (st["step"] - done_steps0) / max(time.time() - t0, 1e-9)))
                 if eval_every and st["step"] % eval_every == 0 and run_eval():
                     result.stopped_early = True
                     break
