@@ -112,6 +112,17 @@ def test_the_input_file_is_untouched_by_streaming(tmp_path):
     assert (tmp_path / "m.safetensors").read_bytes() == before
 
 
+def test_a_streamed_table_reports_each_pass_off_a_terminal(tmp_path, capsys):
+    w = torch.from_numpy(low_tt_rank_table(30_000, 16, 4, 0.3))
+    save_file({"t.weight": w}, str(tmp_path / "m.safetensors"))
+    fpd_convert.compress(tmp_path / "m.safetensors", tmp_path / "c.safetensors", rank=4, svd_path="stream",
+                         power_iters=1, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("TT-SVD t.weight: pass")]
+    # one decomposition: the range pass, a power iteration's two passes and the projection pass
+    assert [line.split(" over ")[0] for line in lines] == [f"TT-SVD t.weight: pass {k}/4" for k in range(1, 5)]
+    assert "over 30,000 rows" in lines[0] and "ETA" in lines[-1]
+
+
 _CAPPED = textwrap.dedent('''
     import resource, sys, torch, fpd_convert, fpd_convert.convert, tensorly, sklearn.metrics
     torch.randn(256, 256) @ torch.randn(256, 256)  # start the thread pool before the cap

@@ -178,3 +178,36 @@ def test_ladder_errors_without_rebuilding_equal_the_rebuilt_ones(rng, svd, n, rf
     assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0]
     for dec in decs:
         assert dec.relative_error == pytest.approx(relative_error(w, dec.cores), abs=1e-5)
+
+
+def test_the_candidates_sketch_is_close_to_the_exact_ladder(rng):
+    # a slowly decaying spectrum, as trained tables have: the sketch's errors stay within 0.003 of the
+    # exact SVD's at every rank, and each is the error of its own cores
+    from fpd_convert.tt import relative_error
+    from fpd_convert.tt.decompose import tt_svd_ladder
+    n, rf, df = 60_000, [235, 16, 16], [4, 2, 2]
+    w = (rng.standard_normal((n, 16)) * (1 + np.arange(16)) ** -0.3).astype(np.float32)
+    w += (rng.standard_normal((n, 1)) * rng.standard_normal((1, 16))).astype(np.float32)
+    lists = [[1, r, r, 1] for r in (4, 16, 48)]
+    exact = tt_svd_ladder(w, rf, df, lists, "truncated_svd", 0)
+    sketch = tt_svd_ladder(w, rf, df, lists, "truncated_svd", 0, sketch=True)
+    for e, s in zip(exact, sketch):
+        assert abs(s.relative_error - e.relative_error) <= 0.003
+        assert s.relative_error == pytest.approx(relative_error(w, s.cores), abs=1e-5)
+
+
+def test_the_candidates_evaluation_sample_estimates_the_weighted_sums(rng):
+    from fpd_convert.convert.importance import TableEval
+    n = 50_000
+    weights = rng.pareto(1.2, n) + 0.01
+    rows = rng.standard_normal((n, 8)).astype(np.float32)
+    ev = TableEval(np.arange(n), weights, rows)
+    assert ev.subset(n) is ev
+    sub = ev.subset(8_192, seed=1)
+    assert sub.ids.size == 8_192 and np.all(np.diff(sub.ids) > 0)
+    heavy = np.argsort(-weights)[:4_096]
+    assert np.isin(heavy, sub.ids).all()  # the heaviest half is always in
+    err = rng.standard_normal((n, 8)) * 0.1
+    full = float(np.sum(weights * np.sum(err ** 2, axis=1)))
+    est = float(np.sum(sub.weights * np.sum(err[sub.ids] ** 2, axis=1)))
+    assert est == pytest.approx(full, rel=0.05)  # the sample stands for the rest

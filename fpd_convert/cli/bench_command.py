@@ -49,6 +49,9 @@ from .options import SuffixRows, _int_list, advanced, device_option, json_option
 @click.option("--memory", is_flag=True, help="Instead of lookups: a facebookresearch/dlrm checkpoint of the Criteo "
               "Terabyte tables capped at --rows rows x --dim, written to disk; compress --ratio 50 and decompress, "
               "each in its own process: peak RSS against the printed plan and the largest table.")
+@click.option("--compress-cost", is_flag=True, help="Instead of lookups: the CPU time of compress with importance "
+              "(the candidate search) against plain TT-SVD, on the demo's trained model (--ratio 20) and on a --rows x "
+              "--dim table (--ratio 50), each in its own process.")
 @click.option("--thread-fit", is_flag=True, help="Instead of lookups: a 200-step train and the demo's compress with "
               "the default threads against --threads 1..N, quiet and beside 2 CPU-bound processes.")
 @advanced("--svd-paths", default="memory,stream", show_default=True, help="--svd: the paths to run.")
@@ -61,11 +64,18 @@ from .options import SuffixRows, _int_list, advanced, device_option, json_option
 @friendly_errors
 @threads_option
 def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, dim_factors, suffix_rows, batches, step, model,
-          tt_tables, rows_cap, hot_rows, exact_rows, serve, svd, memory, thread_fit, svd_paths, dtype, folder, as_json,
+          tt_tables, rows_cap, hot_rows, exact_rows, serve, svd, memory, compress_cost, thread_fit, svd_paths, dtype, folder,
+          as_json,
           quiet):
     """Lookups/s of TTEmbeddingBag vs nn.EmbeddingBag (and a DLRM step), a whole model's serving in every
     runtime (--serve), TT-SVD paths (--svd), or a big model's compress and decompress memory (--memory), in one
     run."""
+    if compress_cost:
+        from ..bench.compress_cost import bench_compress_cost, format_compress_cost
+        out = bench_compress_cost(rows, dim, folder=folder,
+                                  echo=None if as_json or quiet else lambda text: click.echo(text, err=True))
+        click.echo(json.dumps(out, indent=2) if as_json else format_compress_cost(out))
+        return
     if thread_fit:
         from ..bench.threads import bench_threads, format_threads
         out = bench_threads(folder=folder, echo=None if as_json or quiet else lambda text: click.echo(text, err=True))

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 from tqdm import tqdm
 
 from ..tt.allocate import allocate
-from .candidates import EXACT_FRACTIONS, Result, chosen_result, fixed_result, table_candidates
+from .candidates import EXACT_FRACTIONS, Result, chosen_result, fixed_result, stream_progress, table_candidates
 from .importance import FidelityOptions, Prepared
 
 
@@ -32,7 +32,7 @@ def _why(p: Prepared, chosen, candidates, share: int) -> str:
     return (f"{len(candidates)} candidates (row map or not, {len(EXACT_FRACTIONS)} exact-row fractions at most, "
             f"ranks around its size share of {share:,} B); chosen: ranks {','.join(map(str, res.shape.ranks[1:-1]))}, "
             f"{res.entry['row_map_rows']:,} map + {res.entry['exact_rows']:,} exact rows, {chosen.nbytes:,} B, "
-            f"weighted error {res.weighted_error:.4f} (the cheapest candidate: {cheapest.nbytes:,} B, "
+            f"weighted error {res.weighted_error:.4f} as compared (the cheapest candidate: {cheapest.nbytes:,} B, "
             f"{cheapest.error ** 0.5:.4f}); the budget went where it lowered the weighted error most per byte")
 
 
@@ -45,7 +45,11 @@ def choose_results(prepared: Sequence[Prepared], options: FidelityOptions, budge
                file=sys.stderr)
 
     def fixed(p: Prepared) -> Result:
-        res = fixed_result(p, options, tol, seed, svd, power_iters)
+        passes = stream_progress(p, 1, power_iters, progress)
+        res = fixed_result(p, options, tol, seed, svd, power_iters,
+                           passes.update if isinstance(passes, tqdm) else passes)
+        if isinstance(passes, tqdm):
+            passes.close()
         bar.update(1)
         return res
 

@@ -54,6 +54,22 @@ class TableEval:
     weights: np.ndarray
     rows: np.ndarray
 
+    def subset(self, size: int, seed: int = 0) -> "TableEval":
+        """At most ``size`` of these rows for comparing candidates: the heaviest half kept, a uniform sample
+        of the others with their weights scaled up by what they stand for (an unbiased estimate of the
+        same weighted sums)."""
+        n = self.ids.size
+        if n <= size:
+            return self
+        order = np.argsort(-self.weights, kind="stable")
+        keep, rest = order[: size // 2], order[size // 2:]
+        rng = np.random.default_rng(seed)
+        drawn = rng.choice(rest, size=size - keep.size, replace=False)
+        pick = np.sort(np.concatenate([keep, drawn]))
+        weights = self.weights[pick].copy()
+        weights[np.isin(pick, drawn)] *= rest.size / drawn.size
+        return TableEval(self.ids[pick], weights, self.rows[pick])
+
 
 @dataclass
 class Prepared:
@@ -65,6 +81,13 @@ class Prepared:
     importance: Optional[np.ndarray]
     method: str
     ev: Optional[TableEval]
+    _candidate_ev: Optional[TableEval] = None
+
+    def candidate_ev(self, size: int) -> Optional[TableEval]:
+        """The evaluation set candidates are compared on (:meth:`TableEval.subset`, drawn once)."""
+        if self.ev is not None and self._candidate_ev is None:
+            self._candidate_ev = self.ev.subset(size)
+        return self._candidate_ev
 
 
 def row_norms(reader: Reader, rows: int, chunk: int = 1 << 15) -> np.ndarray:

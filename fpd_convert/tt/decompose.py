@@ -194,13 +194,23 @@ def tolerance_sweep(tensor: np.ndarray, row_factors: Sequence[int], dim_factors:
     return cores
 
 
+#: the sketch of :func:`tt_svd_ladder` (``sketch=True``): extra random vectors and power iterations
+SKETCH_OVERSAMPLES = 64
+SKETCH_POWER_ITERS = 4
+
+
 def tt_svd_ladder(weight: np.ndarray, row_factors: Sequence[int], dim_factors: Sequence[int],
                   rank_lists: Sequence[Sequence[int]], svd: str = "truncated_svd",
-                  random_state: Optional[int] = 0) -> List[TTDecomposition]:
+                  random_state: Optional[int] = 0, sketch: bool = False) -> List[TTDecomposition]:
     """TT-SVD (as ``tt_svd(..., svd=svd)``: ``truncated_svd`` exact, ``randomized_svd`` TensorLy's
     randomized range finder) at several rank lists, sharing the SVD of the first (largest) unfolding,
     which every rank list truncates, and its projection, which gives every rank list's error without
     rebuilding the table.
+
+    ``sketch``: the first unfolding's SVD is TensorLy's randomized one with :data:`SKETCH_OVERSAMPLES`
+    extra vectors and :data:`SKETCH_POWER_ITERS` power iterations (the later, small unfoldings stay exact):
+    on trained tables, whose spectra decay slowly, its errors are within ~0.001 of the exact SVD's at
+    about a quarter of its cost (docs/benchmarks.md), which is what comparing many candidates needs.
 
     Returns one decomposition per rank list (ranks clamped), with its relative error on the real rows.
     """
@@ -209,7 +219,13 @@ def tt_svd_ladder(weight: np.ndarray, row_factors: Sequence[int], dim_factors: S
     modes = tensor.shape
     first = tensor.reshape(modes[0], -1)
     r_max = max(r[1] for r in rank_lists)
-    u, s, v = svd_interface(first, n_eigenvecs=min(r_max, min(first.shape)), method=svd, random_state=random_state)
+    k = min(r_max, min(first.shape))
+    if sketch and k + SKETCH_OVERSAMPLES < min(first.shape):
+        u, s, v = svd_interface(first, n_eigenvecs=k, method="randomized_svd", random_state=random_state,
+                                n_oversamples=SKETCH_OVERSAMPLES, n_iter=SKETCH_POWER_ITERS)
+        svd = "truncated_svd"  # the later unfoldings are small
+    else:
+        u, s, v = svd_interface(first, n_eigenvecs=k, method=svd, random_state=random_state)
     projected = u.T @ first  # U^T W: the first core's coefficients, exact for either SVD
     norm_sq = float(np.sum(np.square(first, dtype=np.float64)))
     del tensor, first
