@@ -31,7 +31,8 @@ def test_the_readme_commands_and_python_run_as_written(tmp_path):
     walk = _blocks("bash")[2].replace("fpd-convert ", f"{sys.executable} -m fpd_convert ")
     done = subprocess.run(["bash", "-e", "-c", walk], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("model.tt.safetensors", "model.ft.safetensors", "report.png", "model.onnx", "model.dense.pt"):
+    for name in ("model.tt.safetensors", "model.ft.safetensors", "model.ft.control.safetensors", "report.png",
+                 "model.onnx", "model.dense.pt"):
         assert (tmp_path / name).stat().st_size > 0, name
     done = subprocess.run([sys.executable, "-c", _blocks("python")[0]], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
