@@ -211,3 +211,14 @@ def test_the_candidates_evaluation_sample_estimates_the_weighted_sums(rng):
     full = float(np.sum(weights * np.sum(err ** 2, axis=1)))
     est = float(np.sum(sub.weights * np.sum(err[sub.ids] ** 2, axis=1)))
     assert est == pytest.approx(full, rel=0.05)  # the sample stands for the rest
+
+
+def test_optimizer_importance_is_the_root_of_the_accumulated_squares():
+    from fpd_convert.tt.importance import importance_from, top_rows
+    sums = np.array([0.0, 4.0, 400.0, 1.0, 9.0])
+    norms = np.array([1.0, 2.0, 3.0, 4.0, 0.5])
+    imp = importance_from(norms, "optimizer", sums)
+    np.testing.assert_allclose(imp, np.sqrt(sums) + 1e-3 * norms / 4.0)
+    assert list(top_rows(imp, 5)) == list(top_rows(sums + 1e-3 * norms / 4.0, 5))  # the same ranking
+    data = importance_from(norms, "data", sums)  # lookup counts stay counts
+    np.testing.assert_allclose(data, sums + 1e-3 * norms / 4.0)

@@ -25,7 +25,7 @@ from .options import (SuffixRows, _int_list, _rank_value, advanced, force_option
               help="Relative reconstruction error per table (delta-truncated TT-SVD), between 0 and 1.")
 @click.option("--importance", type=click.Choice(["none", "auto", "data", "optimizer", "norm", "drift"]),
               default="auto", show_default=True, help="Importance-aware TT-SVD: row importance from --data (lookup "
-              "counts), the checkpoint's optimizer state (Adagrad's or Adam's squared-gradient sums per row), or the "
+              "counts), the checkpoint's optimizer state (the root of each row's sum of Adagrad's or Adam's squared gradients), or the "
               "weights (norm, or drift above the untrained bulk); auto: data if given, else the optimizer's state "
               "if the checkpoint has it, else norm. none: plain TT-SVD in natural row order.")
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False), default=None,

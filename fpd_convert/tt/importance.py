@@ -7,8 +7,9 @@ important rows are either kept exactly, or moved to the leading TT indices (wher
 first core's leading slices serve them alone), and errors are weighted by importance.
 
 Importance comes from the data (lookup counts), from the checkpoint's optimizer state
-(``optimizer``: a row's sum of Adagrad's squared-gradient accumulator, or Adam's second moment, which
-only rows that were looked up gather), or from the weights alone: ``norm`` (row L2 norm) or ``drift`` (how far a row's norm lies above the bulk of
+(``optimizer``: the square root of a row's sum of Adagrad's squared-gradient accumulator, or of Adam's
+second moment, which only rows that were looked up gather: the root damps the few rows whose gradients
+were large, and ranks rows as the sum does), or from the weights alone: ``norm`` (row L2 norm) or ``drift`` (how far a row's norm lies above the bulk of
 rows that kept their initialization: robust z-score against the median and MAD).
 
 The row map is a partial permutation stored as the hot ids alone: hot row ``h_k``
@@ -43,6 +44,10 @@ def importance_from(norms: np.ndarray, method: str, counts: Optional[np.ndarray]
         if counts is None:
             raise ValueError(f"importance {method!r} needs per-row counts")
         counts = np.asarray(counts, dtype=np.float64)
+        if method == "optimizer":
+            # sum of squared gradients -> its root: at --ratio 50 on our dlrm models (docs/benchmarks.md)
+            # Adam -0.0001 AUC instead of -0.0027, Adagrad -0.0000 instead of -0.0004
+            counts = np.sqrt(np.maximum(counts, 0.0))
         if counts.shape != norms.shape:
             raise ValueError(f"the {method} counts cover {counts.shape[0]} rows but the table has {norms.shape[0]}")
         # a tiny share of the norm orders rows that were never looked up (or equally often)
