@@ -260,3 +260,19 @@ def test_optimizer_state_is_paired_with_tables_only_when_it_matches():
     assert optimizer_accumulators(shape, state, ["a"]) == {}
     sgd = {"param_groups": [{"params": [0, 1]}], "state": {}}
     assert optimizer_accumulators(sgd, state, ["a"]) == {}
+
+
+def test_the_fidelity_set_runs_and_its_figures_agree(tmp_path):
+    # one small model of the set: every figure present, and the difference from the control is the
+    # fine-tuned model's difference less the control's
+    from fpd_convert.bench.fidelity import bench_fidelity, format_fidelity
+    out = bench_fidelity(("adagrad",), (16,), epochs=2, train_rows=6000, folder=str(tmp_path))
+    m = out["models"][0]
+    assert m["model"] == "adagrad-d16-e2" and m["r50"]["importance"] == "optimizer"
+    assert 45 <= m["r50"]["tables_ratio"] <= 55
+    r200 = m["r200"]
+    assert r200["finetuned_vs_control"] == pytest.approx(r200["finetuned"] - r200["control"], abs=1e-9)
+    assert {"compressed", "int8_rowwise"} <= set(m["r50"]) and "compressed" in m["r50_plain"]
+    text = format_fidelity(out)
+    assert "adagrad-d16-e2" in text and max(len(line) for line in text.splitlines()) <= 100
+    assert list(tmp_path.iterdir()) == []  # its files lived in a temp folder

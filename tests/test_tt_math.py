@@ -184,13 +184,13 @@ def test_the_candidates_sketch_is_close_to_the_exact_ladder(rng):
     # a slowly decaying spectrum, as trained tables have: the sketch's errors stay within 0.003 of the
     # exact SVD's at every rank, and each is the error of its own cores
     from fpd_convert.tt import relative_error
-    from fpd_convert.tt.decompose import tt_svd_ladder
+    from fpd_convert.tt.decompose import Sketch, tt_svd_ladder
     n, rf, df = 60_000, [235, 16, 16], [4, 2, 2]
     w = (rng.standard_normal((n, 16)) * (1 + np.arange(16)) ** -0.3).astype(np.float32)
     w += (rng.standard_normal((n, 1)) * rng.standard_normal((1, 16))).astype(np.float32)
     lists = [[1, r, r, 1] for r in (4, 16, 48)]
     exact = tt_svd_ladder(w, rf, df, lists, "truncated_svd", 0)
-    sketch = tt_svd_ladder(w, rf, df, lists, "truncated_svd", 0, sketch=True)
+    sketch = tt_svd_ladder(w, rf, df, lists, "truncated_svd", 0, sketch=Sketch(0))
     for e, s in zip(exact, sketch):
         assert abs(s.relative_error - e.relative_error) <= 0.003
         assert s.relative_error == pytest.approx(relative_error(w, s.cores), abs=1e-5)
@@ -222,3 +222,26 @@ def test_optimizer_importance_is_the_root_of_the_accumulated_squares():
     assert list(top_rows(imp, 5)) == list(top_rows(sums + 1e-3 * norms / 4.0, 5))  # the same ranking
     data = importance_from(norms, "data", sums)  # lookup counts stay counts
     np.testing.assert_allclose(data, sums + 1e-3 * norms / 4.0)
+
+
+def test_a_sketch_starts_the_next_table_from_its_subspace(rng):
+    # two tables that differ in 1% of their rows: the second, from the first's subspace with one power
+    # iteration, is as close to its exact SVD as a cold start with four
+    from fpd_convert.tt.decompose import SKETCH_OVERSAMPLES, Sketch
+    a = (rng.standard_normal((900, 40)) @ rng.standard_normal((40, 1000))
+         + 0.3 * rng.standard_normal((900, 1000))).astype(np.float32)
+    b = a.copy()
+    b[rng.choice(900, 9, replace=False)] = rng.standard_normal((9, 1000)).astype(np.float32)
+    exact = np.linalg.svd(b.astype(np.float64), compute_uv=False)
+
+    def captured(u):
+        return float(np.sum((u.T @ b.astype(np.float64)) ** 2))
+
+    sk = Sketch(0)
+    sk.svd(a, 32)
+    assert sk.basis.shape == (1000, 32 + SKETCH_OVERSAMPLES)
+    warm = sk.svd(b, 32)
+    cold = Sketch(1).svd(b, 32)
+    best = float(np.sum(exact[:32] ** 2))
+    assert captured(warm[0]) >= 0.999 * best and captured(cold[0]) >= 0.999 * best
+    np.testing.assert_allclose(warm[1], exact[:32], rtol=2e-3)

@@ -52,6 +52,9 @@ from .options import SuffixRows, _int_list, advanced, device_option, json_option
 @click.option("--compress-cost", is_flag=True, help="Instead of lookups: the CPU time of compress with importance "
               "(the candidate search) against plain TT-SVD, on the demo's trained model (--ratio 20) and on a --rows x "
               "--dim table (--ratio 50), each in its own process.")
+@click.option("--fidelity", is_flag=True, help="Instead of lookups: the fidelity set: DLRMs trained 2 epochs with SGD, "
+              "Adagrad and Adam at dims 16 and 64, compressed --ratio 50 without data (beside plain TT-SVD and int8) "
+              "and --ratio 200 with data, fine-tuned against a control; AUC differences on 50k test rows.")
 @click.option("--thread-fit", is_flag=True, help="Instead of lookups: a 200-step train and the demo's compress with "
               "the default threads against --threads 1..N, quiet and beside 2 CPU-bound processes.")
 @advanced("--svd-paths", default="memory,stream", show_default=True, help="--svd: the paths to run.")
@@ -64,12 +67,17 @@ from .options import SuffixRows, _int_list, advanced, device_option, json_option
 @friendly_errors
 @threads_option
 def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, dim_factors, suffix_rows, batches, step, model,
-          tt_tables, rows_cap, hot_rows, exact_rows, serve, svd, memory, compress_cost, thread_fit, svd_paths, dtype, folder,
+          tt_tables, rows_cap, hot_rows, exact_rows, serve, svd, memory, compress_cost, fidelity, thread_fit, svd_paths, dtype, folder,
           as_json,
           quiet):
     """Lookups/s of TTEmbeddingBag vs nn.EmbeddingBag (and a DLRM step), a whole model's serving in every
     runtime (--serve), TT-SVD paths (--svd), or a big model's compress and decompress memory (--memory), in one
     run."""
+    if fidelity:
+        from ..bench.fidelity import bench_fidelity, format_fidelity
+        out = bench_fidelity(folder=folder, echo=None if as_json or quiet else lambda text: click.echo(text, err=True))
+        click.echo(json.dumps(out, indent=2) if as_json else format_fidelity(out))
+        return
     if compress_cost:
         from ..bench.compress_cost import bench_compress_cost, format_compress_cost
         out = bench_compress_cost(rows, dim, folder=folder,

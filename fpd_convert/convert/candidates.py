@@ -25,7 +25,7 @@ from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, streami
 from ..tt import tt_param_count
 from ..tt.allocate import Candidate
 from ..tt.core_quant import decode, element_bytes, encode
-from ..tt.decompose import tt_svd_ladder
+from ..tt.decompose import Sketch, tt_svd_ladder
 from ..tt.importance import row_map_moves, top_rows, tt_positions
 from .importance import FidelityOptions, Prepared, Reader, TableEval, gather
 from .measure import layer_of, weighted_error_sq
@@ -143,9 +143,12 @@ def finish(dec: TTDecomposition, layout: Layout, exact_values: Optional[np.ndarr
 
 
 def results_for(p: Prepared, options: FidelityOptions, exact_fraction: float, hot: int, rank_lists, tol, seed, svd,
-                power_iters, progress=None, only: Optional[int] = None) -> List[Result]:
+                power_iters, progress=None, only: Optional[int] = None,
+                sketch: Optional[Sketch] = None) -> List[Result]:
     """One result per rank list (or one for ``tol``) of this layout of the table; ``only``: the result of
-    that rank list alone (the decompositions are the same: the ladder shares its first SVD)."""
+    that rank list alone (the decompositions are the same: the ladder shares its first SVD).  ``sketch``:
+    the candidates' sketch of the first unfolding where the plan's SVD is the exact one (a layout of the
+    same row map starts from the last one's subspace)."""
     plan = p.plan
     layout = make_layout(p.importance, int(round(exact_fraction * plan.rows)), hot)
     reader = (LayoutReader(p.reader, plan.rows, layout, writable=True) if layout.hot_ids.size or layout.exact_ids.size
@@ -153,14 +156,15 @@ def results_for(p: Prepared, options: FidelityOptions, exact_fraction: float, ho
     whole = reader(0, plan.rows) if plan.path == "memory" else None
     exact_values = gather(p.reader, layout.exact_ids) if layout.exact_ids.size else None
     method = svd_method(plan.rows, plan.dim, plan.row_factors, plan.dim_factors, svd)
-    if plan.path == "memory" and tol is None and only is not None:
-        # the chosen candidate, rebuilt by the plan's own SVD (exact where it is cheap)
-        decs = tt_svd_ladder(whole, plan.row_factors, plan.dim_factors, [rank_lists[only]], method, seed)
-    elif plan.path == "memory" and tol is None and len(rank_lists) > 1:
-        # candidates: TT-SVD sharing the first unfolding's SVD across the ladder; a sketch of it where the
-        # plan's SVD is the exact one (a big table's randomized SVD costs less than the sketch already)
-        decs = tt_svd_ladder(whole, plan.row_factors, plan.dim_factors, rank_lists, method, seed,
-                             sketch=method == "truncated_svd")
+    if plan.path == "memory" and tol is None and (only is not None or len(rank_lists) > 1):
+        # TT-SVD sharing the first unfolding's SVD across the ladder: for candidates and for the chosen one
+        # rebuilt, a sketch of it where the plan's SVD is the exact one (a big table's randomized SVD costs
+        # less than the sketch already)
+        lists = rank_lists if only is None else [rank_lists[only]]
+        if method == "truncated_svd" and sketch is None:
+            sketch = Sketch(seed)
+        decs = tt_svd_ladder(whole, plan.row_factors, plan.dim_factors, lists, method, seed,
+                             sketch=sketch if method == "truncated_svd" else None)
     else:  # each rank list on its own (streamed: each is its passes over the table)
         lists = rank_lists if tol is None else [None]
         decs = [decompose(reader, plan.rows, plan.dim, plan.row_factors, plan.dim_factors, ranks, tol, plan.path,
@@ -268,9 +272,10 @@ def table_candidates(p: Prepared, share: int, options: FidelityOptions, seed, sv
     bar = stream_progress(p, len(layouts) * len(ladder), power_iters, progress, position)  # streamed: minutes
     tick = bar.update if isinstance(bar, tqdm) else bar
     out = []
-    for exact_fraction, hot in layouts:
+    sketches = {h: Sketch(seed) for _, h in layouts}  # per row map: its layouts differ in a few rows
+    for exact_fraction, hot in sorted(layouts, key=lambda fh: (fh[1], fh[0])):
         for i, res in enumerate(results_for(p, options, exact_fraction, hot, ladder, None, seed, svd, power_iters,
-                                            tick)):
+                                            tick, sketch=sketches[hot])):
             # a candidate keeps what the allocation compares (bytes, error); the chosen one is rebuilt
             # (chosen_result): every candidate's cores at once would hold up to a table's worth per table
             res.table = None
@@ -284,8 +289,9 @@ def table_candidates(p: Prepared, share: int, options: FidelityOptions, seed, sv
 
 def chosen_result(p: Prepared, chosen: Candidate, options: FidelityOptions, seed, svd, power_iters) -> Result:
     """The candidate the allocation chose, rebuilt with its tables: the same layout and ranks, by the plan's
-    own SVD (candidates are compared by a sketch of the first unfolding, on a sample of the evaluation
-    set, :data:`CANDIDATE_EVAL_ROWS`), and measured on the whole evaluation set."""
+    SVD or, where that is the exact one, a sketch of its own from a random start (candidates are compared
+    by sketches that start from their row map's last subspace, on a sample of the evaluation set,
+    :data:`CANDIDATE_EVAL_ROWS`), and measured on the whole evaluation set."""
     c = chosen.config
     res = results_for(p, options, c["exact_fraction"], c["hot"], c["ladder"], None, seed, svd, power_iters,
                       only=c["index"])[0]
