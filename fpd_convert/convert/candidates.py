@@ -32,6 +32,8 @@ from .measure import layer_of, weighted_error_sq
 from .plan import TOL_MAX_RANK, svd_method
 
 EXACT_FRACTIONS = (0.0, 0.005, 0.01, 0.02)
+#: TensorLy's randomized SVD defaults (``randomized_svd``'s ``n_oversamples``, ``n_iter``)
+TENSORLY_OVERSAMPLES, TENSORLY_POWER_ITERS = 5, 2
 #: rows of the evaluation set candidates are compared on (the chosen one is measured on all of it)
 CANDIDATE_EVAL_ROWS = 16_384
 
@@ -147,8 +149,7 @@ def results_for(p: Prepared, options: FidelityOptions, exact_fraction: float, ho
                 sketch: Optional[Sketch] = None) -> List[Result]:
     """One result per rank list (or one for ``tol``) of this layout of the table; ``only``: the result of
     that rank list alone (the decompositions are the same: the ladder shares its first SVD).  ``sketch``:
-    the candidates' sketch of the first unfolding where the plan's SVD is the exact one (a layout of the
-    same row map starts from the last one's subspace)."""
+    the candidates' sketch of the first unfolding (:func:`candidate_sketch`)."""
     plan = p.plan
     layout = make_layout(p.importance, int(round(exact_fraction * plan.rows)), hot)
     reader = (LayoutReader(p.reader, plan.rows, layout, writable=True) if layout.hot_ids.size or layout.exact_ids.size
@@ -157,14 +158,12 @@ def results_for(p: Prepared, options: FidelityOptions, exact_fraction: float, ho
     exact_values = gather(p.reader, layout.exact_ids) if layout.exact_ids.size else None
     method = svd_method(plan.rows, plan.dim, plan.row_factors, plan.dim_factors, svd)
     if plan.path == "memory" and tol is None and (only is not None or len(rank_lists) > 1):
-        # TT-SVD sharing the first unfolding's SVD across the ladder: for candidates and for the chosen one
-        # rebuilt, a sketch of it where the plan's SVD is the exact one (a big table's randomized SVD costs
-        # less than the sketch already)
+        # TT-SVD sharing the first unfolding's SVD across the ladder, by the candidates' sketch; the chosen
+        # one rebuilt by a sketch of its own where the plan's SVD is the exact one, else by the plan's SVD
         lists = rank_lists if only is None else [rank_lists[only]]
-        if method == "truncated_svd" and sketch is None:
-            sketch = Sketch(seed)
-        decs = tt_svd_ladder(whole, plan.row_factors, plan.dim_factors, lists, method, seed,
-                             sketch=sketch if method == "truncated_svd" else None)
+        if only is not None:
+            sketch = Sketch(seed) if method == "truncated_svd" else None
+        decs = tt_svd_ladder(whole, plan.row_factors, plan.dim_factors, lists, method, seed, sketch=sketch)
     else:  # each rank list on its own (streamed: each is its passes over the table)
         lists = rank_lists if tol is None else [None]
         decs = [decompose(reader, plan.rows, plan.dim, plan.row_factors, plan.dim_factors, ranks, tol, plan.path,
@@ -264,6 +263,18 @@ def stream_progress(p: Prepared, decompositions: int, power_iters: int, progress
                 file=sys.stderr, desc=f"{p.plan.name} ({decompositions} streamed TT-SVD)")
 
 
+def candidate_sketch(p: Prepared, svd: str, seed: int) -> Optional[Sketch]:
+    """The sketch a row map's candidates share (each layout starts from the last one's subspace): where the
+    plan's SVD is the exact one, :class:`Sketch`'s defaults (a quarter of its cost); where it is TensorLy's
+    randomized one (big tables), that SVD's own oversampling and power iterations from a random start."""
+    plan = p.plan
+    if plan.path != "memory":
+        return None
+    if svd_method(plan.rows, plan.dim, plan.row_factors, plan.dim_factors, svd) == "truncated_svd":
+        return Sketch(seed)
+    return Sketch(seed, oversamples=TENSORLY_OVERSAMPLES, power_iters=TENSORLY_POWER_ITERS)
+
+
 def table_candidates(p: Prepared, share: int, options: FidelityOptions, seed, svd, power_iters,
                      progress: bool = False, position: int = 0) -> List[Candidate]:
     """Every candidate of a table around its ``share`` of the budget: layouts x a ladder of ranks."""
@@ -272,7 +283,7 @@ def table_candidates(p: Prepared, share: int, options: FidelityOptions, seed, sv
     bar = stream_progress(p, len(layouts) * len(ladder), power_iters, progress, position)  # streamed: minutes
     tick = bar.update if isinstance(bar, tqdm) else bar
     out = []
-    sketches = {h: Sketch(seed) for _, h in layouts}  # per row map: its layouts differ in a few rows
+    sketches = {h: candidate_sketch(p, svd, seed) for _, h in layouts}  # per row map: layouts differ in few rows
     for exact_fraction, hot in sorted(layouts, key=lambda fh: (fh[1], fh[0])):
         for i, res in enumerate(results_for(p, options, exact_fraction, hot, ladder, None, seed, svd, power_iters,
                                             tick, sketch=sketches[hot])):

@@ -212,15 +212,17 @@ class Sketch:
 
     seed: int = 0
     basis: Optional[np.ndarray] = None
+    oversamples: int = SKETCH_OVERSAMPLES
+    power_iters: int = SKETCH_POWER_ITERS  # from a random start; from ``basis``: one
 
     def svd(self, a: np.ndarray, k: int):
         """``(u, s, vt)`` of ``a``'s ``k`` leading singular triplets; ``basis`` is left for the next call."""
-        width = min(k + SKETCH_OVERSAMPLES, min(a.shape))
+        width = min(k + self.oversamples, min(a.shape))
         if self.basis is not None and self.basis.shape == (a.shape[1], width):
             start, iters = self.basis, 1
         else:
             start = np.random.default_rng(self.seed).standard_normal((a.shape[1], width)).astype(a.dtype)
-            iters = SKETCH_POWER_ITERS
+            iters = self.power_iters
         q = np.linalg.qr(a @ start)[0]
         for _ in range(iters):
             q = np.linalg.qr(a @ np.linalg.qr(a.T @ q)[0])[0]
@@ -250,7 +252,7 @@ def tt_svd_ladder(weight: np.ndarray, row_factors: Sequence[int], dim_factors: S
     first = tensor.reshape(modes[0], -1)
     r_max = max(r[1] for r in rank_lists)
     k = min(r_max, min(first.shape))
-    if sketch is not None and k + SKETCH_OVERSAMPLES < min(first.shape):
+    if sketch is not None and k + sketch.oversamples < min(first.shape):
         u, s, v = sketch.svd(first, k)
         svd = "truncated_svd"  # the later unfoldings are small
     else:
