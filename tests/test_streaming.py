@@ -46,6 +46,26 @@ def test_streaming_error_within_2_percent_of_tensorly(order, rank):
         assert st.relative_error == pytest.approx(relative_error(w, st.cores), rel=1e-3, abs=1e-4)
 
 
+def test_a_streamed_ladder_is_one_set_of_passes_and_as_good_as_each_rank_alone():
+    from fpd_convert.tt.streaming import streaming_tt_svd_ladder
+    w = trained_like(20_000, 16)
+    n, d = w.shape
+    rf, df = factor_rows(n, 3), factor_dims(d, 3)
+    lists = [clamp_ranks(r, rf, df, warn=False) for r in (2, 4, 8)]
+    reads = []
+    ladder = streaming_tt_svd_ladder(lambda a, b: w[a:b], n, d, rf, df, lists, seed=0, chunk_bytes=1 << 20,
+                                     progress=reads.append)
+    assert sum(reads) == 4 * n  # range, one power iteration (two passes), projection: for all three
+    for ranks, dec in zip(lists, ladder):
+        alone = stream(w, ranks=ranks)
+        assert dec.shape.ranks == alone.shape.ranks
+        assert dec.relative_error <= alone.relative_error + 5e-4  # a wider sketch: as good (TT-SVD is greedy)
+        assert dec.relative_error == pytest.approx(relative_error(w, dec.cores), rel=1e-3, abs=1e-4)
+    widest = stream(w, ranks=lists[-1])
+    for x, y in zip(ladder[-1].cores, widest.cores):  # the largest rank list: the very same decomposition
+        np.testing.assert_array_equal(x, y)
+
+
 def test_streaming_tolerance_mode_meets_the_bound():
     w = low_tt_rank_table(20_000, 16, 6, 0.2)
     for eps in (0.3, 0.1):

@@ -26,6 +26,7 @@ from ..tt import tt_param_count
 from ..tt.allocate import Candidate
 from ..tt.core_quant import decode, element_bytes, encode
 from ..tt.decompose import Sketch, tt_svd_ladder
+from ..tt.streaming import streaming_tt_svd_ladder
 from ..tt.importance import row_map_moves, top_rows, tt_positions
 from .importance import FidelityOptions, Prepared, Reader, TableEval, gather
 from .measure import layer_of, weighted_error_sq
@@ -164,7 +165,15 @@ def results_for(p: Prepared, options: FidelityOptions, exact_fraction: float, ho
         if only is not None:
             sketch = Sketch(seed) if method == "truncated_svd" else None
         decs = tt_svd_ladder(whole, plan.row_factors, plan.dim_factors, lists, method, seed, sketch=sketch)
-    else:  # each rank list on its own (streamed: each is its passes over the table)
+    elif plan.path == "stream" and tol is None and len(rank_lists) > 1:
+        # the ladder from one set of passes over the table: every rank list truncates one sketch (the chosen
+        # candidate is rebuilt the same way: the same decomposition)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            decs = streaming_tt_svd_ladder(reader, plan.rows, plan.dim, plan.row_factors, plan.dim_factors,
+                                           rank_lists, power_iters=power_iters, seed=seed, progress=progress)
+        decs = decs if only is None else decs[only:only + 1]
+    else:  # each rank list on its own
         lists = rank_lists if tol is None else [None]
         decs = [decompose(reader, plan.rows, plan.dim, plan.row_factors, plan.dim_factors, ranks, tol, plan.path,
                           seed, svd, power_iters, progress, whole)
@@ -280,7 +289,7 @@ def table_candidates(p: Prepared, share: int, options: FidelityOptions, seed, sv
     """Every candidate of a table around its ``share`` of the budget: layouts x a ladder of ranks."""
     ladder = _ladder(p, share, options)
     layouts = _layouts(p, options, share)
-    bar = stream_progress(p, len(layouts) * len(ladder), power_iters, progress, position)  # streamed: minutes
+    bar = stream_progress(p, len(layouts), power_iters, progress, position)  # streamed: one set of passes a layout
     tick = bar.update if isinstance(bar, tqdm) else bar
     out = []
     sketches = {h: candidate_sketch(p, svd, seed) for _, h in layouts}  # per row map: layouts differ in few rows

@@ -101,12 +101,28 @@ def streaming_tt_svd(read_rows: RowReader, num_rows: int, dim: int, row_factors:
     """
     if (ranks is None) == (tol is None):
         raise ValueError("give exactly one of ranks or tol")
+    return streaming_tt_svd_ladder(read_rows, num_rows, dim, row_factors, dim_factors,
+                                   None if ranks is None else [ranks], tol, max_rank, oversample, power_iters, seed,
+                                   chunk_bytes, progress)[0]
+
+
+def streaming_tt_svd_ladder(read_rows: RowReader, num_rows: int, dim: int, row_factors: Sequence[int],
+                            dim_factors: Sequence[int], rank_lists: Optional[Sequence[Sequence[int]]] = None,
+                            tol: Optional[float] = None, max_rank: int = 256, oversample: int = 10,
+                            power_iters: int = 1, seed: int = 0, chunk_bytes: int = 64 << 20,
+                            progress: Optional[Callable[[int], None]] = None) -> List[TTDecomposition]:
+    """:func:`streaming_tt_svd` at several rank lists for the passes of one: the first unfolding's sketch is
+    as wide as the largest first rank needs, and every rank list truncates its SVD (a narrower rank list
+    gets a wider sketch than on its own: an error at most as large).  One decomposition per rank list
+    (one for ``tol``)."""
+    if (rank_lists is None) == (tol is None):
+        raise ValueError("give exactly one of rank lists or tol")
     k = len(row_factors)
     if k < 2:
         raise ValueError("the streaming TT-SVD needs at least two cores")
     n1, d1 = row_factors[0], dim_factors[0]
     m = n1 * d1
-    r_target = ranks[1] if ranks is not None else min(max_rank, m)
+    r_target = max(r[1] for r in rank_lists) if rank_lists is not None else min(max_rank, m)
     cols = math.prod(row_factors[1:]) * (dim // d1)
     sketch = min(m, cols, r_target + oversample)
     plan = stream_plan(num_rows, dim, row_factors, dim_factors, sketch, chunk_bytes)
@@ -149,19 +165,28 @@ def streaming_tt_svd(read_rows: RowReader, num_rows: int, dim: int, row_factors:
             progress(read)
     u_b, s, vt = torch.linalg.svd(b, full_matrices=False)
     del b
+    return [_from_first_unfolding(q, u_b, s, vt, norm_sq, num_rows, dim, row_factors, dim_factors, ranks, tol,
+                                  max_rank, sketch, min(m, cols))
+            for ranks in (rank_lists if rank_lists is not None else [None])]
+
+
+def _from_first_unfolding(q, u_b, s, vt, norm_sq: float, num_rows: int, dim: int, row_factors, dim_factors,
+                          ranks, tol, max_rank: int, sketch: int, full: int) -> TTDecomposition:
+    """The decomposition at ``ranks`` (or ``tol``) from the first unfolding's sketched SVD ``q u_b s vt``."""
+    k = len(row_factors)
+    n1, d1 = row_factors[0], dim_factors[0]
     s64 = s.double().numpy()
     if tol is not None:
         delta = tol / math.sqrt(k - 1) * math.sqrt(norm_sq)
         outside = max(norm_sq - float(np.sum(s64 ** 2)), 0.0)  # energy the sketch did not capture
         r1 = truncation_rank(s64, delta, outside)
-        if r1 == len(s64) and sketch < min(m, cols):
+        if r1 == len(s64) and sketch < full:
             warnings.warn(f"the tolerance {tol} needs more than {sketch} singular vectors of the first "
                           f"unfolding; the first rank is capped at {sketch} (raise max_rank)")
     else:
         r1 = ranks[1]
     first = (q @ u_b[:, :r1]).numpy().reshape(1, n1, d1, r1)
     remainder = (s[:r1, None] * vt[:r1]).numpy()  # (r1, N), columns (i_2..i_k, p_2..p_k)
-    del vt, u_b
     kept_sq = float(np.sum(remainder.astype(np.float64) ** 2))
     rf, df = list(row_factors[1:]), list(dim_factors[1:])
     t = remainder.reshape([r1] + rf + df)
