@@ -78,7 +78,8 @@ def bench_fidelity(optimizers: Sequence[str] = ("sgd", "adagrad", "adam"), dims:
 
 
 def _signed(x) -> str:
-    return "" if x is None else f"{round(x, 4) + 0.0:+.4f}"
+    from ..reporting.tables import signed
+    return "" if x is None else signed(x)
 
 
 def format_model(m: dict) -> str:

@@ -18,7 +18,7 @@ from ..paths import not_a_file
 from ..data import CriteoData
 from ..training.metrics import evaluate
 from .quantize import int8_rowwise, int8_rowwise_bytes
-from .tables import format_bytes, markdown_table, render_table
+from .tables import format_bytes, markdown_table, render_table, signed
 
 
 logger = logging.getLogger(__name__)
@@ -176,20 +176,14 @@ def sample_warnings(m: dict) -> list:
     return out
 
 
-def _signed(x: float) -> str:
-    """``+0.0012``; a difference that rounds to zero is ``+0.0000``, never ``-0.0000``."""
-    v = round(float(x), 4)
-    return f"{v if v != 0 else 0.0:+.4f}"
-
-
 def _model_rows(r: dict):
     rows = []
     for name, m in r["models"].items():
         disk = m.get("on_disk")
         rows.append([name, format_bytes(m["bytes"]), format_bytes(disk) if disk is not None else "-", f"{m['ratio']:.1f}x",
-                     f"{m['auc']:.4f}" if "auc" in m else "-", _signed(m["auc_diff"]) if "auc_diff" in m else "-",
+                     f"{m['auc']:.4f}" if "auc" in m else "-", signed(m["auc_diff"]) if "auc_diff" in m else "-",
                      f"{m['logloss']:.4f}" if "logloss" in m else "-",
-                     _signed(m["logloss_diff"]) if "logloss_diff" in m else "-"])
+                     signed(m["logloss_diff"]) if "logloss_diff" in m else "-"])
     return ["model", "tensors", "on disk", "ratio", "AUC", "AUC diff", "logloss", "logloss diff"], rows
 
 
@@ -224,7 +218,7 @@ def format_report(r: dict, markdown: bool = False) -> str:
     if vs:
         parts.append(textwrap.fill(
             f"finetuned against the control (the original fine-tuned the same way, {r['control']}): AUC "
-            f"{_signed(vs['auc_diff'])}, logloss {_signed(vs['logloss_diff'])}. This, not the diff from the "
+            f"{signed(vs['auc_diff'])}, logloss {signed(vs['logloss_diff'])}. This, not the diff from the "
             "original, is what the compression cost after fine-tuning.", width=100, subsequent_indent="  "))
     parts += [textwrap.fill(f"Warning: {w}", width=100, subsequent_indent="  ") for w in r.get("warnings", [])]
     return "\n".join(parts)
@@ -247,7 +241,7 @@ def plot_points(r: dict) -> list:
     for name, m in r["models"].items():
         label = f"{name}\n{format_bytes(m['bytes'])}, {m['ratio']:.1f}x"
         if "auc_diff" in m:
-            label += f", AUC {_signed(m['auc_diff'])}" if name != "original" else f", AUC {m['auc']:.4f}"
+            label += f", AUC {signed(m['auc_diff'])}" if name != "original" else f", AUC {m['auc']:.4f}"
         points.append((name, m["bytes"] / 1e6, m.get("auc"), label))
     return points
 

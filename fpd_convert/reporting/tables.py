@@ -12,6 +12,13 @@ def format_bytes(n: float) -> str:
     return f"{n} B"
 
 
+def signed(x: float) -> str:
+    """A difference to 4 decimals with its sign, ``+0.0012``; one that rounds to zero is ``+0.0000``,
+    never ``-0.0000``."""
+    v = round(float(x), 4)
+    return f"{v if v != 0 else 0.0:+.4f}"
+
+
 def render_table(headers: Sequence[str], rows: List[Sequence]) -> str:
     """Columns padded to their widest cell; numbers right-aligned."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
