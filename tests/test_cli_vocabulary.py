@@ -176,3 +176,8 @@ def test_json_of_synth_decompress_and_inspect(models, tmp_path):
                                   "--json", "-q"])
     assert r.exit_code == 0, r.output
     assert r.stderr == "" and json.loads(r.stdout)["tables_rebuilt"] == ["emb_l.0.weight", "emb_l.1.weight"]
+
+
+def test_differences_are_signed_and_never_minus_zero():
+    from fpd_convert.reporting.tables import signed
+    assert [signed(x) for x in (-0.00004, 0.0, 0.00126, -0.0012)] == ["+0.0000", "+0.0000", "+0.0013", "-0.0012"]
