@@ -208,3 +208,43 @@ def test_finetune_under_torchrun_with_dmp_equals_one_process(tmp_path):
     assert a.keys() == b.keys()
     for k in a:  # float32 sums split over two processes: rounding only
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_a_torchrec_keyed_optimizer_state_gives_importance_without_data(tmp_path):
+    # TorchRec code trains the model with a KeyedOptimizer; its state_dict, saved apart, pairs with the
+    # tables by name and gives compress the optimizer's importance (as a dlrm checkpoint's own state does)
+    from torchrec.optim.keyed import KeyedOptimizerWrapper
+    from fpd_convert.checkpoints import CheckpointError
+    from fpd_convert.checkpoints.source import read_optimizer_state, read_source
+    torch.manual_seed(0)
+    configs = [EmbeddingBagConfig(name=f"t_{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f_{i}"])
+               for i, n in enumerate(ROWS)]  # one feature a table: the layout compress reads
+    model = DLRM(embedding_bag_collection=EmbeddingBagCollection(configs), dense_in_features=13,
+                 dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    opt = KeyedOptimizerWrapper(dict(model.named_parameters()), lambda p: torch.optim.Adagrad(p, lr=0.05))
+    for step in range(5):
+        g = torch.Generator().manual_seed(step)
+        dense, labels = torch.rand(64, 13, generator=g), (torch.rand(64, generator=g) < 0.3).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(dense, _kjt(configs, 64, step, False))
+                                                                    .squeeze(1), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    src = read_source(tmp_path / "model.pt")
+    acc = read_optimizer_state(tmp_path / "opt.pt", src)
+    key = "sparse_arch.embedding_bag_collection.embedding_bags.t_0.weight"
+    want = opt.state_dict()["state"][key]["sum"]
+    assert key in acc and torch.equal(acc[key], want)
+    s = fpd_convert.compress(tmp_path / "model.pt", tmp_path / "c.safetensors", ratio=10, num_largest=2,
+                             optimizer_state=tmp_path / "opt.pt", progress=False)
+    assert {t.importance for t in s.tables} == {"optimizer"}
+    s = fpd_convert.compress(tmp_path / "model.pt", tmp_path / "n.safetensors", ratio=10, num_largest=2,
+                             progress=False)
+    assert {t.importance for t in s.tables} == {"norm"}  # without it: the weights alone
+    torch.save({"state": {"some.other.weight": {"sum": torch.ones(3, 3)}}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="holds no squared-gradient accumulator"):
+        read_optimizer_state(tmp_path / "other.pt", src)
+    with pytest.raises(CheckpointError, match="not an optimizer state_dict"):
+        read_optimizer_state(tmp_path / "model.pt", src)

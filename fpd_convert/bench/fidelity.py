@@ -2,7 +2,8 @@
 
 Each model of the set is a facebookresearch/dlrm DLRM trained by ``fpd_convert.training.train`` on ``synth``
 data (300k training rows by default, 30k validation, 50k test) with one optimizer, one embedding dim and
-more than one epoch.  Per model, on the test rows: the baseline's AUC; ``--ratio 50`` without data (the
+more than one epoch, and one is a TorchRec DLRM trained by TorchRec code (KeyedJaggedTensors, TorchRec's
+KeyedOptimizer, its state saved apart and given to compress with ``optimizer_state``).  Per model, on the test rows: the baseline's AUC; ``--ratio 50`` without data (the
 importance ``auto`` takes: the optimizer's state, or norms), beside plain TT-SVD and int8 row-wise of the
 same tables; ``--ratio 200`` with ``--data`` before and after one epoch of fine-tuning, and the control
 (the original fine-tuned the same way).  The figures go to docs/benchmarks.md ("Fidelity set").
@@ -60,10 +61,68 @@ def fidelity_model(where: Path, optimizer: str, dim: int, epochs: int, echo=None
     return out
 
 
+def train_torchrec_model(where: Path, dim: int = 16, epochs: int = 1, batch_size: int = 512) -> Path:
+    """A TorchRec DLRM (an EmbeddingBagCollection of 26 tables fed KeyedJaggedTensors) trained by TorchRec code
+    with TorchRec's KeyedOptimizer (Adagrad), its state_dict and the optimizer's saved apart as TorchRec users
+    save them: ``torchrec.pt`` and ``torchrec.opt.pt``."""
+    import torch
+    from torchrec.models.dlrm import DLRM
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.optim.keyed import KeyedOptimizerWrapper
+    from ..data import DEFAULT_TABLE_ROWS, CriteoData
+    from ..torchrec import to_kjt
+    torch.manual_seed(0)
+    names = [f"f_{i}" for i in range(len(DEFAULT_TABLE_ROWS))]
+    configs = [EmbeddingBagConfig(name=f"t_{i}", embedding_dim=dim, num_embeddings=n, feature_names=[names[i]])
+               for i, n in enumerate(DEFAULT_TABLE_ROWS)]
+    model = DLRM(embedding_bag_collection=EmbeddingBagCollection(configs), dense_in_features=13,
+                 dense_arch_layer_sizes=[64, dim], over_arch_layer_sizes=[64, 32, 1])
+    opt = KeyedOptimizerWrapper(dict(model.named_parameters()), lambda p: torch.optim.Adagrad(p, lr=0.05))
+    for _ in range(epochs):
+        for b in CriteoData(where / "train.npz", DEFAULT_TABLE_ROWS, batch_size):
+            logits = model(b.dense, to_kjt(b.sparse, names)).squeeze(1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, b.labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch.save(model.state_dict(), where / "torchrec.pt")
+    torch.save(opt.state_dict(), where / "torchrec.opt.pt")
+    return where / "torchrec.pt"
+
+
+def fidelity_torchrec(where: Path, echo=None) -> dict:
+    """The set's TorchRec model: compressed with its optimizer's state given apart, and as the dlrm models."""
+    from ..convert import compress
+    from ..convert.importance import FidelityOptions
+    from ..training.finetune import finetune
+    t0 = time.perf_counter()
+    base = train_torchrec_model(where)
+    test = where / "test.npz"
+    out = {"model": "torchrec-adagrad-d16-e1", "optimizer": "adagrad", "dim": 16, "epochs": 1}
+    compress(base, where / "tr.r50.safetensors", ratio=50, force=True, progress=False,
+             optimizer_state=where / "torchrec.opt.pt")
+    out["r50"] = _auc_diffs(base, where / "tr.r50.safetensors", test, int8=True)
+    out["r50"]["importance"] = "optimizer"
+    compress(base, where / "tr.plain.safetensors", ratio=50, force=True, progress=False,
+             fidelity=FidelityOptions("none"))
+    out["r50_plain"] = _auc_diffs(base, where / "tr.plain.safetensors", test)
+    comp, ft = where / "tr.r200.safetensors", where / "tr.r200.ft.safetensors"
+    compress(base, comp, ratio=200, data=where / "train.npz", force=True, progress=False)
+    finetune(comp, where / "train.npz", ft, where / "val.npz", device="cpu", eval_every=200, force=True,
+             progress=False, control=base)
+    out["r200"] = _auc_diffs(base, comp, test, ft, where / "tr.r200.ft.control.safetensors")
+    out["seconds"] = time.perf_counter() - t0
+    if echo:
+        echo(format_model(out))
+    return out
+
+
 def bench_fidelity(optimizers: Sequence[str] = ("sgd", "adagrad", "adam"), dims: Sequence[int] = (16, 64),
                    epochs: int = 2, train_rows: int = 300_000, folder: Optional[str] = None,
-                   echo: Optional[Callable[[str], None]] = None) -> dict:
-    """Every model of the set (``optimizers`` x ``dims``, ``epochs`` epochs each) in one run."""
+                   echo: Optional[Callable[[str], None]] = None, torchrec: bool = True) -> dict:
+    """Every model of the set (``optimizers`` x ``dims``, ``epochs`` epochs each, and a TorchRec DLRM trained by
+    TorchRec code for one epoch, where torchrec is installed) in one run."""
     import torch
     from ..data.synth import synth
     out = {"train_rows": train_rows, "threads": torch.get_num_threads(), "torch": torch.__version__, "models": []}
@@ -74,6 +133,13 @@ def bench_fidelity(optimizers: Sequence[str] = ("sgd", "adagrad", "adam"), dims:
         for dim in dims:
             for optimizer in optimizers:
                 out["models"].append(fidelity_model(where, optimizer, dim, epochs, echo))
+        if torchrec:
+            import importlib.util
+            if importlib.util.find_spec("torchrec") is None:
+                if echo:
+                    echo("torchrec is not installed: the set's TorchRec model is left out (docs/torchrec.md)")
+            else:
+                out["models"].append(fidelity_torchrec(where, echo))
     return out
 
 

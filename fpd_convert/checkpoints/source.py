@@ -144,6 +144,45 @@ def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None) 
 ACCUMULATORS = ("sum", "exp_avg_sq")  # Adagrad's, Adam's (and AdamW's) squared-gradient accumulators
 
 
+def read_optimizer_state(path, src: Source, allow_unsafe: bool = False) -> Dict[str, torch.Tensor]:
+    """The tables' accumulators from an optimizer state saved apart from the model (``compress
+    --optimizer-state``): a ``torch.optim`` state_dict, or one keyed by parameter names as TorchRec's
+    ``KeyedOptimizer.state_dict()`` gives (``{"state": {fqn: {"sum": ..., "step": ...}}}``), alone or under
+    an ``"optimizer"`` key.  Refused when it pairs with none of the tables."""
+    obj = load_torch_file(Path(path), allow_unsafe=allow_unsafe)
+    if isinstance(obj, dict) and isinstance(obj.get("optimizer"), dict):
+        obj = obj["optimizer"]
+    if not isinstance(obj, dict) or not isinstance(obj.get("state"), dict):
+        raise CheckpointError(f"{path}: not an optimizer state_dict (a dict with 'state')")
+    keys = [t["key"] for t in src.tables()]
+    named = all(isinstance(k, str) for k in obj["state"])
+    found = (named_accumulators(obj["state"], src.state, keys, src.prefix) if named
+             else optimizer_accumulators(obj, src.state, keys))
+    if not found:
+        raise CheckpointError(f"{path}: holds no squared-gradient accumulator ({', '.join(ACCUMULATORS)}) of the "
+                              f"shape of any of the tables {', '.join(keys[:5])}" +
+                              ("" if named else " (a state numbered by parameter pairs only with a state_dict of "
+                               "parameters in the model's order)"))
+    return found
+
+
+def named_accumulators(per_param: dict, state: Dict[str, torch.Tensor], table_keys, prefix: str = ""
+                       ) -> Dict[str, torch.Tensor]:
+    """Accumulators of a state keyed by parameter names (TorchRec's ``KeyedOptimizer``): the entry of each
+    table's name (with or without the checkpoint's outer prefix) whose ``sum``/``exp_avg_sq`` has the
+    table's shape."""
+    out = {}
+    for key in table_keys:
+        entry = next((per_param[n] for n in (key, prefix + key, "model." + key, "module." + key)
+                      if isinstance(per_param.get(n), dict)), None)
+        if entry is None:
+            continue
+        acc = next((entry[a] for a in ACCUMULATORS if isinstance(entry.get(a), torch.Tensor)), None)
+        if acc is not None and tuple(acc.shape) == tuple(state[key].shape):
+            out[key] = acc
+    return out
+
+
 def optimizer_accumulators(opt_state: dict, state: Dict[str, torch.Tensor], table_keys) -> Dict[str, torch.Tensor]:
     """The accumulator of each table in a ``torch.optim`` state_dict saved beside the model.
 

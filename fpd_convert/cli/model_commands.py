@@ -30,10 +30,13 @@ from .options import (SuffixRows, _int_list, _rank_value, advanced, force_option
               "if the checkpoint has it, else norm. none: plain TT-SVD in natural row order.")
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Training data sample for row importance (any format the data readers take).")
+@click.option("--optimizer-state", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The optimizer's state saved apart from MODEL, for importance without data: a torch.optim "
+              "state_dict, or one keyed by parameter names (TorchRec's KeyedOptimizer.state_dict()).")
 @click.option("--core-dtype", type=click.Choice(["float32", "bfloat16", "float16", "int8"]), default="float32",
               show_default=True, help="Storage of the TT cores (int8: per-slice scales).")
 @seed_option("the randomized SVDs")
-@click.option("--layout", type=click.Choice(["dlrm", "torchrec", "generic"]), help="Force the source layout.")
+@advanced("--layout", type=click.Choice(["dlrm", "torchrec", "generic"]), help="Force the source layout.")
 @click.option("--yes", is_flag=True, help="Generic files: compress the detected tables without asking.")
 @force_option
 @click.option("--allow-unsafe-pickle", is_flag=True, help="Load a .pt that needs arbitrary unpickling (trusted files only).")
@@ -68,7 +71,7 @@ from .options import (SuffixRows, _int_list, _rank_value, advanced, force_option
 def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, tol, order, dim_factors, suffix_rows,
              svd, svd_path,
              workers, power_iters, seed, importance, data_path, data_rows, hot_rows, exact_rows, core_dtype, exact_dtype,
-             layout, yes, force, allow_unsafe_pickle, keep_larger, as_json, quiet):
+             layout, yes, force, allow_unsafe_pickle, keep_larger, as_json, quiet, optimizer_state):
     """Replace the largest embedding tables of MODEL by TT cores (TT-SVD)."""
     from ..convert import compress as run, inspect as describe
     from ..convert.importance import FidelityOptions
@@ -89,7 +92,8 @@ def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, 
                   svd_path=svd_path, workers=workers, power_iters=power_iters, seed=seed,
                   log=stderr_log(quiet), data=data_path, data_rows=data_rows,
                   fidelity=FidelityOptions(importance, hot_rows, exact_rows, core_dtype, exact_dtype),
-                  dim_factors=_int_list(dim_factors, "--dim-factors"), suffix_rows=suffix_rows)
+                  dim_factors=_int_list(dim_factors, "--dim-factors"), suffix_rows=suffix_rows,
+                  optimizer_state=optimizer_state)
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.format())
 
 

@@ -162,7 +162,8 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
              keep_larger: bool = False, svd_path: str = "auto", workers: int = 1, power_iters: int = 1,
              log: Optional[Callable[[str], None]] = None, fidelity: Optional[FidelityOptions] = None,
              data: Union[str, Path, None] = None, data_rows: Optional[int] = 1_000_000,
-             dim_factors: Optional[Sequence[int]] = None, suffix_rows: Union[str, int, None] = "auto") -> CompressionSummary:
+             dim_factors: Optional[Sequence[int]] = None, suffix_rows: Union[str, int, None] = "auto",
+             optimizer_state: Union[str, Path, None] = None) -> CompressionSummary:
     """Replace the chosen tables of ``model`` by TT cores (TT-SVD) and write ``output``.
 
     Ranks: one of ``rank`` (int or list), ``ratio`` (per table), ``budget`` (total bytes of the
@@ -183,8 +184,10 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     ``log`` receives the plan (expected memory) before the work starts.
 
     ``fidelity`` (importance-aware compression, see :mod:`.allocation`; default
-    ``FidelityOptions()``: importance from ``data`` if given, else from row norms): row
-    importance from ``data`` (lookup counts in its first ``data_rows`` samples) or the weights, a
+    ``FidelityOptions()``: importance from ``data`` if given, else from the optimizer's state where
+    there is one, else from row norms): row importance from ``data`` (lookup counts in its first
+    ``data_rows`` samples), the optimizer's state (in the checkpoint, or ``optimizer_state``: a file
+    of it saved apart, such as TorchRec's ``KeyedOptimizer.state_dict()``) or the weights, a
     hot-row map, exact rows, low-precision cores; ``budget``/``ratio`` then count every byte of
     the tables and are spread over the tables by error reduction per byte.
     ``FidelityOptions("none")``: plain TT-SVD in natural row order, ``budget`` split in
@@ -199,6 +202,9 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     if data is not None and fidelity.importance == "none":
         raise ValueError("--data gives row importance; it needs an importance other than 'none'")
     src = read_source(model, allow_unsafe=allow_unsafe_pickle, layout=layout)
+    if optimizer_state is not None:  # saved apart from the model (TorchRec's KeyedOptimizer, a torch.optim state)
+        from ..checkpoints.source import read_optimizer_state
+        src.optimizer_accumulators = read_optimizer_state(optimizer_state, src, allow_unsafe_pickle)
 
     counts_of, counts_from = None, "data"
     if data is not None:

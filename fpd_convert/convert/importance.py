@@ -41,8 +41,9 @@ class FidelityOptions:
         if self.importance == "data" and not (have_counts and counts_from == "data"):
             raise ValueError("importance 'data' needs --data (a sample of training data)")
         if self.importance == "optimizer" and not (have_counts and counts_from == "optimizer"):
-            raise ValueError("importance 'optimizer' needs a checkpoint with its optimizer's state (Adagrad's sums "
-                             "or Adam's second moments of the tables, as facebookresearch/dlrm saves them)")
+            raise ValueError("importance 'optimizer' needs the optimizer's state (Adagrad's sums or Adam's second "
+                             "moments of the tables): in the checkpoint, as facebookresearch/dlrm saves it, or "
+                             "apart with --optimizer-state FILE (e.g. TorchRec's KeyedOptimizer.state_dict())")
         return self.importance
 
 
