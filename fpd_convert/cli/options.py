@@ -3,7 +3,7 @@ developer's knobs under their own heading.
 
 One vocabulary: ``-o/--output`` for what a command writes, ``--train``/``--val``/``--data`` for data files,
 ``--seed``, ``--device``, ``--json``, ``-q/--quiet``, ``-v/--verbose`` and ``--threads`` on every command they
-apply to (``tests/test_cli_input.py`` checks the list)."""
+apply to (``tests/test_cli_vocabulary.py`` checks the list)."""
 from __future__ import annotations
 
 import functools
@@ -70,8 +70,8 @@ class _EchoHandler(logging.Handler):
 
 def verbosity_options(fn):
     """``-q/--quiet`` (the result and errors only: no progress, no plan, no threads line) and ``-v/--verbose``
-    (also the details: the ``fpd_convert`` logger at INFO on stderr).  The command gets ``quiet`` (bool) and
-    ``verbose`` (bool)."""
+    (also the details: the ``fpd_convert`` logger at INFO on stderr).  The command gets ``quiet`` (bool);
+    ``verbose`` acts through the logger."""
     @functools.wraps(fn)
     def wrapper(*args, quiet=False, verbose=False, **kwargs):
         refuse_together(**{"--quiet": quiet, "--verbose": verbose})
