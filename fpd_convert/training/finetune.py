@@ -35,9 +35,7 @@ def table_rows_of_model(model) -> list:
 def control_output_for(output) -> Path:
     """Where ``finetune --control`` writes the fine-tuned original by default: ``OUT.control.safetensors``
     beside ``OUT`` (``model.ft.safetensors`` -> ``model.ft.control.safetensors``)."""
-    output = Path(output)
-    return output.with_name(output.name[: -len(output.suffix)] + ".control.safetensors"
-                            if output.suffix else output.name + ".control.safetensors")
+    return Path(output).with_suffix(".control.safetensors")
 
 
 def _check_control(control: Path, compressed: Path) -> None:
