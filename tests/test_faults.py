@@ -86,12 +86,20 @@ def test_kill_9_of_finetune_then_resume_equals_an_uninterrupted_run(model, tmp_p
 @pytest.mark.slow
 def test_kill_9_of_compress_leaves_nothing_behind_on_the_next_run(model, tmp_path):
     out = tmp_path / "c.safetensors"
-    run = _cli("compress", model / "base.pt", "-o", out, "--ratio", "6")
-    _wait_for(tmp_path / ".c.safetensors.fpd-lock", run, "its lock file")
-    time.sleep(random.uniform(0, 0.5))
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    assert not out.exists()
+    window = 0.5
+    for _ in range(8):  # a kill at a random moment of the run; one that wrote its output first is tried again, sooner
+        run = _cli("compress", model / "base.pt", "-o", out, "--ratio", "6")
+        _wait_for(tmp_path / ".c.safetensors.fpd-lock", run, "its lock file")
+        time.sleep(random.uniform(0, window))
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        if not out.exists():
+            break
+        assert load_file(str(out))  # the output appears whole (renamed into place) or not at all
+        out.unlink()
+        window /= 4
+    else:
+        pytest.fail("compress wrote its output before every kill")
     # what a run killed while writing leaves (the kill above may have left one too)
     stale = tmp_path / f".c.safetensors.{_dead_pid()}.k3x9_q.tmp"
     stale.write_bytes(b"\0" * 100_000)

@@ -104,6 +104,64 @@ def test_layer_lookups_with_row_map_and_exact_rows_equal_the_dense_view():
     assert bag.exact_rows.grad.abs().sum() > 0 and bag.cores[0].grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("rf, df, n_eval", [([5, 7, 6], [1, 2, 3], 150), ([40, 6, 5], [2, 3, 1], 30),
+                                             ([12, 20], [2, 3], 100)])
+def test_a_candidates_error_from_its_cores_is_the_layers(rf, df, n_eval):
+    # the search measures candidates straight from their cores (the whole TT table at once, or row by row
+    # for a big table and few evaluation rows): the same weighted error as the layer gives
+    from fpd_convert.checkpoints import TableTensors
+    from fpd_convert.convert.importance import TableEval
+    from fpd_convert.convert.measure import candidate_error_sq, layer_of, layout_eval, weighted_error_sq
+    from fpd_convert.tt import TTShape
+    rng = np.random.default_rng(0)
+    n, d = int(np.prod(rf)) - 3, int(np.prod(df))
+    ranks = [1] + [3] * (len(rf) - 1) + [1]
+    cores = [rng.standard_normal((ranks[j], rf[j], df[j], ranks[j + 1])).astype(np.float32) for j in range(len(rf))]
+    w = rng.standard_normal((n, d)).astype(np.float32)
+    hot, exact_ids = np.array([100, 3, 57, 8]), np.array([5, 150])
+    stored, scales = encode(torch.from_numpy(w[exact_ids] + 0.1), "int8", axis=0)  # not exact: an error of their own
+    exact_rows = decode(stored, scales, axis=0)
+    ids = np.sort(rng.choice(n, n_eval, replace=False))
+    ids = np.union1d(ids, [5, 100, 3])
+    ev = TableEval(ids, rng.random(ids.size) + 0.1, w[ids])
+    table = TableTensors([torch.from_numpy(c) for c in cores], torch.from_numpy(hot), torch.from_numpy(exact_ids),
+                         exact_rows)
+    layer = layer_of(TTShape(n, d, rf, df, ranks), table)
+    le = layout_eval(ev, hot, exact_ids, exact_rows.numpy())
+    assert candidate_error_sq(cores, le) == pytest.approx(weighted_error_sq(layer, ev), rel=1e-5)
+
+
+def test_the_search_measures_the_rungs_around_each_choice(trained):
+    # every third rung first; the allocation's choice then gets its neighbours, and the chosen TT is the
+    # decomposition it was compared by (the same weighted error on the candidates' evaluation rows)
+    from fpd_convert.convert import search
+    from fpd_convert.convert.compress import compress
+    from fpd_convert.convert.measure import candidate_error_sq
+    seen, same = {}, {}
+    real_refine, real_result = search.MemorySearch.refine, search.MemorySearch.result
+
+    def refine(self, chosen):
+        added = real_refine(self, chosen)
+        seen.setdefault(self.p.plan.key, []).append(added)
+        return added
+
+    def result(self, chosen):
+        res = real_result(self, chosen)
+        cores = [c.numpy() for c in res.table.cores]
+        same[self.p.plan.key] = (candidate_error_sq(cores, self.states[chosen.config["layout"]].eval), chosen.error)
+        return res
+    search.MemorySearch.refine, search.MemorySearch.result = refine, result
+    try:
+        s = compress(trained / "base.pt", trained / "search.safetensors", ratio=20, num_largest=2, progress=False)
+    finally:
+        search.MemorySearch.refine, search.MemorySearch.result = real_refine, real_result
+    assert set(seen) == set(same) == {t.key for t in s.tables}
+    for t in s.tables:
+        assert seen[t.key][0] > 0 and seen[t.key][-1] == 0  # the first choice gains neighbours; the last settled
+        assert same[t.key][0] == pytest.approx(same[t.key][1], rel=1e-6)
+        assert "candidates measured" in t.why
+
+
 # -- on a trained model --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

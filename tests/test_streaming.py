@@ -197,3 +197,24 @@ def test_bench_svd_runs_both_paths(tmp_path):
 def test_bench_svd_refuses_a_folder_that_does_not_exist(tmp_path):
     r = CliRunner().invoke(main, ["bench", "--svd", "--rows", "3000", "--folder", str(tmp_path / "missing")])
     assert r.exit_code != 0 and "does not exist" in r.output and not (tmp_path / "missing").exists()
+
+
+def test_a_sketch_with_rows_added_is_the_sketch_of_the_table_with_them(rng):
+    # a streamed layout with fewer exact rows: the base's sketch with the rows it zeroed put back, in its
+    # subspace, equals Q^T of the table with those rows, and its errors are that table's, exactly
+    from fpd_convert.tt import relative_error
+    from fpd_convert.tt.streaming import stream_sketch
+    n, d, rf, df = 3_000, 16, [15, 20, 10], [4, 2, 2]
+    w = (rng.standard_normal((n, 6)) @ rng.standard_normal((6, d)) + 0.2 * rng.standard_normal((n, d))).astype(np.float32)
+    pos = np.sort(rng.choice(n, 40, replace=False))
+    zeroed = w.copy()
+    zeroed[pos] = 0.0
+    sk = stream_sketch(lambda a, b: zeroed[a:b], n, d, rf, df, width=24, chunk_bytes=1 << 16)
+    back = sk.with_rows_added(pos, w[pos], chunk=16)
+    first = w.reshape(15, 200, 4, 4).transpose(0, 2, 1, 3).reshape(60, -1)  # rows (i_1, p_1), columns (i_2.., p_2..)
+    np.testing.assert_allclose(back.b.numpy(), sk.q.numpy().T @ first, atol=2e-4)
+    assert back.norm_sq == pytest.approx(float(np.sum(w.astype(np.float64) ** 2)), rel=1e-6)
+    for dec in back.decompositions([[1, 4, 4, 1], [1, 12, 8, 1]]):
+        assert dec.relative_error == pytest.approx(relative_error(w, dec.cores), abs=1e-5)
+    assert sk.decompositions([[1, 12, 8, 1]])[0].relative_error == pytest.approx(
+        relative_error(zeroed, sk.decompositions([[1, 12, 8, 1]])[0].cores), abs=1e-5)

@@ -210,6 +210,17 @@ def test_finetune_under_torchrun_with_dmp_equals_one_process(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
+def _train_steps(model, configs, opt, steps: int = 5):
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        dense, labels = torch.rand(64, 13, generator=g), (torch.rand(64, generator=g) < 0.3).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(dense, _kjt(configs, 64, step, False))
+                                                                    .squeeze(1), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_a_torchrec_keyed_optimizer_state_gives_importance_without_data(tmp_path):
     # TorchRec code trains the model with a KeyedOptimizer; its state_dict, saved apart, pairs with the
     # tables by name and gives compress the optimizer's importance (as a dlrm checkpoint's own state does)
@@ -222,14 +233,7 @@ def test_a_torchrec_keyed_optimizer_state_gives_importance_without_data(tmp_path
     model = DLRM(embedding_bag_collection=EmbeddingBagCollection(configs), dense_in_features=13,
                  dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
     opt = KeyedOptimizerWrapper(dict(model.named_parameters()), lambda p: torch.optim.Adagrad(p, lr=0.05))
-    for step in range(5):
-        g = torch.Generator().manual_seed(step)
-        dense, labels = torch.rand(64, 13, generator=g), (torch.rand(64, generator=g) < 0.3).float()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(dense, _kjt(configs, 64, step, False))
-                                                                    .squeeze(1), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _train_steps(model, configs, opt)
     torch.save(model.state_dict(), tmp_path / "model.pt")
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
     src = read_source(tmp_path / "model.pt")
@@ -248,3 +252,38 @@ def test_a_torchrec_keyed_optimizer_state_gives_importance_without_data(tmp_path
         read_optimizer_state(tmp_path / "other.pt", src)
     with pytest.raises(CheckpointError, match="not an optimizer state_dict"):
         read_optimizer_state(tmp_path / "model.pt", src)
+
+
+def test_a_fused_collections_optimizer_state_gives_importance_without_data(tmp_path):
+    # TorchRec's fused EmbeddingBagCollection (FBGEMM's table-batched kernel on the CPU) updates its tables in
+    # the backward with row-wise Adagrad: one accumulator value a row, under the collection's own names
+    from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+    from torchrec.optim import RowWiseAdagrad
+    from fpd_convert.checkpoints import CheckpointError
+    from fpd_convert.checkpoints.source import read_optimizer_state, read_source
+    torch.manual_seed(0)
+    configs = [EmbeddingBagConfig(name=f"t_{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f_{i}"])
+               for i, n in enumerate(ROWS)]
+    ebc = FusedEmbeddingBagCollection(tables=configs, optimizer_type=RowWiseAdagrad, optimizer_kwargs={"lr": 0.05},
+                                      device=torch.device("cpu"))
+    model = DLRM(embedding_bag_collection=ebc, dense_in_features=13, dense_arch_layer_sizes=[16, 8],
+                 over_arch_layer_sizes=[16, 1])
+    _train_steps(model, configs, torch.optim.SGD([p for n, p in model.named_parameters()
+                                                  if "embedding_bags" not in n], lr=0.1))  # the tables: in backward
+    state = ebc.fused_optimizer().state_dict()
+    assert set(state["state"]) == {f"t_{i}.weight" for i in range(len(ROWS))}
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    torch.save(state, tmp_path / "opt.pt")
+    src = read_source(tmp_path / "model.pt")
+    acc = read_optimizer_state(tmp_path / "opt.pt", src)
+    key = "sparse_arch.embedding_bag_collection.embedding_bags.t_0.weight"
+    mean_sq = state["state"]["t_0.weight"]["t_0.weight.momentum_1"]
+    assert mean_sq.shape == (ROWS[0],) and float(mean_sq.sum()) > 0
+    torch.testing.assert_close(acc[key], mean_sq.reshape(-1, 1) * 8)  # the row's sum of squares
+    s = fpd_convert.compress(tmp_path / "model.pt", tmp_path / "c.safetensors", ratio=10, num_largest=2,
+                             optimizer_state=tmp_path / "opt.pt", progress=False)
+    assert {t.importance for t in s.tables} == {"optimizer"}
+    momentum = {"state": {"t_0.weight": {"t_0.weight.momentum_1": -mean_sq}}}  # not a sum of squares
+    torch.save(momentum, tmp_path / "momentum.pt")
+    with pytest.raises(CheckpointError, match="holds no squared-gradient accumulator"):
+        read_optimizer_state(tmp_path / "momentum.pt", src)

@@ -142,13 +142,17 @@ def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None) 
 
 
 ACCUMULATORS = ("sum", "exp_avg_sq")  # Adagrad's, Adam's (and AdamW's) squared-gradient accumulators
+# TorchRec's fused (FBGEMM) optimizers name theirs ``<param>.momentum_1`` (Adagrad, row-wise Adagrad: one
+# value a row) or, with a first moment beside, ``<param>.momentum_2`` (Adam, LAMB)
+FUSED_ACCUMULATORS = ("momentum_2", "momentum_1")
 
 
 def read_optimizer_state(path, src: Source, allow_unsafe: bool = False) -> Dict[str, torch.Tensor]:
     """The tables' accumulators from an optimizer state saved apart from the model (``compress
     --optimizer-state``): a ``torch.optim`` state_dict, or one keyed by parameter names as TorchRec's
-    ``KeyedOptimizer.state_dict()`` gives (``{"state": {fqn: {"sum": ..., "step": ...}}}``), alone or under
-    an ``"optimizer"`` key.  Refused when it pairs with none of the tables."""
+    ``KeyedOptimizer.state_dict()`` gives (``{"state": {fqn: {"sum": ..., "step": ...}}}``) or a fused
+    collection's ``fused_optimizer.state_dict()`` (``{"state": {"t_0.weight": {"t_0.weight.momentum_1": ...}}}``),
+    alone or under an ``"optimizer"`` key.  Refused when it pairs with none of the tables."""
     obj = load_torch_file(Path(path), allow_unsafe=allow_unsafe)
     if isinstance(obj, dict) and isinstance(obj.get("optimizer"), dict):
         obj = obj["optimizer"]
@@ -159,7 +163,8 @@ def read_optimizer_state(path, src: Source, allow_unsafe: bool = False) -> Dict[
     found = (named_accumulators(obj["state"], src.state, keys, src.prefix) if named
              else optimizer_accumulators(obj, src.state, keys))
     if not found:
-        raise CheckpointError(f"{path}: holds no squared-gradient accumulator ({', '.join(ACCUMULATORS)}) of the "
+        names = ", ".join(ACCUMULATORS + FUSED_ACCUMULATORS)
+        raise CheckpointError(f"{path}: holds no squared-gradient accumulator ({names}) of the "
                               f"shape of any of the tables {', '.join(keys[:5])}" +
                               ("" if named else " (a state numbered by parameter pairs only with a state_dict of "
                                "parameters in the model's order)"))
@@ -168,18 +173,32 @@ def read_optimizer_state(path, src: Source, allow_unsafe: bool = False) -> Dict[
 
 def named_accumulators(per_param: dict, state: Dict[str, torch.Tensor], table_keys, prefix: str = ""
                        ) -> Dict[str, torch.Tensor]:
-    """Accumulators of a state keyed by parameter names (TorchRec's ``KeyedOptimizer``): the entry of each
-    table's name (with or without the checkpoint's outer prefix) whose ``sum``/``exp_avg_sq`` has the
-    table's shape."""
+    """Accumulators of a state keyed by parameter names: TorchRec's ``KeyedOptimizer`` (the table's name,
+    with or without the checkpoint's outer prefix, whose ``sum``/``exp_avg_sq`` has the table's shape) or
+    a fused ``EmbeddingBagCollection``'s optimizer (the name within the collection, ``t_0.weight``, whose
+    ``momentum_2``, else ``momentum_1``, has the table's shape or one value a row: row-wise Adagrad's mean
+    square, returned as ``rows x 1`` times the dim, the row's sum).  An accumulator with a negative value is
+    no sum of squares (SGD's momentum) and pairs with nothing."""
     out = {}
     for key in table_keys:
-        entry = next((per_param[n] for n in (key, prefix + key, "model." + key, "module." + key)
-                      if isinstance(per_param.get(n), dict)), None)
-        if entry is None:
+        names = [n for n in (key, prefix + key, "model." + key, "module." + key) if isinstance(per_param.get(n), dict)]
+        if not names:  # a fused collection's own names: the end of one table key only
+            ends = [n for n in per_param if isinstance(n, str) and key.endswith("." + n)]
+            names = ends if len(ends) == 1 and sum(k.endswith("." + ends[0]) for k in table_keys) == 1 else []
+        if not names:
             continue
+        entry = per_param[names[0]]
         acc = next((entry[a] for a in ACCUMULATORS if isinstance(entry.get(a), torch.Tensor)), None)
-        if acc is not None and tuple(acc.shape) == tuple(state[key].shape):
+        if acc is None:
+            acc = next((v for a in FUSED_ACCUMULATORS for k, v in entry.items()
+                        if isinstance(v, torch.Tensor) and (k == a or str(k).endswith("." + a))), None)
+        if acc is None or bool((acc < 0).any()):
+            continue
+        rows, dim = state[key].shape
+        if tuple(acc.shape) == (rows, dim):
             out[key] = acc
+        elif tuple(acc.shape) == (rows,):
+            out[key] = acc.reshape(rows, 1) * dim
     return out
 
 

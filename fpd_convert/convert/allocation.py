@@ -16,8 +16,11 @@ from typing import List, Optional, Sequence
 from tqdm import tqdm
 
 from ..tt.allocate import allocate
-from .candidates import EXACT_FRACTIONS, Result, chosen_result, fixed_result, stream_progress, table_candidates
+from .candidates import EXACT_FRACTIONS, Result, fixed_result, stream_progress
+from .search import table_search
 from .importance import FidelityOptions, Prepared
+
+REFINE_ROUNDS = 4  # the allocation's choices settle in 2-3 rounds on the demo and the fidelity set
 
 
 def _map(fn, items, workers: int):
@@ -28,11 +31,11 @@ def _map(fn, items, workers: int):
 
 
 def _why(p: Prepared, chosen, candidates, share: int) -> str:
-    res, cheapest = chosen.extra["result"], min(candidates, key=lambda x: x.nbytes)
-    return (f"{len(candidates)} candidates (row map or not, {len(EXACT_FRACTIONS)} exact-row fractions at most, "
-            f"ranks around its size share of {share:,} B); chosen: ranks {','.join(map(str, res.shape.ranks[1:-1]))}, "
-            f"{res.entry['row_map_rows']:,} map + {res.entry['exact_rows']:,} exact rows, {chosen.nbytes:,} B, "
-            f"weighted error {res.weighted_error:.4f} as compared (the cheapest candidate: {cheapest.nbytes:,} B, "
+    got, cheapest = chosen.extra, min(candidates, key=lambda x: x.nbytes)
+    return (f"{len(candidates)} candidates measured (row map or not, {len(EXACT_FRACTIONS)} exact-row fractions at "
+            f"most, ranks around its size share of {share:,} B); chosen: ranks {','.join(map(str, got['ranks'][1:-1]))}, "
+            f"{got['row_map_rows']:,} map + {got['exact_rows']:,} exact rows, {chosen.nbytes:,} B, "
+            f"weighted error {chosen.error ** 0.5:.4f} as compared (the cheapest candidate: {cheapest.nbytes:,} B, "
             f"{cheapest.error ** 0.5:.4f}); the budget went where it lowered the weighted error most per byte")
 
 
@@ -63,23 +66,27 @@ def choose_results(prepared: Sequence[Prepared], options: FidelityOptions, budge
 
         def offer(i: int):
             started = time.perf_counter()
-            out = table_candidates(prepared[i], shares[i], options, seed, svd, power_iters, progress,
-                                   i % max(workers, 1))
+            out = table_search(prepared[i], shares[i], options, seed, svd, power_iters, progress, i % max(workers, 1))
             bar.update(1)
             done.append(i)
             if progress and bar.disable:  # not a terminal (a batch job's log): one line per table
                 plan = prepared[i].plan
-                print(f"TT-SVD {len(done)}/{len(prepared)}: {plan.key} ({plan.rows:,} x {plan.dim}), {len(out)} candidates "
-                      f"in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+                print(f"TT-SVD {len(done)}/{len(prepared)}: {plan.key} ({plan.rows:,} x {plan.dim}), "
+                      f"{len(out.candidates)} candidates in {time.perf_counter() - started:.1f} s", file=sys.stderr,
+                      flush=True)
             return out
-        candidates = _map(offer, list(range(len(prepared))), workers)
-        chosen = allocate({p.plan.key: c for p, c in zip(prepared, candidates)}, budget)
-        why = [_why(p, chosen[p.plan.key], cands, share) for p, cands, share in zip(prepared, candidates, shares)]
-        del candidates  # the tables' candidates hold their layouts: one table's work at a time from here
+        searches = _map(offer, list(range(len(prepared))), workers)
+        keys = [p.plan.key for p in prepared]
+        chosen = allocate({k: s.candidates for k, s in zip(keys, searches)}, budget)
+        for _ in range(REFINE_ROUNDS):  # the rungs around each choice, until the choices settle
+            if not sum(_map(lambda i: searches[i].refine(chosen[keys[i]]), list(range(len(prepared))), workers)):
+                break
+            chosen = allocate({k: s.candidates for k, s in zip(keys, searches)}, budget)
+        why = [_why(p, chosen[k], s.candidates, share) for p, k, s, share in zip(prepared, keys, searches, shares)]
 
         def rebuild(i: int) -> Result:
-            c = chosen[prepared[i].plan.key]
-            res = chosen_result(prepared[i], c, options, seed, svd, power_iters)
+            res = searches[i].result(chosen[keys[i]])
+            searches[i] = None  # its layouts' bases and evaluation rows
             res.extra["why"] = why[i]
             return res
         return _map(rebuild, list(range(len(prepared))), workers)

@@ -1,4 +1,5 @@
-"""Compress, per table: candidate TTs, each decomposed, stored as it would be written, and measured.
+"""Compress, per table: layouts, rank ladders and TTs, each decomposed, stored as it would be written, and
+measured (the search under a budget: :mod:`fpd_convert.convert.search`).
 
 A *layout* says which rows are kept exactly (the most important ones) and which are moved to the
 leading TT rows (the next most important: the row map).  The table as TT-SVD sees it is the source
@@ -23,20 +24,13 @@ from ..allocator import return_freed_memory
 from ..checkpoints import TableTensors, encode_table
 from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, streaming_tt_svd
 from ..tt import tt_param_count
-from ..tt.allocate import Candidate
 from ..tt.core_quant import decode, element_bytes, encode
-from ..tt.decompose import Sketch, tt_svd_ladder
-from ..tt.streaming import streaming_tt_svd_ladder
 from ..tt.importance import row_map_moves, top_rows, tt_positions
 from .importance import FidelityOptions, Prepared, Reader, TableEval, gather
 from .measure import layer_of, weighted_error_sq
 from .plan import TOL_MAX_RANK, svd_method
 
 EXACT_FRACTIONS = (0.0, 0.005, 0.01, 0.02)
-#: TensorLy's randomized SVD defaults (``randomized_svd``'s ``n_oversamples``, ``n_iter``)
-TENSORLY_OVERSAMPLES, TENSORLY_POWER_ITERS = 5, 2
-#: rows of the evaluation set candidates are compared on (the chosen one is measured on all of it)
-CANDIDATE_EVAL_ROWS = 16_384
 
 
 @dataclass
@@ -145,55 +139,34 @@ def finish(dec: TTDecomposition, layout: Layout, exact_values: Optional[np.ndarr
     return result
 
 
-def results_for(p: Prepared, options: FidelityOptions, exact_fraction: float, hot: int, rank_lists, tol, seed, svd,
-                power_iters, progress=None, only: Optional[int] = None,
-                sketch: Optional[Sketch] = None) -> List[Result]:
-    """One result per rank list (or one for ``tol``) of this layout of the table; ``only``: the result of
-    that rank list alone (the decompositions are the same: the ladder shares its first SVD).  ``sketch``:
-    the candidates' sketch of the first unfolding (:func:`candidate_sketch`)."""
-    plan = p.plan
-    layout = make_layout(p.importance, int(round(exact_fraction * plan.rows)), hot)
-    reader = (LayoutReader(p.reader, plan.rows, layout, writable=True) if layout.hot_ids.size or layout.exact_ids.size
+def layout_of(p: Prepared, exact_fraction: float, hot: int):
+    """``(layout, reader of the table TT-SVD sees, the exact rows' source values)`` of a layout of the table."""
+    layout = make_layout(p.importance, int(round(exact_fraction * p.plan.rows)), hot)
+    reader = (LayoutReader(p.reader, p.plan.rows, layout, writable=True) if layout.hot_ids.size or layout.exact_ids.size
               else p.reader)
+    return layout, reader, (gather(p.reader, layout.exact_ids) if layout.exact_ids.size else None)
+
+
+def fixed_layout_result(p: Prepared, options: FidelityOptions, exact_fraction: float, hot: int, ranks, tol, seed,
+                        svd, power_iters, progress=None) -> Result:
+    """The table in this layout at ``ranks`` (or ``tol``), measured on the whole evaluation set."""
+    plan = p.plan
+    layout, reader, exact_values = layout_of(p, exact_fraction, hot)
     whole = reader(0, plan.rows) if plan.path == "memory" else None
-    exact_values = gather(p.reader, layout.exact_ids) if layout.exact_ids.size else None
-    method = svd_method(plan.rows, plan.dim, plan.row_factors, plan.dim_factors, svd)
-    if plan.path == "memory" and tol is None and (only is not None or len(rank_lists) > 1):
-        # TT-SVD sharing the first unfolding's SVD across the ladder, by the candidates' sketch; the chosen
-        # one rebuilt by a sketch of its own where the plan's SVD is the exact one, else by the plan's SVD
-        lists = rank_lists if only is None else [rank_lists[only]]
-        if only is not None:
-            sketch = Sketch(seed) if method == "truncated_svd" else None
-        decs = tt_svd_ladder(whole, plan.row_factors, plan.dim_factors, lists, method, seed, sketch=sketch)
-    elif plan.path == "stream" and tol is None and len(rank_lists) > 1:
-        # the ladder from one set of passes over the table: every rank list truncates one sketch (the chosen
-        # candidate is rebuilt the same way: the same decomposition)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            decs = streaming_tt_svd_ladder(reader, plan.rows, plan.dim, plan.row_factors, plan.dim_factors,
-                                           rank_lists, power_iters=power_iters, seed=seed, progress=progress)
-        decs = decs if only is None else decs[only:only + 1]
-    else:  # each rank list on its own
-        lists = rank_lists if tol is None else [None]
-        decs = [decompose(reader, plan.rows, plan.dim, plan.row_factors, plan.dim_factors, ranks, tol, plan.path,
-                          seed, svd, power_iters, progress, whole)
-                for ranks in (lists if only is None else lists[only:only + 1])]
+    dec = decompose(reader, plan.rows, plan.dim, plan.row_factors, plan.dim_factors, ranks, tol, plan.path, seed, svd,
+                    power_iters, progress, whole)
     del whole, reader
-    out = []
-    for dec in decs:
-        res = finish(dec, layout, exact_values, options, p.method, plan.key,
-                     p.ev if only is not None or len(decs) == 1 else p.candidate_ev(CANDIDATE_EVAL_ROWS))
-        res.extra.update(exact_fraction=exact_fraction, hot_rows=hot)
-        out.append(res)
+    res = finish(dec, layout, exact_values, options, p.method, plan.key, p.ev)
+    res.extra.update(exact_fraction=exact_fraction, hot_rows=hot)
     return_freed_memory()
-    return out
+    return res
 
 
 def fixed_result(p: Prepared, options: FidelityOptions, tol, seed, svd, power_iters, progress=None) -> Result:
     """The table at its plan's ranks (or ``tol``), with the layout the options fix."""
     hot = 0 if p.importance is None else int(round(options.hot_fraction * p.plan.rows))
     exact = 0.0 if p.importance is None else options.exact_fraction or 0.0
-    res = results_for(p, options, exact, hot, [p.plan.ranks], tol, seed, svd, power_iters, progress)[0]
+    res = fixed_layout_result(p, options, exact, hot, p.plan.ranks, tol, seed, svd, power_iters, progress)
     res.extra["why"] = (f"ranks {','.join(map(str, res.shape.ranks[1:-1]))} as asked" +
                         ("" if p.importance is None else f"; row map of {res.entry['row_map_rows']:,} rows, "
                                                          f"{res.entry['exact_rows']:,} exact rows"))
@@ -214,7 +187,7 @@ def rank_ladder(row_factors, dim_factors, lo_params: int, hi_params: int) -> Lis
     return out
 
 
-def _layouts(p: Prepared, options: FidelityOptions, share: int):
+def layouts_for(p: Prepared, options: FidelityOptions, share: int):
     """The (exact fraction, hot rows) layouts a table offers under a budget share."""
     n, d = p.plan.rows, p.plan.dim
     hot = int(round(options.hot_fraction * n))
@@ -229,7 +202,7 @@ def _layouts(p: Prepared, options: FidelityOptions, share: int):
     return [(f, h) for f in fractions for h in hots]
 
 
-def _ladder(p: Prepared, share: int, options: FidelityOptions):
+def rank_ladder_for(p: Prepared, share: int, options: FidelityOptions):
     eb = element_bytes(options.core_dtype)
     ladder = rank_ladder(p.plan.row_factors, p.plan.dim_factors, share // (16 * eb), 2 * share // eb)
     if not ladder:  # the share is below every rank: offer the smallest
@@ -270,54 +243,3 @@ def stream_progress(p: Prepared, decompositions: int, power_iters: int, progress
         return PassLines(p.plan.key, p.plan.rows, passes)
     return tqdm(total=passes * p.plan.rows, unit="row", unit_scale=True, position=position + 1, leave=False,
                 file=sys.stderr, desc=f"{p.plan.name} ({decompositions} streamed TT-SVD)")
-
-
-def candidate_sketch(p: Prepared, svd: str, seed: int) -> Optional[Sketch]:
-    """The sketch a row map's candidates share (each layout starts from the last one's subspace): where the
-    plan's SVD is the exact one, :class:`Sketch`'s defaults (a quarter of its cost); where it is TensorLy's
-    randomized one (big tables), that SVD's own oversampling and power iterations from a random start."""
-    plan = p.plan
-    if plan.path != "memory":
-        return None
-    if svd_method(plan.rows, plan.dim, plan.row_factors, plan.dim_factors, svd) == "truncated_svd":
-        return Sketch(seed)
-    return Sketch(seed, oversamples=TENSORLY_OVERSAMPLES, power_iters=TENSORLY_POWER_ITERS)
-
-
-def table_candidates(p: Prepared, share: int, options: FidelityOptions, seed, svd, power_iters,
-                     progress: bool = False, position: int = 0) -> List[Candidate]:
-    """Every candidate of a table around its ``share`` of the budget: layouts x a ladder of ranks."""
-    ladder = _ladder(p, share, options)
-    layouts = _layouts(p, options, share)
-    bar = stream_progress(p, len(layouts), power_iters, progress, position)  # streamed: one set of passes a layout
-    tick = bar.update if isinstance(bar, tqdm) else bar
-    out = []
-    sketches = {h: candidate_sketch(p, svd, seed) for _, h in layouts}  # per row map: layouts differ in few rows
-    for exact_fraction, hot in sorted(layouts, key=lambda fh: (fh[1], fh[0])):
-        for i, res in enumerate(results_for(p, options, exact_fraction, hot, ladder, None, seed, svd, power_iters,
-                                            tick, sketch=sketches[hot])):
-            # a candidate keeps what the allocation compares (bytes, error); the chosen one is rebuilt
-            # (chosen_result): every candidate's cores at once would hold up to a table's worth per table
-            res.table = None
-            res.extra.pop("fp32_cores", None)
-            out.append(Candidate({"ranks": ladder[i], "exact_fraction": exact_fraction, "hot": hot, "ladder": ladder,
-                                  "index": i}, res.nbytes, res.weighted_sq, {"result": res}))
-    if isinstance(bar, tqdm):
-        bar.close()
-    return out
-
-
-def chosen_result(p: Prepared, chosen: Candidate, options: FidelityOptions, seed, svd, power_iters) -> Result:
-    """The candidate the allocation chose, rebuilt with its tables: the same layout and ranks, by the plan's
-    SVD or, where that is the exact one, a sketch of its own from a random start (candidates are compared
-    by sketches that start from their row map's last subspace, on a sample of the evaluation set,
-    :data:`CANDIDATE_EVAL_ROWS`), and measured on the whole evaluation set."""
-    c = chosen.config
-    res = results_for(p, options, c["exact_fraction"], c["hot"], c["ladder"], None, seed, svd, power_iters,
-                      only=c["index"])[0]
-    if res.nbytes != chosen.nbytes:
-        raise RuntimeError(f"{p.plan.name}: the chosen TT rebuilt has {res.nbytes:,} B, not the {chosen.nbytes:,} B "
-                           "the allocation counted")
-    res.extra.update(chosen.extra["result"].extra)
-    res.extra["candidate_weighted_error"] = math.sqrt(chosen.error)  # as the candidates were compared
-    return res

@@ -44,6 +44,7 @@ class TablePlan:
     ranks: Optional[List[int]]  # None in tolerance mode
     path: str
     peak_bytes: int
+    held_bytes: int = 0  # what its candidates hold until the allocation is done (a streamed table's sketches)
 
 
 def memory_available() -> int:
@@ -110,6 +111,11 @@ def with_importance(plans: Sequence[TablePlan]) -> None:
     """Add what row importance holds to each plan's peak (compress with an importance)."""
     for p in plans:
         p.peak_bytes += int(IMPORTANCE_BYTES_PER_ROW * p.rows + IMPORTANCE_TABLE_SHARE * p.rows * p.dim * 4)
+        if p.path == "stream" and p.ranks is not None:  # its sketch, Q and a B per layout (two at most)
+            m = p.row_factors[0] * p.dim_factors[0]
+            cols = math.prod(p.row_factors[1:]) * (p.dim // p.dim_factors[0])
+            width = min(m, cols, max(p.ranks) + 10)
+            p.held_bytes = 4 * width * (m + 2 * cols)
 
 
 def affordable_workers(plans: Sequence[TablePlan], workers: int, available: int) -> int:
@@ -131,8 +137,9 @@ def workers_for_cpus(workers: int, cpus: int) -> tuple:
 
 
 def planned_peak(plans: Sequence[TablePlan], workers: int) -> int:
-    """The memory the run is expected to add at its peak: the ``workers`` largest tables' peaks at once."""
-    return sum(sorted((p.peak_bytes for p in plans), reverse=True)[:workers])
+    """The memory the run is expected to add at its peak: the ``workers`` largest tables' peaks at once, beside
+    what every table's candidates hold until the allocation."""
+    return sum(sorted((p.peak_bytes for p in plans), reverse=True)[:workers]) + sum(p.held_bytes for p in plans)
 
 
 def describe(plans: Sequence[TablePlan], workers: int, available: int, note: str = "") -> str:

@@ -201,72 +201,99 @@ SKETCH_POWER_ITERS = 4
 
 @dataclass
 class Sketch:
-    """A randomized SVD of a ladder's first unfolding that the next one can start from.
+    """A randomized SVD of a ladder's first unfolding (its leading left singular vectors and values) that the
+    next one can start from.
 
-    Subspace iteration (``Q = orth(A S)``, then ``Q = orth(A orth(A^T Q))`` per power iteration, the SVD
-    of ``Q^T A``): from a random ``S`` (``seed``) with :data:`SKETCH_POWER_ITERS` iterations, or, once a
-    call has left its right subspace in ``basis``, from that subspace with one.  Tables that differ in a
-    few rows (the same row map, more rows kept exactly) have nearly the same subspace: from it, one
-    iteration is within 0.0001 of the exact SVD's error on the demo's tables, against four from random
-    (docs/benchmarks.md)."""
+    Subspace iteration (``Q = orth(A S)``, then ``Q = orth(A orth(A^T Q))`` per power iteration) and the
+    Rayleigh-Ritz step on ``Q^T A`` (by the eigenvectors of its small Gram matrix, in float64): from a random
+    ``S`` (``seed``) with :data:`SKETCH_POWER_ITERS` iterations, or, once a call has left its subspace in
+    ``basis``, from that subspace with one.  Tables that differ in a few rows (the same row map, more rows
+    kept exactly) have nearly the same subspace: from it, one iteration is within 0.0001 of the exact SVD's
+    error on the demo's tables, against four from random (docs/benchmarks.md)."""
 
     seed: int = 0
-    basis: Optional[np.ndarray] = None
+    basis: Optional[np.ndarray] = None  # the last call's Q, ``rows x (k + oversamples)``
     oversamples: int = SKETCH_OVERSAMPLES
     power_iters: int = SKETCH_POWER_ITERS  # from a random start; from ``basis``: one
 
     def svd(self, a: np.ndarray, k: int):
-        """``(u, s, vt)`` of ``a``'s ``k`` leading singular triplets; ``basis`` is left for the next call."""
+        """``(u, s)``: ``a``'s ``k`` leading left singular vectors and values; ``basis`` is left for the next call."""
         width = min(k + self.oversamples, min(a.shape))
-        if self.basis is not None and self.basis.shape == (a.shape[1], width):
-            start, iters = self.basis, 1
+
+        def orth(x: np.ndarray) -> np.ndarray:  # torch's QR: a quarter of numpy's time on these shapes
+            return torch.linalg.qr(torch.from_numpy(x))[0].numpy()
+        if self.basis is not None and self.basis.shape == (a.shape[0], width):
+            q, iters = self.basis, 1
         else:
             start = np.random.default_rng(self.seed).standard_normal((a.shape[1], width)).astype(a.dtype)
-            iters = self.power_iters
-        q = np.linalg.qr(a @ start)[0]
+            q, iters = orth(a @ start), self.power_iters
         for _ in range(iters):
-            q = np.linalg.qr(a @ np.linalg.qr(a.T @ q)[0])[0]
-        u, s, vt = np.linalg.svd(q.T @ a, full_matrices=False)
-        self.basis = np.ascontiguousarray(vt.T)
-        return (q @ u)[:, :k], s[:k], vt[:k]
+            q = orth(a @ orth(a.T @ q))
+        b = (q.T @ a).astype(np.float64)
+        values, vectors = np.linalg.eigh(b @ b.T)  # ascending
+        self.basis = q
+        top = vectors[:, ::-1][:, :k]
+        return (q @ top.astype(q.dtype)), np.sqrt(np.maximum(values[::-1][:k], 0.0)).astype(a.dtype)
+
+
+def first_unfolding(weight: np.ndarray, row_factors: Sequence[int], dim_factors: Sequence[int]) -> np.ndarray:
+    """The TT-matrix tensor's first unfolding, ``n_1 d_1 x (rest)`` (a copy of the table, padded)."""
+    return table_to_tt_tensor(weight, row_factors, dim_factors).reshape(row_factors[0] * dim_factors[0], -1)
+
+
+def first_core_basis(first: np.ndarray, k: int, svd: str = "truncated_svd", random_state: Optional[int] = 0,
+                     sketch: Optional[Sketch] = None) -> np.ndarray:
+    """The ``k`` leading left singular vectors of the first unfolding ``first`` (:func:`first_unfolding`;
+    ``n_1 d_1 x k``, orthonormal): by ``svd`` (``truncated_svd`` exact, ``randomized_svd`` TensorLy's range
+    finder) or by ``sketch`` (:class:`Sketch`) where it is narrower than the unfolding."""
+    k = min(k, min(first.shape))
+    if sketch is not None and k + sketch.oversamples < min(first.shape):
+        return sketch.svd(first, k)[0]
+    return svd_interface(first, n_eigenvecs=k, method=svd, random_state=random_state)[0]
 
 
 def tt_svd_ladder(weight: np.ndarray, row_factors: Sequence[int], dim_factors: Sequence[int],
                   rank_lists: Sequence[Sequence[int]], svd: str = "truncated_svd",
-                  random_state: Optional[int] = 0, sketch: Optional[Sketch] = None) -> List[TTDecomposition]:
+                  random_state: Optional[int] = 0, sketch: Optional[Sketch] = None,
+                  basis: Optional[np.ndarray] = None, errors: bool = True,
+                  unfolding: Optional[np.ndarray] = None) -> List[TTDecomposition]:
     """TT-SVD (as ``tt_svd(..., svd=svd)``: ``truncated_svd`` exact, ``randomized_svd`` TensorLy's
-    randomized range finder) at several rank lists, sharing the SVD of the first (largest) unfolding,
-    which every rank list truncates, and its projection, which gives every rank list's error without
-    rebuilding the table.
+    randomized range finder) at several rank lists, sharing the first (largest) unfolding's basis, which
+    every rank list truncates, and its projection ``U^T W``, which is the rest's table and gives every rank
+    list's error without rebuilding the table.
 
-    ``sketch``: the first unfolding's SVD is that :class:`Sketch`'s (the later, small unfoldings stay
-    exact): on trained tables, whose spectra decay slowly, its errors are within ~0.001 of the exact SVD's
-    at about a quarter of its cost from a random start, an eighth from the last table's subspace, which
-    is what comparing many candidates needs.
+    ``basis``: that first core's basis (:func:`first_core_basis`, at least as wide as the largest first
+    rank), else computed here, by ``sketch`` if given (:class:`Sketch`: on trained tables, whose spectra
+    decay slowly, within ~0.001 of the exact SVD's errors at about a quarter of its cost from a random
+    start, which is what comparing many candidates needs; the later, small unfoldings stay exact).
+    ``errors=False``: leave ``relative_error`` NaN (a candidate's weighted error is measured apart).
+    ``unfolding``: the table's :func:`first_unfolding`, if the caller has it.
 
     Returns one decomposition per rank list (ranks clamped), with its relative error on the real rows.
     """
     n, d = weight.shape
-    tensor = table_to_tt_tensor(weight, row_factors, dim_factors)
-    modes = tensor.shape
-    first = tensor.reshape(modes[0], -1)
+    first = unfolding if unfolding is not None else first_unfolding(weight, row_factors, dim_factors)
+    modes = [n_ * d_ for n_, d_ in zip(row_factors, dim_factors)]
     r_max = max(r[1] for r in rank_lists)
-    k = min(r_max, min(first.shape))
-    if sketch is not None and k + sketch.oversamples < min(first.shape):
-        u, s, v = sketch.svd(first, k)
-        svd = "truncated_svd"  # the later unfoldings are small
+    if basis is None:
+        basis = first_core_basis(first, r_max, svd, random_state, sketch)
     else:
-        u, s, v = svd_interface(first, n_eigenvecs=k, method=svd, random_state=random_state)
-    projected = u.T @ first  # U^T W: the first core's coefficients, exact for either SVD
-    norm_sq = float(np.sum(np.square(first, dtype=np.float64)))
-    del tensor, first
+        sketch = sketch or Sketch()  # a given basis stands for a sketch: the rest is small
+    if sketch is not None:
+        svd = "truncated_svd"  # the later unfoldings are small
+    if basis.shape[1] < r_max:
+        raise ValueError(f"the first core's basis has {basis.shape[1]} columns; the ladder needs {r_max}")
+    u = basis[:, :r_max]
+    projected = u.T @ first  # U^T W: the first core's coefficients, the best for that basis
+    norm_sq = float(np.sum(np.square(first, dtype=np.float64))) if errors else 0.0
+    del first
     out = []
     for ranks in rank_lists:
         r1 = ranks[1]
-        cores = [u[:, :r1].reshape(1, row_factors[0], dim_factors[0], r1)]
-        rest = (s[:r1, None] * v[:r1]).reshape([r1 * modes[1]] + list(modes[2:]))
+        cores = [np.ascontiguousarray(u[:, :r1]).reshape(1, row_factors[0], dim_factors[0], r1)]
+        rest = projected[:r1].reshape([r1 * modes[1]] + list(modes[2:]))
         if len(modes) == 2:
-            cores.append(rest.reshape(r1, row_factors[1], dim_factors[1], 1))
+            cores.append(np.ascontiguousarray(rest).reshape(r1, row_factors[1], dim_factors[1], 1))
         else:
             factors = tensor_train(rest, rank=[1] + list(ranks[2:]), svd=svd, random_state=random_state)
             f0 = np.asarray(factors[0])
@@ -274,7 +301,8 @@ def tt_svd_ladder(weight: np.ndarray, row_factors: Sequence[int], dim_factors: S
             cores += [np.asarray(f).reshape(f.shape[0], n_, d_, f.shape[2])
                       for f, n_, d_ in zip(factors[1:], row_factors[2:], dim_factors[2:])]
         shape = TTShape(n, d, list(row_factors), list(dim_factors), [1] + [c.shape[3] for c in cores])
-        out.append(TTDecomposition(shape, cores, _ladder_error(weight, norm_sq, projected, cores)))
+        error = _ladder_error(weight, norm_sq, projected, cores) if errors else float("nan")
+        out.append(TTDecomposition(shape, cores, error))
     return out
 
 

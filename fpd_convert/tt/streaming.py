@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
@@ -117,14 +118,70 @@ def streaming_tt_svd_ladder(read_rows: RowReader, num_rows: int, dim: int, row_f
     (one for ``tol``)."""
     if (rank_lists is None) == (tol is None):
         raise ValueError("give exactly one of rank lists or tol")
+    m = row_factors[0] * dim_factors[0]
+    r_target = max(r[1] for r in rank_lists) if rank_lists is not None else min(max_rank, m)
+    sk = stream_sketch(read_rows, num_rows, dim, row_factors, dim_factors, r_target + oversample, power_iters, seed,
+                       chunk_bytes, progress)
+    return sk.decompositions(rank_lists, tol, max_rank)
+
+
+@dataclass
+class StreamSketch:
+    """The first unfolding ``A`` of a streamed table as its passes left it: ``Q`` (``n_1 d_1 x w``,
+    orthonormal), ``B = Q^T A`` (``w x N``) and ``||A||^2``.  Every rank list's decomposition comes from it
+    without another pass (:meth:`decompositions`), and so does that of the same table with some rows
+    changed (:meth:`with_rows_added`, the Rayleigh-Ritz step in the same subspace)."""
+
+    q: torch.Tensor
+    b: torch.Tensor
+    norm_sq: float
+    num_rows: int
+    dim: int
+    row_factors: List[int]
+    dim_factors: List[int]
+
+    def decompositions(self, rank_lists: Optional[Sequence[Sequence[int]]] = None, tol: Optional[float] = None,
+                       max_rank: int = 256) -> List[TTDecomposition]:
+        """One decomposition per rank list (one for ``tol``), each truncating the SVD of ``B``."""
+        if (rank_lists is None) == (tol is None):
+            raise ValueError("give exactly one of rank lists or tol")
+        u_b, s, vt = torch.linalg.svd(self.b, full_matrices=False)
+        full = min(self.row_factors[0] * self.dim_factors[0], self.b.shape[1])
+        return [_from_first_unfolding(self.q, u_b, s, vt, self.norm_sq, self.num_rows, self.dim, self.row_factors,
+                                      self.dim_factors, ranks, tol, max_rank, self.q.shape[1], full)
+                for ranks in (rank_lists if rank_lists is not None else [None])]
+
+    def with_rows_added(self, positions: np.ndarray, values: np.ndarray, chunk: int = 4096) -> "StreamSketch":
+        """The sketch of the table with ``values`` (``len(positions) x dim``) added to its rows at ``positions``
+        (zero there before: rows a layout keeps apart), in this sketch's subspace: ``Q^T (A + Z)``."""
+        rf, df = self.row_factors, self.dim_factors
+        n1, d1 = rf[0], df[0]
+        suffixes, rest = math.prod(rf[1:]), self.dim // d1
+        bt = self.b.T.contiguous()  # (N, w): rows of B^T get the added columns
+        q = self.q.reshape(n1, d1, -1)
+        for i in range(0, positions.size, chunk):
+            pos = torch.from_numpy(np.asarray(positions[i:i + chunk], dtype=np.int64))
+            z = torch.from_numpy(np.ascontiguousarray(values[i:i + chunk], dtype=np.float32)).reshape(-1, d1, rest)
+            i1, s = pos // suffixes, (pos % suffixes).numpy()
+            contrib = torch.einsum("eaw,eab->ebw", q[i1], z)  # (E, rest, w)
+            cols = torch.from_numpy(s[:, None] * rest + np.arange(rest)[None, :]).reshape(-1)  # (i_2.., p_2..)
+            bt.index_add_(0, cols, contrib.reshape(-1, contrib.shape[2]))
+        added = float(np.sum(np.square(values, dtype=np.float64)))
+        return StreamSketch(self.q, bt.T.contiguous(), self.norm_sq + added, self.num_rows, self.dim, rf, df)
+
+
+def stream_sketch(read_rows: RowReader, num_rows: int, dim: int, row_factors: Sequence[int],
+                  dim_factors: Sequence[int], width: int, power_iters: int = 1, seed: int = 0,
+                  chunk_bytes: int = 64 << 20, progress: Optional[Callable[[int], None]] = None) -> StreamSketch:
+    """The passes over the table (``2 + 2 * power_iters``): the range finder of the first unfolding, ``width``
+    vectors wide (capped by the unfolding), and ``B = Q^T A``."""
     k = len(row_factors)
     if k < 2:
         raise ValueError("the streaming TT-SVD needs at least two cores")
     n1, d1 = row_factors[0], dim_factors[0]
     m = n1 * d1
-    r_target = max(r[1] for r in rank_lists) if rank_lists is not None else min(max_rank, m)
     cols = math.prod(row_factors[1:]) * (dim // d1)
-    sketch = min(m, cols, r_target + oversample)
+    sketch = min(m, cols, width)
     plan = stream_plan(num_rows, dim, row_factors, dim_factors, sketch, chunk_bytes)
 
     def passes():
@@ -157,17 +214,14 @@ def streaming_tt_svd_ladder(read_rows: RowReader, num_rows: int, dim: int, row_f
                 progress(read)
         del z
         q = _orth(y)
+    del y
     b = torch.zeros(sketch, cols)
     for r0, a_blk, read in passes():
         b.addmm_(q[r0:r0 + a_blk.shape[0]].T, a_blk)
         del a_blk
         if progress:
             progress(read)
-    u_b, s, vt = torch.linalg.svd(b, full_matrices=False)
-    del b
-    return [_from_first_unfolding(q, u_b, s, vt, norm_sq, num_rows, dim, row_factors, dim_factors, ranks, tol,
-                                  max_rank, sketch, min(m, cols))
-            for ranks in (rank_lists if rank_lists is not None else [None])]
+    return StreamSketch(q, b, norm_sq, num_rows, dim, list(row_factors), list(dim_factors))
 
 
 def _from_first_unfolding(q, u_b, s, vt, norm_sq: float, num_rows: int, dim: int, row_factors, dim_factors,
