@@ -32,7 +32,8 @@ from .options import (SuffixRows, _int_list, _rank_value, advanced, force_option
               help="Training data sample for row importance (any format the data readers take).")
 @click.option("--optimizer-state", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The optimizer's state saved apart from MODEL, for importance without data: a torch.optim "
-              "state_dict, or one keyed by parameter names (TorchRec's KeyedOptimizer.state_dict()).")
+              "state_dict, or one keyed by parameter names (TorchRec's KeyedOptimizer.state_dict(), or a fused "
+              "collection's fused_optimizer().state_dict()).")
 @click.option("--core-dtype", type=click.Choice(["float32", "bfloat16", "float16", "int8"]), default="float32",
               show_default=True, help="Storage of the TT cores (int8: per-slice scales).")
 @seed_option("the randomized SVDs")
