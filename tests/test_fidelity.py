@@ -131,6 +131,12 @@ def test_a_candidates_error_from_its_cores_is_the_layers(rf, df, n_eval):
     assert candidate_error_sq(cores, le) == pytest.approx(weighted_error_sq(layer, ev), rel=1e-5)
 
 
+def test_the_memory_plan_counts_every_streamed_layout():
+    from fpd_convert.convert.candidates import EXACT_FRACTIONS
+    from fpd_convert.convert.plan import STREAM_LAYOUTS
+    assert STREAM_LAYOUTS == len(EXACT_FRACTIONS)  # a streamed table keeps a sketch's B per layout
+
+
 def test_the_search_measures_the_rungs_around_each_choice(trained):
     # every third rung first; the allocation's choice then gets its neighbours, and the chosen TT is the
     # decomposition it was compared by (the same weighted error on the candidates' evaluation rows)

@@ -30,7 +30,7 @@ from .importance import FidelityOptions, Prepared, Reader, TableEval, gather
 from .measure import layer_of, weighted_error_sq
 from .plan import TOL_MAX_RANK, svd_method
 
-EXACT_FRACTIONS = (0.0, 0.005, 0.01, 0.02)
+EXACT_FRACTIONS = (0.0, 0.001, 0.003, 0.01, 0.02)
 
 
 @dataclass
@@ -188,7 +188,8 @@ def rank_ladder(row_factors, dim_factors, lo_params: int, hi_params: int) -> Lis
 
 
 def layouts_for(p: Prepared, options: FidelityOptions, share: int):
-    """The (exact fraction, hot rows) layouts a table offers under a budget share."""
+    """The (exact fraction, hot rows) layouts a table offers under a budget share (a streamed table: its row
+    map only; its layouts come from one sketch)."""
     n, d = p.plan.rows, p.plan.dim
     hot = int(round(options.hot_fraction * n))
     if options.exact_fraction is not None:
@@ -196,8 +197,6 @@ def layouts_for(p: Prepared, options: FidelityOptions, share: int):
     else:
         per_row = 4 + d * element_bytes(options.exact_dtype) + (4 if options.exact_dtype == "int8" else 0)
         fractions = [f for f in EXACT_FRACTIONS if f * n * per_row <= 0.7 * share]
-        if p.plan.path == "stream":
-            fractions = [f for f in fractions if f in (0.0, 0.01)]
     hots = sorted({0, hot}) if p.plan.path != "stream" else [hot]
     return [(f, h) for f in fractions for h in hots]
 

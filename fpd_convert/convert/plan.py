@@ -30,6 +30,7 @@ TOL_MAX_RANK = 256
 # 2M x 16, 2M x 64 and 10M x 64 tables: docs/benchmarks.md): importance, norms and layouts per row, and
 # the moved and exact rows with their copies, a share of the table
 IMPORTANCE_BYTES_PER_ROW = 40
+STREAM_LAYOUTS = 5  # a streamed table's layouts at most (its exact-row fractions, one row map)
 IMPORTANCE_TABLE_SHARE = 0.3
 
 
@@ -111,11 +112,11 @@ def with_importance(plans: Sequence[TablePlan]) -> None:
     """Add what row importance holds to each plan's peak (compress with an importance)."""
     for p in plans:
         p.peak_bytes += int(IMPORTANCE_BYTES_PER_ROW * p.rows + IMPORTANCE_TABLE_SHARE * p.rows * p.dim * 4)
-        if p.path == "stream" and p.ranks is not None:  # its sketch, Q and a B per layout (two at most)
+        if p.path == "stream" and p.ranks is not None:  # its sketch, Q and a B per layout
             m = p.row_factors[0] * p.dim_factors[0]
             cols = math.prod(p.row_factors[1:]) * (p.dim // p.dim_factors[0])
             width = min(m, cols, max(p.ranks) + 10)
-            p.held_bytes = 4 * width * (m + 2 * cols)
+            p.held_bytes = 4 * width * (m + STREAM_LAYOUTS * cols)
 
 
 def affordable_workers(plans: Sequence[TablePlan], workers: int, available: int) -> int:
