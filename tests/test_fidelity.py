@@ -131,10 +131,19 @@ def test_a_candidates_error_from_its_cores_is_the_layers(rf, df, n_eval):
     assert candidate_error_sq(cores, le) == pytest.approx(weighted_error_sq(layer, ev), rel=1e-5)
 
 
-def test_the_memory_plan_counts_every_streamed_layout():
+def test_the_memory_plan_counts_what_the_candidates_hold():
+    # until the allocation, every table keeps its layouts' bases (in memory) or sketches (streamed): the
+    # plan adds them, for all tables at once
     from fpd_convert.convert.candidates import EXACT_FRACTIONS
-    from fpd_convert.convert.plan import STREAM_LAYOUTS
+    from fpd_convert.convert.plan import STREAM_LAYOUTS, plan_table, planned_peak, with_importance
     assert STREAM_LAYOUTS == len(EXACT_FRACTIONS)  # a streamed table keeps a sketch's B per layout
+    plans = [plan_table("a", "a", 200_000, 16, ratio=20, svd_path=path) for path in ("memory", "stream")]
+    alone = [p.peak_bytes for p in plans]
+    with_importance(plans)
+    m = plans[1].row_factors[0] * plans[1].dim_factors[0]
+    assert all(p.held_bytes > 0 for p in plans) and plans[1].held_bytes >= 4 * m * max(plans[1].ranks)
+    assert planned_peak(plans, 1) == max(p.peak_bytes for p in plans) + sum(p.held_bytes for p in plans)
+    assert all(p.peak_bytes > a for p, a in zip(plans, alone))
 
 
 def test_the_search_measures_the_rungs_around_each_choice(trained):

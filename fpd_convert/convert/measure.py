@@ -39,9 +39,9 @@ def weighted_error_sq(layer: TTEmbeddingBag, ev: TableEval) -> float:
 
 @dataclass
 class LayoutEval:
-    """The evaluation rows as a layout's candidates are measured on: the TT positions (under the row map)
-    of those the TT gives, their weights and source rows, what the exact rows add (their stored values
-    against the source's) and the weighted norm of the source rows."""
+    """The evaluation rows as a layout's candidates are measured on: their TT positions (under the row map),
+    their weights in the TT's part (0 for exact rows) and source rows, what the exact rows add (their stored
+    values against the source's) and the weighted norm of the source rows."""
 
     positions: np.ndarray
     weights: np.ndarray
@@ -61,9 +61,9 @@ def layout_eval(ev: TableEval, hot_ids: np.ndarray, exact_ids: np.ndarray,
     if is_exact.any():
         diff = ev.rows[is_exact] - exact_stored[np.searchsorted(exact_ids, ev.ids[is_exact])]
         exact_sq = float(weights[is_exact] @ np.einsum("ij,ij->i", diff, diff, dtype=np.float64))
-    keep = ~is_exact
-    return LayoutEval(tt_positions(ev.ids[keep], hot_ids), weights[keep], np.ascontiguousarray(ev.rows[keep]),
-                      exact_sq, norm_sq)
+    # the source rows are the evaluation set's own (one copy for every layout); the exact rows count by
+    # exact_sq, so their weight in the TT's part is 0
+    return LayoutEval(tt_positions(ev.ids, hot_ids), np.where(is_exact, 0.0, weights), ev.rows, exact_sq, norm_sq)
 
 
 def tt_rows_at(cores: Sequence[np.ndarray], positions: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ TOL_MAX_RANK = 256
 # the moved and exact rows with their copies, a share of the table
 IMPORTANCE_BYTES_PER_ROW = 40
 STREAM_LAYOUTS = 5  # a streamed table's layouts at most (its exact-row fractions, one row map)
+CANDIDATE_EVAL_ROWS = 16_384  # evaluation rows candidates are compared on (convert.search; the chosen: all)
 IMPORTANCE_TABLE_SHARE = 0.3
 
 
@@ -45,7 +46,7 @@ class TablePlan:
     ranks: Optional[List[int]]  # None in tolerance mode
     path: str
     peak_bytes: int
-    held_bytes: int = 0  # what its candidates hold until the allocation is done (a streamed table's sketches)
+    held_bytes: int = 0  # what its candidates hold until the allocation is done (bases, sketches)
 
 
 def memory_available() -> int:
@@ -112,11 +113,17 @@ def with_importance(plans: Sequence[TablePlan]) -> None:
     """Add what row importance holds to each plan's peak (compress with an importance)."""
     for p in plans:
         p.peak_bytes += int(IMPORTANCE_BYTES_PER_ROW * p.rows + IMPORTANCE_TABLE_SHARE * p.rows * p.dim * 4)
-        if p.path == "stream" and p.ranks is not None:  # its sketch, Q and a B per layout
-            m = p.row_factors[0] * p.dim_factors[0]
+        if p.ranks is None:
+            continue
+        m = p.row_factors[0] * p.dim_factors[0]
+        if p.path == "stream":  # its sketch: Q, and a B per layout
             cols = math.prod(p.row_factors[1:]) * (p.dim // p.dim_factors[0])
             width = min(m, cols, max(p.ranks) + 10)
             p.held_bytes = 4 * width * (m + STREAM_LAYOUTS * cols)
+        else:  # per layout (two row maps): the first core's basis (the ladder's top rank ~1.5x the plan's),
+            # the evaluation rows' positions and weights
+            width = min(m, (3 * max(p.ranks)) // 2)
+            p.held_bytes = 2 * STREAM_LAYOUTS * (4 * m * width + 16 * min(p.rows, CANDIDATE_EVAL_ROWS))
 
 
 def affordable_workers(plans: Sequence[TablePlan], workers: int, available: int) -> int:

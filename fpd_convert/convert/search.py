@@ -27,12 +27,10 @@ from .candidates import (Layout, LayoutReader, Result, rank_ladder_for, layouts_
                          stream_progress)
 from .importance import FidelityOptions, Prepared, gather
 from .measure import LayoutEval, candidate_error_sq, layout_eval
-from .plan import svd_method
+from .plan import CANDIDATE_EVAL_ROWS, svd_method
 
 #: TensorLy's randomized SVD defaults (``randomized_svd``'s ``n_oversamples``, ``n_iter``)
 TENSORLY_OVERSAMPLES, TENSORLY_POWER_ITERS = 5, 2
-#: rows of the evaluation set candidates are compared on (the chosen one is measured on all of it)
-CANDIDATE_EVAL_ROWS = 16_384
 #: a streamed table's sketch: this many vectors beyond the ladder's largest first rank (as plain TT-SVD's)
 STREAM_OVERSAMPLES = 10
 
