@@ -17,7 +17,8 @@ must run where ``fpd_convert`` is not installed (AOTInductor packages, ONNX Runt
 first core's slice times a precomputed product of the others where :func:`portable_products` holds one
 (the eager end table's form), else the contraction of :func:`fpd_convert.kernels.reference.tt_rows`
 (index_select and bmm per id, no dedup, which inductor fuses); the row index is searched by a fixed
-number of gather-and-compare steps (ONNX has no ``searchsorted``), and an out-of-range id gives a row of
+number of gather-and-compare steps (ONNX has no ``searchsorted``) within the id's bucket
+(:func:`index_buckets`), and an out-of-range id gives a row of
 NaN instead of an error (a graph has no exceptions; a NaN score cannot pass unseen).
 """
 from __future__ import annotations
@@ -51,14 +52,19 @@ def is_portable() -> bool:
     return _PORTABLE[0]
 
 
-def _find_sorted(sorted_ids: torch.Tensor, query: torch.Tensor):
-    """``(found, at)``: whether each query is in ``sorted_ids`` and where (its insertion point)."""
+def _find_sorted(sorted_ids: torch.Tensor, query: torch.Tensor, buckets=None):
+    """``(found, at)``: whether each query is in ``sorted_ids`` and where (its insertion point).  ``buckets``
+    (ONNX): ``(starts, shift, depth)`` of :func:`index_buckets`, which narrow the search to a query's bucket."""
     n = sorted_ids.numel()
     if not _ONNX[0]:
         at = torch.searchsorted(sorted_ids, query).clamp(max=n - 1)
-    else:  # a binary search of fixed length: ceil(log2(n + 1)) gathers and compares
-        lo, hi = torch.zeros_like(query), torch.full_like(query, n)
-        for _ in range(n.bit_length()):
+    else:  # a binary search of fixed length: ceil(log2(n + 1)) gathers and compares, or within a bucket
+        lo, hi, depth = torch.zeros_like(query), torch.full_like(query, n), n.bit_length()
+        if buckets is not None:
+            starts, shift, depth = buckets
+            b = torch.div(query, 1 << shift, rounding_mode="floor")
+            lo, hi = starts[b], starts[b + 1]
+        for _ in range(depth):
             mid = torch.div(lo + hi, 2, rounding_mode="floor")
             right = sorted_ids[mid.clamp(max=n - 1)] < query
             lo, hi = torch.where(right, mid + 1, lo), torch.where(right, hi, mid)
@@ -86,7 +92,7 @@ def traced_rows(layer, ids: torch.Tensor) -> torch.Tensor:
     codes = safe
     index_ids = layer._index_ids
     if index_ids is not None and index_ids.numel():
-        found, at = _find_sorted(index_ids, safe)
+        found, at = _find_sorted(index_ids, safe, getattr(layer, "_portable_buckets", None) if portable else None)
         codes = torch.where(found, layer._index_codes[at], safe)
     positions = codes.clamp(min=0) if exact is not None else codes
     rows = rows_from_suffixes(cores[0], products, positions) if products is not None else reference_rows(cores, positions)
@@ -139,17 +145,40 @@ def portable_products(model: torch.nn.Module) -> Iterator[int]:
             cores = m._core_list() if isinstance(m, _TTTable) else None
             if not cores or len(cores) < 2 or cores[0].device.type != "cpu":
                 continue
+            if m._index_ids is not None and m._index_ids.numel():
+                starts, shift, depth = index_buckets(m._index_ids, m.num_embeddings)
+                m.register_buffer("_portable_starts", starts, persistent=False)
+                m._portable_buckets = (m._portable_starts, shift, depth)
+                held.append(m)
+                added += starts.numel() * starts.element_size()
             core_bytes = sum(c.numel() * c.element_size() for c in cores)
             if _products_bytes(cores) > PRODUCTS_MAX_RATIO * core_bytes:
                 continue
             with torch.no_grad():
                 m.register_buffer("_portable_products", suffix_table([c.detach() for c in cores]), persistent=False)
-            held.append(m)
+            if m not in held:
+                held.append(m)
             added += m._portable_products.numel() * m._portable_products.element_size()
         yield added
     finally:
         for m in held:
-            del m._buffers["_portable_products"]
+            m._buffers.pop("_portable_products", None)
+            m._buffers.pop("_portable_starts", None)
+            m.__dict__.pop("_portable_buckets", None)
+
+
+def index_buckets(sorted_ids: torch.Tensor, num_rows: int):
+    """``(starts, shift, depth)``: the row index cut in buckets of ``2**shift`` ids, about one indexed id a
+    bucket; ``starts[b]`` counts the indexed ids below bucket ``b`` (``starts[b + 1] - starts[b]`` is its
+    count, at most ``2**depth - 1``).  ONNX has no ``searchsorted``: a query then searches its bucket,
+    ``depth`` steps, instead of the whole index, ``log2`` of its size (a third of the steps or fewer, each
+    a handful of graph nodes: at batch 2,048 ONNX Runtime spends most of a TT lookup on them)."""
+    k = max(int(sorted_ids.numel()), 1)
+    shift = max(0, (num_rows // k).bit_length() - 1)
+    edges = torch.arange(0, (num_rows >> shift) + 2, dtype=torch.long) << shift
+    starts = torch.searchsorted(sorted_ids.detach().cpu().long(), edges)
+    depth = int((starts[1:] - starts[:-1]).max()).bit_length()
+    return starts, shift, depth
 
 
 def _check_call(layer, input: torch.Tensor, offsets: Optional[torch.Tensor],
