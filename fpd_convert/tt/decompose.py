@@ -287,12 +287,12 @@ def tt_svd_ladder(weight: np.ndarray, row_factors: Sequence[int], dim_factors: S
     first = unfolding if unfolding is not None else first_unfolding(weight, row_factors, dim_factors)
     modes = [n_ * d_ for n_, d_ in zip(row_factors, dim_factors)]
     r_max = max(r[1] for r in rank_lists)
+    if sketch is not None or basis is not None:
+        rest_svd = "truncated_svd"  # the first unfolding had its own basis; the later ones are small
+    else:
+        rest_svd = svd
     if basis is None:
         basis = first_core_basis(first, r_max, svd, random_state, sketch)
-    else:
-        sketch = sketch or Sketch()  # a given basis stands for a sketch: the rest is small
-    if sketch is not None:
-        svd = "truncated_svd"  # the later unfoldings are small
     if basis.shape[1] < r_max:
         raise ValueError(f"the first core's basis has {basis.shape[1]} columns; the ladder needs {r_max}")
     u = basis[:, :r_max]
@@ -307,7 +307,7 @@ def tt_svd_ladder(weight: np.ndarray, row_factors: Sequence[int], dim_factors: S
         if len(modes) == 2:
             cores.append(np.ascontiguousarray(rest).reshape(r1, row_factors[1], dim_factors[1], 1))
         else:
-            factors = tensor_train(rest, rank=[1] + list(ranks[2:]), svd=svd, random_state=random_state)
+            factors = tensor_train(rest, rank=[1] + list(ranks[2:]), svd=rest_svd, random_state=random_state)
             f0 = np.asarray(factors[0])
             cores.append(f0.reshape(r1, row_factors[1], dim_factors[1], f0.shape[2]))
             cores += [np.asarray(f).reshape(f.shape[0], n_, d_, f.shape[2])
