@@ -126,23 +126,20 @@ def test_cuda_layer_with_map_and_exact_rows_equals_cpu():
 
 @pytest.mark.parametrize("num_rows, k, clustered", [(60_000, 1_200, False), (60_000, 1_200, True), (50, 49, False),
                                                     (1_000, 1, False)])
-def test_the_onnx_bucketed_search_finds_what_searchsorted_finds(num_rows, k, clustered):
-    # ONNX has no searchsorted: the portable ONNX lookup searches a query's bucket of the row index only
+def test_the_bucketed_search_of_traced_lookups_finds_what_searchsorted_finds(num_rows, k, clustered):
+    # ONNX has no searchsorted (and inductor calls it out of its loops): traced lookups search a query's bucket
     from fpd_convert.layers import traced
+    from fpd_convert.layers.row_index import index_buckets
     g = torch.Generator().manual_seed(k)
     if clustered:  # the hot rows of a row map can sit together
         ids = torch.unique(torch.cat([torch.arange(100, 100 + k // 2), torch.randint(0, num_rows, (k // 2,), generator=g)]))
     else:
         ids = torch.randperm(num_rows, generator=g)[:k].sort().values
     query = torch.cat([ids, torch.randint(0, num_rows, (5_000,), generator=g), torch.tensor([0, num_rows - 1])])
-    starts, shift, depth = traced.index_buckets(ids, num_rows)
+    starts, shift, depth = index_buckets(ids, num_rows)
     assert starts.numel() == (num_rows >> shift) + 2 and depth <= max(1, ids.numel()).bit_length()
     want_at = torch.searchsorted(ids, query).clamp(max=ids.numel() - 1)
     want_found = ids[want_at] == query
-    traced._ONNX[0] = True
-    try:
-        found, at = traced._find_sorted(ids, query, (starts, shift, depth))
-    finally:
-        traced._ONNX[0] = False
+    found, at = traced._find_sorted(ids, query, (starts, shift, depth))
     assert torch.equal(found, want_found)
     assert torch.equal(at[found], want_at[found])

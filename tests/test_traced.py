@@ -129,6 +129,31 @@ def test_traced_lookup_refuses_or_poisons_ids_out_of_range():
     assert torch.isfinite(out[0]).all() and torch.isnan(out[1:]).all()
 
 
+@pytest.mark.parametrize("row_factors", [(40_000, 40, 25), None])
+def test_an_onnx_program_finds_the_rows_of_a_table_past_two_to_the_24(row_factors):
+    # integer division exported as torch.div(..., "floor") goes through float32 in ONNX: id 16,777,471 // 256
+    # gave 65,537; ids, buckets and TT digits of a 40M-row table must stay integers.  (40000, 40, 25): a small
+    # product of the last cores, held by the program; the default layout's is too big: all cores contracted
+    import onnxruntime as ort
+    import fpd_convert.layers.traced as traced
+    from fpd_convert.convert.export import _quiet
+    torch.manual_seed(0)
+    n = 40_000_000
+    bag = TTEmbeddingBag(n, 8, rank=3, mode="sum", row_factors=row_factors, dim_factors=(2, 2, 2)).eval()
+    edges = [16_777_215, 16_777_216, 16_777_217, 16_777_471, 33_554_431, 33_554_433, n - 1]
+    bag.set_row_map(torch.tensor([n - 2, 16_777_217, 30_000_001]))
+    bag.set_exact_rows(torch.tensor([16_777_216, 33_554_433]), torch.randn(2, 8))
+    ids = torch.cat([torch.tensor(edges + [n - 2, 30_000_001, 0, 1]), torch.randint(0, n, (50,))]).reshape(-1, 1)
+    want = bag(ids)
+    with torch.no_grad(), portable_lookups(onnx=True), traced.portable_products(bag) as held, _quiet("torch.onnx"):
+        assert (held > 0) == (row_factors is not None)
+        program = torch.export.export(bag, (ids[:4],), dynamic_shapes=({0: torch.export.Dim("b", min=2)},))
+        onnx_program = torch.onnx.export(program, (ids[:4],), dynamo=True, verbose=False)
+    session = ort.InferenceSession(onnx_program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+
+
 @pytest.mark.parametrize("operator", [False, True])
 def test_a_training_step_under_torch_compile_gives_eager_gradients(operator, monkeypatch):
     import fpd_convert.layers.traced as traced

@@ -88,7 +88,7 @@ def _runners(model: nn.Module, runtimes: Sequence[str], example, folder: Path, t
 
 
 def bench_serve(model: Optional[str] = None, batches: Sequence[int] = (1, 64, 2048), runtimes=RUNTIMES,
-                reps: int = 20, zipf: float = 1.1, device: str = "cpu", seed: int = 0,
+                reps: int = 60, zipf: float = 1.1, device: str = "cpu", seed: int = 0,
                 echo: Optional[Callable[[str], None]] = None) -> dict:
     """Latency (s) of the compressed and the dense model per runtime and batch, and their ratios."""
     from ..convert import load
@@ -128,7 +128,9 @@ def bench_serve(model: Optional[str] = None, batches: Sequence[int] = (1, 64, 20
             d, s = inputs(b)
             timed = {f"{rt}/{tag}": (lambda fn=fn: fn(d, s)) for (rt, tag), fn in fns.items()}
             with torch.no_grad():
-                medians = interleaved_medians(timed, dev, reps)
+                # short blocks, many turns: this 2-core machine's slow spells last seconds (in blocks of 10, two
+                # runs' TT/dense at 2,048 differed 1.3x)
+                medians = interleaved_medians(timed, dev, reps, block=4, settle=2)
             out["seconds"][str(b)] = medians
             log(f"batch {b:,}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in medians.items()))
     out["ratios"] = _ratios(out)

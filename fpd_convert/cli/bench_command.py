@@ -103,7 +103,7 @@ def bench(rows, dim, rank, batch, pooling, zipf, device, kernel, reps, dim_facto
             runtimes.remove("onnx")
             click.echo("Warning: onnxruntime is not installed: ONNX Runtime is left out (pip install onnxruntime)",
                        err=True)
-        out = bench_serve(model, [batch] if batch else [1, 64, 2048], runtimes, reps=max(reps, 20), zipf=zipf,
+        out = bench_serve(model, [batch] if batch else [1, 64, 2048], runtimes, reps=max(reps, 60), zipf=zipf,
                           device="cpu" if device == "auto" else device,
                           echo=None if as_json or quiet else lambda text: click.echo(text, err=True))
         click.echo(json.dumps(out, indent=2) if as_json else format_serve(out))

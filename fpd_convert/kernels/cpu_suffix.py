@@ -83,7 +83,7 @@ def rows_from_suffixes(first: torch.Tensor, table: torch.Tensor, indices: torch.
     and a :func:`suffix_table`; differentiable in both."""
     n_s, r, width = table.shape
     n_1, d_1 = first.shape[1], first.shape[2]
-    end = torch.div(indices, n_s, rounding_mode="floor")
+    end = indices // n_s  # not torch.div(..., rounding_mode="floor"): ONNX exports that through float32
     rest = indices - end * n_s
     lhs = first[0].reshape(n_1, d_1 * r).index_select(0, end).reshape(-1, d_1, r)
     rhs = table.reshape(n_s, r * width).index_select(0, rest).reshape(-1, r, width)

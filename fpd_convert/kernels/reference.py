@@ -16,7 +16,7 @@ def row_digits(indices: torch.Tensor, row_factors: Sequence[int]) -> List[torch.
     rest = indices
     for n in reversed(row_factors[1:]):
         digits.append(rest % n)
-        rest = torch.div(rest, n, rounding_mode="floor")
+        rest = rest // n  # exact in ONNX too (its export of torch.div "floor" goes through float32)
     digits.append(rest)
     return digits[::-1]
 

@@ -8,7 +8,8 @@ one per feature.
 
 On the CPU the search is a rank query on a bit set (one bit per table row, plus one
 count per 64 rows: 0.25 bytes a row), 2x faster than ``np.searchsorted`` over the sorted
-list; on other devices it is ``torch.searchsorted``.
+list; on other devices it is ``torch.searchsorted``.  Traced lookups search the sorted list
+within buckets of ids (:func:`index_buckets`, held with the index), in gathers and compares.
 """
 from __future__ import annotations
 
@@ -85,3 +86,18 @@ def row_codes(index_ids: torch.Tensor, index_codes: torch.Tensor, query: torch.T
         return torch.from_numpy(np.where(found, index_codes.numpy()[np.minimum(at, index_ids.numel() - 1)], q))
     at = torch.searchsorted(index_ids, query).clamp_(max=index_ids.numel() - 1)
     return torch.where(index_ids[at] == query, index_codes[at], query)
+
+
+def index_buckets(sorted_ids: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, int, int]:
+    """``(starts, shift, depth)``: the row index cut in buckets of ``2**shift`` ids, about one indexed id a
+    bucket; ``starts[b]`` counts the indexed ids below bucket ``b`` (``starts[b + 1] - starts[b]`` is its
+    count, at most ``2**depth - 1``).  A traced lookup searches a query's bucket, ``depth`` steps of a
+    gather and a compare, instead of the whole index: ONNX has no ``searchsorted``, and inductor fuses
+    the steps (:func:`fpd_convert.layers.traced._find_sorted`).  ``starts`` has about as many entries as
+    the index."""
+    k = max(int(sorted_ids.numel()), 1)
+    shift = max(0, (num_rows // k).bit_length() - 1)
+    edges = torch.arange(0, (num_rows >> shift) + 2, dtype=torch.long) << shift
+    starts = torch.searchsorted(sorted_ids.detach().cpu().long(), edges)
+    depth = int((starts[1:] - starts[:-1]).max()).bit_length()
+    return starts.to(sorted_ids.device), shift, depth

@@ -5,8 +5,8 @@ GPU lookups); a traced graph can hold none of that.  Here a lookup is standard o
 registered operator, :func:`torch.ops.fpd_convert.tt_lookup` (:mod:`fpd_convert.layers.ops`), which runs
 the same fast paths inside, with shapes that follow the input (a dynamic batch, dynamic bag lengths):
 
-1. where each id lives: its TT position, or ``-1 - k`` for exact row ``k`` (``torch.searchsorted`` over
-   the layer's merged row index, :mod:`fpd_convert.layers.row_index`);
+1. where each id lives: its TT position, or ``-1 - k`` for exact row ``k`` (a search of the layer's merged
+   row index within the id's bucket, :func:`fpd_convert.layers.row_index.index_buckets`);
 2. the rows: the operator for TT positions, the exact rows gathered for the others;
 3. pooling: a reshape for ``(B, L)`` input, a segment sum (or max) for ``(N,)`` input with offsets
    (:func:`pool_entries`), so that every mode, padding and ``include_last_offset`` give what
@@ -16,10 +16,9 @@ Within :func:`portable_lookups` the operator is lowered to standard operators in
 must run where ``fpd_convert`` is not installed (AOTInductor packages, ONNX Runtime): a row is the
 first core's slice times a precomputed product of the others where :func:`portable_products` holds one
 (the eager end table's form), else the contraction of :func:`fpd_convert.kernels.reference.tt_rows`
-(index_select and bmm per id, no dedup, which inductor fuses); the row index is searched by a fixed
-number of gather-and-compare steps (ONNX has no ``searchsorted``) within the id's bucket
-(:func:`index_buckets`), and an out-of-range id gives a row of
-NaN instead of an error (a graph has no exceptions; a NaN score cannot pass unseen).
+(index_select and bmm per id, no dedup, which inductor fuses), and an out-of-range id gives a row of
+NaN instead of an error (a graph has no exceptions; a NaN score cannot pass unseen).  Ids are divided
+with ``//`` only: ONNX exports ``torch.div(..., rounding_mode="floor")`` of integers through float32.
 """
 from __future__ import annotations
 
@@ -52,24 +51,39 @@ def is_portable() -> bool:
     return _PORTABLE[0]
 
 
-def _find_sorted(sorted_ids: torch.Tensor, query: torch.Tensor, buckets=None):
-    """``(found, at)``: whether each query is in ``sorted_ids`` and where (its insertion point).  ``buckets``
-    (ONNX): ``(starts, shift, depth)`` of :func:`index_buckets`, which narrow the search to a query's bucket."""
+def _find_sorted(sorted_ids: torch.Tensor, query: torch.Tensor, buckets):
+    """``(found, at)``: whether each query (>= 0) is in ``sorted_ids`` and where (its insertion point),
+    searched within the query's bucket (``buckets``: ``(starts, shift, depth)`` of
+    :func:`fpd_convert.layers.row_index.index_buckets`) in ``depth`` steps of a gather and a compare, no
+    division: ONNX has no ``searchsorted``, inductor fuses the steps into one loop (``searchsorted`` is a
+    call of its own), and ONNX exports integer floor division through float32 (wrong past 2**24)."""
     n = sorted_ids.numel()
-    if not _ONNX[0]:
-        at = torch.searchsorted(sorted_ids, query).clamp(max=n - 1)
-    else:  # a binary search of fixed length: ceil(log2(n + 1)) gathers and compares, or within a bucket
-        lo, hi, depth = torch.zeros_like(query), torch.full_like(query, n), n.bit_length()
-        if buckets is not None:
-            starts, shift, depth = buckets
-            b = torch.div(query, 1 << shift, rounding_mode="floor")
-            lo, hi = starts[b], starts[b + 1]
-        for _ in range(depth):
-            mid = torch.div(lo + hi, 2, rounding_mode="floor")
-            right = sorted_ids[mid.clamp(max=n - 1)] < query
-            lo, hi = torch.where(right, mid + 1, lo), torch.where(right, hi, mid)
-        at = lo.clamp(max=n - 1)
-    return sorted_ids[at] == query, at
+    starts, shift, depth = buckets
+    # past the end, ids no query equals: a step may look up to 2**(depth-1) beyond the last.  A step never
+    # passes the query's bucket: the ids of the next buckets are all above the query.
+    padded = torch.cat([sorted_ids, sorted_ids.new_full((1 << max(depth - 1, 0),), torch.iinfo(torch.int64).max)])
+    at = starts.index_select(0, query // (1 << shift))
+    for step in reversed(range(depth)):
+        ahead = at + (1 << step)
+        at = torch.where(padded.index_select(0, ahead - 1) < query, ahead, at)
+    at = at.clamp(max=n - 1)
+    return sorted_ids.index_select(0, at) == query, at
+
+
+def _rows(first: torch.Tensor, products: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows ``G_1[i_1] @ S[s]`` from the first core and the product table.  Under inductor, for inference, the
+    ``r_1`` terms of each product are written out as multiply-adds, which inductor fuses with the gathers
+    into one loop (a ``bmm`` of 2,048 ``4 x 32`` by ``32 x 4`` matrices: 180 us, the loop 70 us, 2 cores);
+    ONNX programs and training keep the ``bmm`` (ONNX Runtime's ``MatMul``; its gradient)."""
+    if _ONNX[0] or torch.is_grad_enabled() or not torch.compiler.is_compiling():
+        return rows_from_suffixes(first, products, positions)
+    n_s, r, width = products.shape
+    end = positions // n_s
+    lhs, rhs = first[0][end], products[positions - end * n_s]  # (N, d_1, r), (N, r, width)
+    out = lhs[:, :, 0, None] * rhs[:, None, 0, :]
+    for k in range(1, r):
+        out = out + lhs[:, :, k, None] * rhs[:, None, k, :]
+    return out.reshape(positions.numel(), first.shape[2] * width)
 
 
 def traced_rows(layer, ids: torch.Tensor) -> torch.Tensor:
@@ -92,14 +106,18 @@ def traced_rows(layer, ids: torch.Tensor) -> torch.Tensor:
     codes = safe
     index_ids = layer._index_ids
     if index_ids is not None and index_ids.numel():
-        found, at = _find_sorted(index_ids, safe, getattr(layer, "_portable_buckets", None) if portable else None)
-        codes = torch.where(found, layer._index_codes[at], safe)
+        found, at = _find_sorted(index_ids, safe, layer._index_buckets)
+        codes = torch.where(found, layer._index_codes.index_select(0, at), safe)
+    if portable:  # an out-of-range id: a row of NaN, kept after the exact rows (one choice of rows, not two)
+        nan = cores[0].new_full((1, layer.embedding_dim), float("nan"))
+        exact = nan if exact is None else torch.cat([exact.to(nan.dtype), nan])
+        codes = torch.where(valid, codes, torch.full_like(codes, -exact.shape[0]))
     positions = codes.clamp(min=0) if exact is not None else codes
-    rows = rows_from_suffixes(cores[0], products, positions) if products is not None else reference_rows(cores, positions)
+    rows = _rows(cores[0], products, positions) if products is not None else reference_rows(cores, positions)
     if exact is not None:
         kept = exact.index_select(0, (-1 - codes).clamp(min=0))
         rows = torch.where((codes < 0)[:, None], kept.to(rows.dtype), rows)
-    return torch.where(valid[:, None], rows, torch.full_like(rows, float("nan"))) if portable else rows
+    return rows
 
 
 #: on the CPU, a traced lookup whose product table (all cores but the first) is at most this big is
@@ -145,40 +163,17 @@ def portable_products(model: torch.nn.Module) -> Iterator[int]:
             cores = m._core_list() if isinstance(m, _TTTable) else None
             if not cores or len(cores) < 2 or cores[0].device.type != "cpu":
                 continue
-            if m._index_ids is not None and m._index_ids.numel():
-                starts, shift, depth = index_buckets(m._index_ids, m.num_embeddings)
-                m.register_buffer("_portable_starts", starts, persistent=False)
-                m._portable_buckets = (m._portable_starts, shift, depth)
-                held.append(m)
-                added += starts.numel() * starts.element_size()
             core_bytes = sum(c.numel() * c.element_size() for c in cores)
             if _products_bytes(cores) > PRODUCTS_MAX_RATIO * core_bytes:
                 continue
             with torch.no_grad():
                 m.register_buffer("_portable_products", suffix_table([c.detach() for c in cores]), persistent=False)
-            if m not in held:
-                held.append(m)
+            held.append(m)
             added += m._portable_products.numel() * m._portable_products.element_size()
         yield added
     finally:
         for m in held:
             m._buffers.pop("_portable_products", None)
-            m._buffers.pop("_portable_starts", None)
-            m.__dict__.pop("_portable_buckets", None)
-
-
-def index_buckets(sorted_ids: torch.Tensor, num_rows: int):
-    """``(starts, shift, depth)``: the row index cut in buckets of ``2**shift`` ids, about one indexed id a
-    bucket; ``starts[b]`` counts the indexed ids below bucket ``b`` (``starts[b + 1] - starts[b]`` is its
-    count, at most ``2**depth - 1``).  ONNX has no ``searchsorted``: a query then searches its bucket,
-    ``depth`` steps, instead of the whole index, ``log2`` of its size (a third of the steps or fewer, each
-    a handful of graph nodes: at batch 2,048 ONNX Runtime spends most of a TT lookup on them)."""
-    k = max(int(sorted_ids.numel()), 1)
-    shift = max(0, (num_rows // k).bit_length() - 1)
-    edges = torch.arange(0, (num_rows >> shift) + 2, dtype=torch.long) << shift
-    starts = torch.searchsorted(sorted_ids.detach().cpu().long(), edges)
-    depth = int((starts[1:] - starts[:-1]).max()).bit_length()
-    return starts, shift, depth
 
 
 def _check_call(layer, input: torch.Tensor, offsets: Optional[torch.Tensor],

@@ -20,7 +20,7 @@ from ..kernels.cpu_tt import EndTable
 from ..kernels.triton_suffix import SuffixCache
 from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, factor_dims, factor_rows
 from . import dedup
-from .row_index import BitRank, build_row_index, row_codes
+from .row_index import BitRank, build_row_index, index_buckets, row_codes
 from .tt_lookup import default_kernel, lookup_rows, rows_from_end_table
 
 
@@ -126,6 +126,14 @@ class _TTTable(nn.Module):
         index_ids, index_codes = build_row_index(self._map_from, self._map_to, self.exact_ids)
         self._set_buffer("_index_ids", index_ids.to(self.cores[0].device), persistent=False)
         self._set_buffer("_index_codes", index_codes.to(self.cores[0].device), persistent=False)
+        starts, shift, depth = index_buckets(index_ids, self.num_embeddings)
+        self._set_buffer("_index_starts", starts.to(self.cores[0].device), persistent=False)
+        self._index_shift, self._index_depth = shift, depth
+
+    @property
+    def _index_buckets(self):
+        """The row index's buckets for traced lookups (:func:`fpd_convert.layers.row_index.index_buckets`)."""
+        return self._index_starts, self._index_shift, self._index_depth
 
     def _set_buffer(self, name: str, value: torch.Tensor, persistent: bool = True) -> None:
         """Registers ``name`` as a buffer the first time it is set: a layer without a row map or exact rows

@@ -99,7 +99,7 @@ class QREmbeddingBag(nn.Module):
 
     def forward(self, input, offsets=None, per_sample_weights=None):
         c = self.weight_r.shape[0]
-        q = F.embedding_bag(torch.div(input, c, rounding_mode="floor"), self.weight_q, offsets, mode="sum",
+        q = F.embedding_bag(input // c, self.weight_q, offsets, mode="sum",
                             per_sample_weights=per_sample_weights)
         r = F.embedding_bag(torch.remainder(input, c), self.weight_r, offsets, mode="sum",
                             per_sample_weights=per_sample_weights)
