@@ -441,6 +441,16 @@ def test_interleaved_medians_time_every_function_in_turn():
     assert calls.count("a") == calls.count("b") == 1 + 3 + 7
 
 
+def test_ratios_taken_within_rounds_ignore_a_slow_spell():
+    from fpd_convert.bench.timing import interleaved_rounds, paired_ratio
+    rounds = interleaved_rounds({"a": lambda: None, "b": lambda: None}, torch.device("cpu"), reps=7, warmup=0,
+                                block=3, settle=0)
+    assert [len(r["a"]) for r in rounds] == [3, 3, 1] and all(set(r) == {"a", "b"} for r in rounds)
+    # the machine 10x slower for a round, a noisy round: the rounds' ratios are 2, 2 and 2.2, their median 2
+    spell = [{"a": [2.0, 2.0], "b": [1.0, 1.0]}, {"a": [20.0, 20.0], "b": [10.0, 10.0]}, {"a": [2.2], "b": [1.0]}]
+    assert paired_ratio(spell, "a", "b") == 2.0
+
+
 @needs_triton
 def test_bench_reports_which_triton_kernels_a_batch_takes():
     from fpd_convert.bench.lookups import bench_lookups, format_lookups

@@ -19,24 +19,35 @@ def median_seconds(fn, device: torch.device, reps: int, warmup: int = 3) -> floa
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], device: torch.device, reps: int,
                         warmup: int = 3, block: int = 10, settle: int = 3) -> Dict[str, float]:
-    """Median wall time of each function over ``reps`` runs, timed in blocks that take turns.
+    """Median wall time of each function over ``reps`` runs, timed in blocks that take turns
+    (:func:`interleaved_rounds`)."""
+    rounds = interleaved_rounds(fns, device, reps, warmup, block, settle)
+    return {name: statistics.median(t for r in rounds for t in r[name]) for name in fns}
 
-    Each round times every function for a block of ``block`` back-to-back runs, after
-    ``settle`` untimed ones, so that on a shared machine a slow spell falls on all sides of
-    a ratio alike (timing all of one function's repetitions before another's moved the dense
-    baseline 2x between runs).  The untimed runs let caches and the allocator reach the
-    function's own steady state: on the CPU, the first run after another function's large
-    temporaries pays for page faults (measured 4x slower, and 1.1-1.3x for two more runs).
+
+def interleaved_rounds(fns: Dict[str, Callable[[], object]], device: torch.device, reps: int,
+                       warmup: int = 3, block: int = 10, settle: int = 3) -> List[Dict[str, List[float]]]:
+    """Wall times of each function, ``reps`` runs in all, per round: each round times every function for a
+    block of ``block`` back-to-back runs, after ``settle`` untimed ones, so that on a shared machine a slow
+    spell falls on all sides of a ratio alike (timing all of one function's repetitions before another's
+    moved the dense baseline 2x between runs), and a ratio can be taken within each round
+    (:func:`paired_ratio`).  The untimed runs let caches and the allocator reach the function's own steady
+    state: on the CPU, the first run after another function's large temporaries pays for page faults
+    (measured 4x slower, and 1.1-1.3x for two more runs).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    while min(len(ts) for ts in times.values()) < reps:
+    rounds: List[Dict[str, List[float]]] = []
+    done = 0
+    while done < reps:
+        size = min(block, reps - done)
+        times: Dict[str, List[float]] = {}
         for name, fn in fns.items():
             for _ in range(settle):
                 fn()
-            for _ in range(min(block, reps - len(times[name]))):
+            times[name] = []
+            for _ in range(size):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t = time.perf_counter()
@@ -44,4 +55,12 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], device: torch.devi
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+        rounds.append(times)
+        done += size
+    return rounds
+
+
+def paired_ratio(rounds: List[Dict[str, List[float]]], top: str, bottom: str) -> float:
+    """The median over rounds of ``top``'s median time over ``bottom``'s in the same round: a ratio that
+    a slow spell of the machine longer than a round does not move."""
+    return statistics.median(statistics.median(r[top]) / statistics.median(r[bottom]) for r in rounds)
