@@ -82,6 +82,23 @@ def test_traced_bag_equals_eager(call, mode, path):
     torch.testing.assert_close(program.module()(*args), want, atol=ATOL, rtol=ATOL)
 
 
+@pytest.mark.parametrize("unroll", [True, False])
+def test_compiled_inference_products_written_out_or_batched_equal_eager(unroll, monkeypatch):
+    # under inductor, for inference, a row's r1 multiply-adds are written out; above UNROLL_MAX_RANK a bmm
+    import fpd_convert.layers.traced as traced
+    from fpd_convert.kernels.cpu_suffix import rows_from_suffixes
+    if not unroll:
+        monkeypatch.setattr(traced, "UNROLL_MAX_RANK", 0)
+    batched = []
+    monkeypatch.setattr(traced, "rows_from_suffixes", lambda *a: batched.append(1) or rows_from_suffixes(*a))
+    bag = _bag("mean").eval()
+    ids, off = _bags()
+    want = bag(ids, off)
+    with torch.no_grad():
+        torch.testing.assert_close(_compiled(bag, backend="inductor")(ids, off), want, atol=ATOL, rtol=ATOL)
+    assert bool(batched) != unroll
+
+
 def test_traced_options_padding_weights_last_offset_equal_eager(path):
     ids, off = _bags()
     ids[[7, 8, 20]] = 17  # padding entries (17 is also a mapped row)

@@ -70,14 +70,19 @@ def _find_sorted(sorted_ids: torch.Tensor, query: torch.Tensor, buckets):
     return sorted_ids.index_select(0, at) == query, at
 
 
+#: the largest first rank whose product :func:`_rows` writes out as multiply-adds (three graph nodes a rank)
+UNROLL_MAX_RANK = 64
+
+
 def _rows(first: torch.Tensor, products: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Rows ``G_1[i_1] @ S[s]`` from the first core and the product table.  Under inductor, for inference, the
     ``r_1`` terms of each product are written out as multiply-adds, which inductor fuses with the gathers
     into one loop (a ``bmm`` of 2,048 ``4 x 32`` by ``32 x 4`` matrices: 180 us, the loop 70 us, 2 cores);
-    ONNX programs and training keep the ``bmm`` (ONNX Runtime's ``MatMul``; its gradient)."""
-    if _ONNX[0] or torch.is_grad_enabled() or not torch.compiler.is_compiling():
-        return rows_from_suffixes(first, products, positions)
+    ONNX programs, training and ranks above :data:`UNROLL_MAX_RANK` keep the ``bmm`` (ONNX Runtime's
+    ``MatMul``; its gradient; a graph of a few hundred nodes a table)."""
     n_s, r, width = products.shape
+    if _ONNX[0] or torch.is_grad_enabled() or not torch.compiler.is_compiling() or r > UNROLL_MAX_RANK:
+        return rows_from_suffixes(first, products, positions)
     end = positions // n_s
     lhs, rhs = first[0][end], products[positions - end * n_s]  # (N, d_1, r), (N, r, width)
     out = lhs[:, :, 0, None] * rhs[:, None, 0, :]
