@@ -59,13 +59,13 @@ def _find_sorted(sorted_ids: torch.Tensor, query: torch.Tensor, buckets):
     call of its own), and ONNX exports integer floor division through float32 (wrong past 2**24)."""
     n = sorted_ids.numel()
     starts, shift, depth = buckets
-    # past the end, ids no query equals: a step may look up to 2**(depth-1) beyond the last.  A step never
-    # passes the query's bucket: the ids of the next buckets are all above the query.
-    padded = torch.cat([sorted_ids, sorted_ids.new_full((1 << max(depth - 1, 0),), torch.iinfo(torch.int64).max)])
+    # a step never passes a query that is in the index: the ids of the next buckets are all above it, and a
+    # step looking past the end compares the last id, which is not below it.  An absent query may end
+    # anywhere: it is not found there either.
     at = starts.index_select(0, query // (1 << shift))
     for step in reversed(range(depth)):
         ahead = at + (1 << step)
-        at = torch.where(padded.index_select(0, ahead - 1) < query, ahead, at)
+        at = torch.where(sorted_ids.index_select(0, (ahead - 1).clamp(max=n - 1)) < query, ahead, at)
     at = at.clamp(max=n - 1)
     return sorted_ids.index_select(0, at) == query, at
 
