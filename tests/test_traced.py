@@ -82,21 +82,42 @@ def test_traced_bag_equals_eager(call, mode, path):
     torch.testing.assert_close(program.module()(*args), want, atol=ATOL, rtol=ATOL)
 
 
-@pytest.mark.parametrize("unroll", [True, False])
-def test_compiled_inference_products_written_out_or_batched_equal_eager(unroll, monkeypatch):
-    # under inductor, for inference, a row's r1 multiply-adds are written out; above UNROLL_MAX_RANK a bmm
+@pytest.mark.parametrize("form", ["serving form", "product table"])
+def test_compiled_inference_from_the_serving_form_or_the_product_table_equals_eager(form, monkeypatch):
+    # under inductor, for inference: in eval mode each row entry a dot product with the serving form; without it
+    # (train mode under no_grad) a bmm with the product table that the product operator keeps
+    import fpd_convert.layers.serving_form as serving_form
     import fpd_convert.layers.traced as traced
     from fpd_convert.kernels.cpu_suffix import rows_from_suffixes
-    if not unroll:
-        monkeypatch.setattr(traced, "UNROLL_MAX_RANK", 0)
-    batched = []
-    monkeypatch.setattr(traced, "rows_from_suffixes", lambda *a: batched.append(1) or rows_from_suffixes(*a))
-    bag = _bag("mean").eval()
+    used = []
+    monkeypatch.setattr(traced, "rows_from_suffixes", lambda *a: used.append("product table") or rows_from_suffixes(*a))
+    dot_rows = serving_form.rows
+    monkeypatch.setattr(serving_form, "rows", lambda *a: used.append("serving form") or dot_rows(*a))
+    bag = _bag("mean") if form == "product table" else _bag("mean").eval()
+    assert ("_serving_products" in bag._buffers) == (form == "serving form")
     ids, off = _bags()
     want = bag(ids, off)
     with torch.no_grad():
         torch.testing.assert_close(_compiled(bag, backend="inductor")(ids, off), want, atol=ATOL, rtol=ATOL)
-    assert bool(batched) != unroll
+    assert set(used) == {form}
+
+
+def test_a_serving_form_follows_its_cores_or_the_compiled_lookup_says_it_is_stale():
+    bag = _bag("sum").eval()
+    ids, off = _bags()
+    compiled = _compiled(bag, backend="inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, off), bag(ids, off), atol=ATOL, rtol=ATOL)
+        other = _bag("sum", seed=5)
+        bag.load_state_dict(other.state_dict())  # in eval mode: the form is rebuilt
+        torch.testing.assert_close(compiled(ids, off), other.eval()(ids, off), atol=ATOL, rtol=ATOL)
+        bag.cores[0].mul_(2)  # changed in place, unseen: the compiled lookup refuses
+        with pytest.raises(RuntimeError, match="call model.eval\\(\\) again"):
+            compiled(ids, off)
+        bag.eval()
+        torch.testing.assert_close(compiled(ids, off), bag(ids, off), atol=ATOL, rtol=ATOL)
+    assert "_serving_products" not in bag.train()._buffers  # train mode: derived data goes
+    assert not any("_serving" in k for k in bag.eval().state_dict())
 
 
 def test_traced_options_padding_weights_last_offset_equal_eager(path):
@@ -128,6 +149,19 @@ def test_traced_tt_embedding_equals_eager(path):
     with torch.no_grad():
         torch.testing.assert_close(_compiled(emb)(ids), want, atol=ATOL, rtol=ATOL)
         torch.testing.assert_close(torch.export.export(emb, (ids,)).module()(ids), want, atol=ATOL, rtol=ATOL)
+
+
+def test_portable_programs_hold_the_product_table_in_the_serving_form_or_for_onnx_as_it_is():
+    import fpd_convert.layers.traced as traced
+    bag = _bag("sum").eval()
+    ids, off = _bags()
+    for onnx, held in ((False, {"_portable_form"}), (True, {"_portable_products"})):
+        with torch.no_grad(), portable_lookups(onnx=onnx), traced.portable_products(bag) as added:
+            assert {n for n in bag._buffers if n.startswith("_portable")} == held
+            assert added == sum(bag._buffers[n].numel() * 4 for n in held)
+            program = torch.export.export(bag, (ids, off))
+        assert not any(n.startswith("_portable") for n in bag._buffers)
+        torch.testing.assert_close(program.module()(ids, off), bag(ids, off), atol=ATOL, rtol=ATOL)
 
 
 def test_traced_lookup_refuses_or_poisons_ids_out_of_range():

@@ -1,7 +1,7 @@
 """Serving a whole model in every runtime it can leave for, compressed beside dense, in one run.
 
 For each batch size: the latency of the compressed model and of the same model with dense tables, in
-eager PyTorch, under ``torch.compile`` (inductor; the TT lookups through fpd-convert's operators), as an
+eager PyTorch, under ``torch.compile`` (inductor; the TT lookups around each table's serving form), as an
 AOTInductor package and in ONNX Runtime (both with the lookups lowered to standard operators: what runs
 where fpd-convert is not installed).  All timed in turns in one process (:func:`interleaved_rounds`); a ratio
 is the median of the ratios within each round.

@@ -30,6 +30,7 @@ import torch
 from ..kernels.cpu_suffix import rows_from_suffixes, suffix_table
 from ..kernels.reference import tt_rows as reference_rows
 from . import ops  # noqa: F401  (registers torch.ops.fpd_convert.*)
+from . import serving_form
 
 _PORTABLE = [False]
 _ONNX = [False]
@@ -70,27 +71,6 @@ def _find_sorted(sorted_ids: torch.Tensor, query: torch.Tensor, buckets):
     return sorted_ids.index_select(0, at) == query, at
 
 
-#: the largest first rank whose product :func:`_rows` writes out as multiply-adds (three graph nodes a rank)
-UNROLL_MAX_RANK = 64
-
-
-def _rows(first: torch.Tensor, products: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rows ``G_1[i_1] @ S[s]`` from the first core and the product table.  Under inductor, for inference, the
-    ``r_1`` terms of each product are written out as multiply-adds, which inductor fuses with the gathers
-    into one loop (a ``bmm`` of 2,048 ``4 x 32`` by ``32 x 4`` matrices: 180 us, the loop 70 us, 2 cores);
-    ONNX programs, training and ranks above :data:`UNROLL_MAX_RANK` keep the ``bmm`` (ONNX Runtime's
-    ``MatMul``; its gradient; a graph of a few hundred nodes a table)."""
-    n_s, r, width = products.shape
-    if _ONNX[0] or torch.is_grad_enabled() or not torch.compiler.is_compiling() or r > UNROLL_MAX_RANK:
-        return rows_from_suffixes(first, products, positions)
-    end = positions // n_s
-    lhs, rhs = first[0][end], products[positions - end * n_s]  # (N, d_1, r), (N, r, width)
-    out = lhs[:, :, 0, None] * rhs[:, None, 0, :]
-    for k in range(1, r):
-        out = out + lhs[:, :, k, None] * rhs[:, None, k, :]
-    return out.reshape(positions.numel(), first.shape[2] * width)
-
-
 def traced_rows(layer, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``W[ids]`` (N, D) of a TT layer for ids (N,), in traceable operators."""
     ids = ids.reshape(-1).long().contiguous()
@@ -99,13 +79,17 @@ def traced_rows(layer, ids: torch.Tensor) -> torch.Tensor:
     n = layer.num_embeddings
     portable = _PORTABLE[0]
     products = getattr(layer, "_portable_products", None) if portable else None
+    form = getattr(layer, "_portable_form", None) if portable else None
     if not portable:
         if not in_graph(layer, ids.shape[0]):  # one operator: the eager layer's lookup, all of it
             return torch.ops.fpd_convert.tt_lookup(cores, exact, layer._index_ids, layer._index_codes, ids, n,
                                                    layer.kernel)
         torch._assert_async(((ids >= 0) & (ids < n)).all(), f"an index is out of range for a table of {n} rows")
         grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores])
-        products = suffix_table(cores) if grad else torch.ops.fpd_convert.tt_products(cores)
+        # a torch.export program keeps the operator (the compact pt2 file): the serving form is for compile
+        form = None if grad or torch.compiler.is_exporting() else serving_form.current(layer)
+        if form is None:
+            products = suffix_table(cores) if grad else torch.ops.fpd_convert.tt_products(cores)
     valid = (ids >= 0) & (ids < n)
     safe = torch.where(valid, ids, torch.zeros_like(ids)) if portable else ids
     codes = safe
@@ -118,7 +102,12 @@ def traced_rows(layer, ids: torch.Tensor) -> torch.Tensor:
         exact = nan if exact is None else torch.cat([exact.to(nan.dtype), nan])
         codes = torch.where(valid, codes, torch.full_like(codes, -exact.shape[0]))
     positions = codes.clamp(min=0) if exact is not None else codes
-    rows = _rows(cores[0], products, positions) if products is not None else reference_rows(cores, positions)
+    if form is not None:
+        rows = serving_form.rows(cores[0], form, positions)
+    elif products is not None:  # ONNX Runtime's MatMul; training; no serving form (train mode, no_grad)
+        rows = rows_from_suffixes(cores[0], products, positions)
+    else:
+        rows = reference_rows(cores, positions)
     if exact is not None:
         kept = exact.index_select(0, (-1 - codes).clamp(min=0))
         rows = torch.where((codes < 0)[:, None], kept.to(rows.dtype), rows)
@@ -127,10 +116,11 @@ def traced_rows(layer, ids: torch.Tensor) -> torch.Tensor:
 
 #: on the CPU, a traced lookup whose product table (all cores but the first) is at most this big is
 #: traced in standard operators (a gather and a small product per id, which inductor fuses): the product
-#: table comes from an operator that keeps it between calls (inference) or is built in the graph
-#: (training). Demo model at batch 1 / 64 / 2,048: 0.21 / 0.33 / 3.2 ms against 0.48 / 0.61 / 3.2 ms for
-#: the lookup operator (2 cores, 2026-12-01; docs/benchmarks.md).  Bigger tables, and GPUs, take the operator.
-IN_GRAPH_MAX_BYTES = 16 << 20
+#: table is the layer's serving form (eval mode), comes from an operator that keeps it between calls
+#: (inference in train mode) or is built in the graph (training).  Demo model at batch 1 / 64 / 2,048:
+#: 0.21 / 0.33 / 3.2 ms against 0.48 / 0.61 / 3.2 ms for the lookup operator (2 cores, 2026-12-01, before
+#: the serving form; docs/benchmarks.md).  Bigger tables, and GPUs, take the operator.
+IN_GRAPH_MAX_BYTES = serving_form.MAX_BYTES
 
 
 def in_graph(layer, num_ids: int) -> bool:
@@ -138,47 +128,41 @@ def in_graph(layer, num_ids: int) -> bool:
     cores = layer._core_list()
     if layer.kernel not in ("auto", "cpu") or cores[0].device.type != "cpu" or len(cores) < 2:
         return False
-    return _products_bytes(cores) <= IN_GRAPH_MAX_BYTES
+    return serving_form.form_bytes(cores) <= IN_GRAPH_MAX_BYTES
 
 
-def _products_bytes(cores) -> int:
-    """Bytes of the product table (``cpu_suffix.table_bytes``, in plain loops that dynamo traces)."""
-    count, width = 1, 1
-    for c in cores[1:]:
-        count, width = count * int(c.shape[1]), width * int(c.shape[2])
-    return count * int(cores[0].shape[3]) * width * cores[0].element_size()
-
-
-#: a portable program holds a table's product of all cores but the first (the eager end table) while it
-#: takes at most this many times the cores' bytes: a row is then one small product, not k - 1 of them
+#: a portable program holds a table's product of all cores but the first (the eager end table) as a
+#: constant while it takes at most this many times the cores' bytes: a row is then one small product
 PRODUCTS_MAX_RATIO = 8
 
 
 @contextlib.contextmanager
 def portable_products(model: torch.nn.Module) -> Iterator[int]:
     """While open, every TT layer of ``model`` holds, as a buffer that portable programs take as a
-    constant, the product of all its cores but the first (:func:`fpd_convert.kernels.cpu_suffix.
-    suffix_table`) where it stays under ``PRODUCTS_MAX_RATIO`` times the cores' bytes; yields the bytes
-    added.  The traced lookup then gathers the first core's slice and the product's and multiplies them
-    (:func:`fpd_convert.kernels.cpu_suffix.rows_from_suffixes`), as eager serving does."""
+    constant, the product of all its cores but the first where it stays under ``PRODUCTS_MAX_RATIO`` times
+    the cores' bytes: in the serving form's layout (:mod:`fpd_convert.layers.serving_form`, which inductor
+    vectorizes) or, for ONNX programs, as :func:`fpd_convert.kernels.cpu_suffix.suffix_table` gives it (one
+    ``MatMul``, :func:`fpd_convert.kernels.cpu_suffix.rows_from_suffixes`); yields the bytes added."""
     from .tt_table import _TTTable
+    name = "_portable_products" if _ONNX[0] else "_portable_form"
     held, added = [], 0
     try:
         for m in model.modules():
             cores = m._core_list() if isinstance(m, _TTTable) else None
             if not cores or len(cores) < 2 or cores[0].device.type != "cpu":
                 continue
-            core_bytes = sum(c.numel() * c.element_size() for c in cores)
-            if _products_bytes(cores) > PRODUCTS_MAX_RATIO * core_bytes:
+            cores = [c.detach() for c in cores]
+            if serving_form.form_bytes(cores) > PRODUCTS_MAX_RATIO * sum(c.numel() * c.element_size() for c in cores):
                 continue
             with torch.no_grad():
-                m.register_buffer("_portable_products", suffix_table([c.detach() for c in cores]), persistent=False)
+                table = suffix_table(cores) if _ONNX[0] else serving_form.products_form(cores)
+            m.register_buffer(name, table, persistent=False)
             held.append(m)
-            added += m._portable_products.numel() * m._portable_products.element_size()
+            added += table.numel() * table.element_size()
         yield added
     finally:
         for m in held:
-            m._buffers.pop("_portable_products", None)
+            m._buffers.pop(name, None)
 
 
 def _check_call(layer, input: torch.Tensor, offsets: Optional[torch.Tensor],

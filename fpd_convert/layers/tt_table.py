@@ -19,7 +19,7 @@ from torch import nn
 from ..kernels.cpu_tt import EndTable
 from ..kernels.triton_suffix import SuffixCache
 from ..tt import TTDecomposition, TTShape, clamp_ranks, decompose_table, factor_dims, factor_rows
-from . import dedup
+from . import dedup, serving_form
 from .row_index import BitRank, build_row_index, index_buckets, row_codes
 from .tt_lookup import default_kernel, lookup_rows, rows_from_end_table
 
@@ -89,6 +89,18 @@ class _TTTable(nn.Module):
         self._index_ids: Optional[torch.Tensor] = None
         self._index_codes: Optional[torch.Tensor] = None
         self._bit_rank = (None, None)  # (the _index_ids it was built from, BitRank) on the CPU
+        self.register_load_state_dict_post_hook(serving_form.after_load)
+
+    # -- the serving form (derived, for traced CPU inference): built in eval mode ------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        serving_form.refresh(self)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        serving_form.refresh(self)
+        return out
 
     # -- fidelity: row map and exact rows --------------------------------------------
     def set_row_map(self, hot_ids: torch.Tensor) -> None:
@@ -229,6 +241,7 @@ class _TTTable(nn.Module):
             self.set_row_map(table.row_map)
         if table.exact_ids is not None:
             self.set_exact_rows(table.exact_ids, table.exact_rows)
+        serving_form.refresh(self)
 
     # -- construction -----------------------------------------------------------------
     @classmethod
