@@ -119,8 +119,15 @@ def test_compress_cli_stream_workers_and_memory_plan(tmp_path):
         assert r.exit_code == 0, r.output
         assert "expected peak memory" in r.output and "3 streamed" in r.output
         results[workers] = load_file(str(out))
-    for k in results[1]:
-        torch.testing.assert_close(results[1][k], results[2][k], rtol=0, atol=0)
+    # the same tables, choices and ids; values to float32 rounding: the streamed passes' matmuls sum in an order
+    # that follows torch's threads (one worker gets the CPUs' threads, two share them; on a busy machine the
+    # default's threads follow the load)
+    assert results[1].keys() == results[2].keys()
+    for k, v in results[1].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, results[2][k], rtol=1e-4, atol=1e-4 * float(v.abs().max()))
+        else:
+            assert torch.equal(v, results[2][k]), k
 
 
 def test_the_input_file_is_untouched_by_streaming(tmp_path):

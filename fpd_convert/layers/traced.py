@@ -48,8 +48,9 @@ def portable_lookups(onnx: bool = False) -> Iterator[None]:
         _PORTABLE[0], _ONNX[0] = saved
 
 
-def is_portable() -> bool:
-    return _PORTABLE[0]
+def for_onnx() -> bool:
+    """Whether a trace is for an ONNX program (within ``portable_lookups(onnx=True)``)."""
+    return _ONNX[0]
 
 
 def _find_sorted(sorted_ids: torch.Tensor, query: torch.Tensor, buckets):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.grouped import GroupedLookups
+from ..layers.traced import for_onnx
 
 SparseInput = Union[torch.Tensor, Sequence[Tuple[torch.Tensor, torch.Tensor]]]
 
@@ -212,8 +213,11 @@ class DotInteraction(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         t = torch.cat([dense.unsqueeze(1), sparse], dim=1)
-        z = torch.bmm(t, t.transpose(1, 2))
-        return torch.cat([dense, z.flatten(1).index_select(1, self._flat)], dim=1)
+        z = torch.bmm(t, t.transpose(1, 2)).flatten(1)
+        if for_onnx():  # ONNX Runtime gathers along axis 1 an entry at a time; along axis 0 it copies rows
+            # (demo model at 2,048, 1 thread: the dense model 0.64x, the compressed 0.79x the time)
+            return torch.cat([dense, z.t().index_select(0, self._flat).t()], dim=1)
+        return torch.cat([dense, z.index_select(1, self._flat)], dim=1)
 
 
 class CatInteraction(nn.Module):
