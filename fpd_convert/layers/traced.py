@@ -7,7 +7,9 @@ the same fast paths inside, with shapes that follow the input (a dynamic batch, 
 
 1. where each id lives: its TT position, or ``-1 - k`` for exact row ``k`` (a search of the layer's merged
    row index within the id's bucket, :func:`fpd_convert.layers.row_index.index_buckets`);
-2. the rows: the operator for TT positions, the exact rows gathered for the others;
+2. the rows: for CPU tables of at most :data:`IN_GRAPH_MAX_BYTES`, standard operators around the product
+   of all cores but the first (in eval mode the layer's serving form, :mod:`fpd_convert.layers.
+   serving_form`, which inductor vectorizes), else the operator; the exact rows gathered for the others;
 3. pooling: a reshape for ``(B, L)`` input, a segment sum (or max) for ``(N,)`` input with offsets
    (:func:`pool_entries`), so that every mode, padding and ``include_last_offset`` give what
    ``nn.EmbeddingBag`` gives.
@@ -15,7 +17,7 @@ the same fast paths inside, with shapes that follow the input (a dynamic batch, 
 Within :func:`portable_lookups` the operator is lowered to standard operators instead, for programs that
 must run where ``fpd_convert`` is not installed (AOTInductor packages, ONNX Runtime): a row is the
 first core's slice times a precomputed product of the others where :func:`portable_products` holds one
-(the eager end table's form), else the contraction of :func:`fpd_convert.kernels.reference.tt_rows`
+(in the serving form's layout; for ONNX the eager end table's), else the contraction of :func:`fpd_convert.kernels.reference.tt_rows`
 (index_select and bmm per id, no dedup, which inductor fuses), and an out-of-range id gives a row of
 NaN instead of an error (a graph has no exceptions; a NaN score cannot pass unseen).  Ids are divided
 with ``//`` only: ONNX exports ``torch.div(..., rounding_mode="floor")`` of integers through float32.
