@@ -14,7 +14,8 @@ It is derived data, the size of the product table that eager inference caches (t
 never saved; at most :data:`MAX_BYTES` a table, else the table has none and its traced lookups take the
 lookup operator.  A compiled graph cannot see that a core changed after the form was built: it compares
 :data:`PROBES` entries of each core with their values at build time and stops with an error if one
-differs (call ``eval()`` again after changing cores in eval mode).
+differs (an edit that leaves those entries as they were passes unseen: call ``eval()`` again after
+changing cores in eval mode).
 """
 from __future__ import annotations
 
