@@ -35,7 +35,8 @@ STALE = ("a TT table's cores changed after its serving form was built (in eval m
 
 
 def form_bytes(cores: List[torch.Tensor]) -> int:
-    """Bytes of the serving form of these cores (those of the product table)."""
+    """Bytes of the serving form of these cores (those of the product table): ``cpu_suffix.table_bytes`` in
+    plain loops, which dynamo traces (its generator expression fails under ``fullgraph``)."""
     count, width = 1, 1
     for c in cores[1:]:
         count, width = count * int(c.shape[1]), width * int(c.shape[2])
