@@ -274,10 +274,15 @@ def test_every_loaded_model_exports_with_a_dynamic_batch(files, name, pooled):
         pytest.skip("a generic program takes id vectors")
     model = fpd_convert.load(files[name])
     args, _, dims = _model_inputs(model, 16, pooled)
+    forms = {n: b for n, b in model.named_buffers() if n.endswith("_serving_products")}
+    assert forms  # eval mode: the serving forms, which a program must not carry beside what it reads
     for lookup in ("fpd", "portable"):
         program = export_program(model, args, dims, lookup)
         ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
         assert any("fpd_convert" in o for o in ops) == (lookup == "fpd"), ops
+        assert not [n for n in [*program.state_dict, *program.constants] if "_serving" in n]
+        assert all(b is forms[n] for n, b in model.named_buffers() if n in forms)  # the same tensors back
+        assert len([n for n, _ in model.named_buffers() if n.endswith("_serving_products")]) == len(forms)
         for b in (1, 7, 33):  # other batch sizes than the traced one
             other, _, _ = _model_inputs(model, b, pooled, seed=b)
             with torch.no_grad():

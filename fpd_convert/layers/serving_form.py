@@ -19,7 +19,8 @@ changing cores in eval mode).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import contextlib
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -78,6 +79,23 @@ def refresh(layer) -> None:
 def after_load(layer, incompatible_keys) -> None:
     """``load_state_dict``'s post hook: the new cores' form (a module-level function, so layers pickle)."""
     refresh(layer)
+
+
+@contextlib.contextmanager
+def hidden(model: torch.nn.Module) -> Iterator[None]:
+    """While open, no layer of ``model`` holds a serving form: ``torch.export`` keeps every buffer of a module,
+    used or not, so an exported program would carry each table's form beside what its lookups read (the
+    portable form, the operator's cores).  The same tensors are put back after."""
+    held = []
+    for m in model.modules():
+        forms = {name: m._buffers.pop(name) for name in _NAMES if m._buffers.get(name) is not None}
+        if forms:
+            held.append((m, forms))
+    try:
+        yield
+    finally:
+        for m, forms in held:
+            m._buffers.update(forms)
 
 
 def current(layer) -> Optional[torch.Tensor]:
