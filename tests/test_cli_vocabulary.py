@@ -181,3 +181,13 @@ def test_json_of_synth_decompress_and_inspect(models, tmp_path):
 def test_differences_are_signed_and_never_minus_zero():
     from fpd_convert.reporting.tables import signed
     assert [signed(x) for x in (-0.00004, 0.0, 0.00126, -0.0012)] == ["+0.0000", "+0.0000", "+0.0013", "-0.0012"]
+
+
+def test_tables_right_align_numbers_and_left_align_text():
+    from fpd_convert.reporting.tables import render_table
+    out = render_table(["table", "bytes", "TT"], [["a", "1.50 MB", "235x16x16 / 4x2x2 / r=5,5, exact 1,200"],
+                                                  ["bb", "10.25 KB", "98x16x16 / 4x2x2 / r=24,24"],
+                                                  ["c", "-", ""]]).splitlines()
+    text_at = out[0].index("TT")
+    assert [line[text_at:text_at + 2] for line in out[2:4]] == ["23", "98"], out  # text starts at its header
+    assert out[2].index(" MB") == out[3].index(" KB"), out  # numbers end at the column's right edge

@@ -20,13 +20,16 @@ def signed(x: float) -> str:
 
 
 def render_table(headers: Sequence[str], rows: List[Sequence]) -> str:
-    """Columns padded to their widest cell; numbers right-aligned."""
+    """Columns padded to their widest cell; numbers (with a unit or not: ``1.71 MB``, ``-0.0001``, ``8.3x``)
+    right-aligned, text such as ``235x16x16 / 4x2x2 / r=5,5`` left-aligned."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
+    def number(c: str) -> bool:
+        return (c[:1].isdigit() or c[:1] in "-+") and len(c.split()) <= 2
+
     def line(r):
-        return "  ".join(c.rjust(w) if c[:1].isdigit() or c[:1] in "-+" else c.ljust(w)
-                         for c, w in zip(r, widths)).rstrip()
+        return "  ".join(c.rjust(w) if number(c) else c.ljust(w) for c, w in zip(r, widths)).rstrip()
 
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
 
