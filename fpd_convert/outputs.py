@@ -177,12 +177,13 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(output: os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temp path beside ``output``; rename it over ``output`` only on success (the temp file is
-    removed otherwise).  ``suffix`` ends the temp name (``.tmp``: writers that add a suffix of their
-    own, such as ``np.savez``, are given an open file instead)."""
+def atomic_path(output: os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``output`` (``.NAME.PID.XXXX.tmp``, the name :func:`stale_temps` finds);
+    rename it over ``output`` only on success (the temp file is removed otherwise).  Writers that add a
+    suffix of their own or name things after the file (``np.savez``, ``torch.export.save``) are given an
+    open file."""
     output = Path(output)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.{os.getpid()}.", suffix=suffix, dir=output.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.{os.getpid()}.", suffix=".tmp", dir=output.parent)
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())

@@ -2,6 +2,7 @@
 dynamic shapes, and programs (pt2, AOTInductor, ONNX) that run where fpd_convert is not installed."""
 import json
 import subprocess
+import zipfile
 import sys
 import textwrap
 import warnings
@@ -377,8 +378,15 @@ def test_export_command_prints_the_signature_and_refuses_bad_input(files, tmp_pa
     assert [i["name"] for i in info["inputs"]] == ["dense", "sparse"]
     assert info["inputs"][1]["shape"] == ["batch", 5] and info["inputs"][1]["dtype"] == "int64"
     assert info["bytes"] == out.stat().st_size and info["parity_max_abs_diff"] <= ATOL
+    assert {n.split("/")[0] for n in zipfile.ZipFile(out).namelist()} == {"archive"}  # not the temp file's name
     r = CliRunner().invoke(main, ["export", str(files["torchrec-dot"]), "-o", str(out)])
     assert r.exit_code == 1 and "exists" in r.output
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / f".again.pt2.{int(gone.stdout)}.x1y2.tmp"  # what an export killed by SIGKILL leaves
+    killed.write_bytes(b"partial")
+    r = CliRunner().invoke(main, ["export", str(files["generic"]), "-o", str(tmp_path / "again.pt2")])
+    assert r.exit_code == 0 and not killed.exists() and f"removed {killed}" in r.output, r.output
+    (tmp_path / "again.pt2").unlink()
     (tmp_path / "plain.pt").write_bytes((files["torchrec-dot"].parent / "torchrec-dot.pt").read_bytes())
     for args, message in [(["export", str(tmp_path / "plain.pt"), "-o", str(tmp_path / "x.pt2")], "not one"),
                           (["export", str(files["generic"]), "-o", str(tmp_path / "x.pt2"), "--format", "tflite"],

@@ -105,10 +105,12 @@ def export_program(model: torch.nn.Module, args, dims, lookup: str = "portable",
 
 
 def _write(fmt: str, model, program, args, names, dims, tmp: Path) -> None:
-    if fmt == "pt2":
-        torch.export.save(program, str(tmp))
-    elif fmt == "aoti":
-        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+    if fmt in ("pt2", "aoti"):  # through an open file: the archive's folder is "archive", not the temp file's name
+        with open(tmp, "wb") as f:
+            if fmt == "pt2":
+                torch.export.save(program, f)
+            else:
+                torch._inductor.aoti_compile_and_package(program, package_path=f)
     else:
         onnx_inputs = [n["name"].replace("[", "_").replace("].", "_") for n in signature(args, names, dims)]
         with torch.no_grad(), _quiet("torch.onnx"):
@@ -132,10 +134,9 @@ def _quiet(logger: str):
 def runner(fmt: str, path: Union[str, Path]) -> Callable:
     """A callable that runs an exported file on the model's inputs (as the program takes them)."""
     path = str(path)
-    if fmt == "pt2":
-        return torch.export.load(path).module()
-    if fmt == "aoti":
-        return torch._inductor.aoti_load_package(path)
+    if fmt in ("pt2", "aoti"):  # from an open file: any name (the check runs on the temp file)
+        with open(path, "rb") as f:
+            return torch.export.load(f).module() if fmt == "pt2" else torch._inductor.aoti_load_package(f)
     import onnxruntime as ort
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
@@ -193,8 +194,7 @@ def export(compressed: Union[str, Path], output: Union[str, Path], format: str =
     if log is not None:
         log(f"traced in {time.time() - t0:.1f} s; writing {format}" +
             (" (AOTInductor compiles C++: a minute or more)" if format == "aoti" else ""))
-    suffix = {"pt2": ".pt2", "aoti": ".pt2", "onnx": ".onnx"}[format]
-    with atomic_path(output, suffix=suffix) as tmp:
+    with atomic_path(output) as tmp:  # ".tmp": a killed run's temp file is found and removed by the next
         _write(format, model, program, args, names, dims, tmp)
         check_args, _, _ = _inputs(model, max(batch // 2 - 1, 1), pooled, seed + 1)  # another size: dims dynamic
         with torch.no_grad():
