@@ -259,6 +259,25 @@ def test_cli_budget_and_ratio(tmp_path):
     assert all(t["ratio"] >= 20 for t in json.loads(r.stdout)["tables"])
 
 
+def test_generic_default_takes_the_tensors_named_as_tables_not_an_mlp_weight(tmp_path):
+    from fpd_convert.checkpoints.source import named_as_table
+    assert all(map(named_as_table, ["emb_l.0.weight", "user_emb.weight", "model.item_embeddings.weight",
+                                    "sparse.ebc.embedding_bags.t0.weight", "tables.3", "ItemEmbedding.weight"]))
+    assert not any(map(named_as_table, ["mlp.0.weight", "member.weight", "top_l.2.weight", "stable.weight"]))
+    torch.manual_seed(0)
+    save_file({"user_emb.weight": torch.randn(3000, 8), "mlp.0.weight": torch.randn(400, 96)}, str(tmp_path / "m.safetensors"))
+    args = ["compress", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "c.safetensors"), "--rank", "2"]
+    r = CliRunner().invoke(main, args)  # the prompt names what it would take and what it leaves
+    assert r.exit_code != 0 and "user_emb.weight (not mlp.0.weight)" in r.output, r.output
+    r = CliRunner().invoke(main, args + ["--yes", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [t["key"] for t in json.loads(r.stdout)["tables"]] == ["user_emb.weight"]
+    save_file({"a": torch.randn(3000, 8), "b": torch.randn(400, 96)}, str(tmp_path / "plain.safetensors"))
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "plain.safetensors"), "-o", str(tmp_path / "p.safetensors"),
+                                  "--rank", "2", "--yes", "--json"])  # no key names a table: the largest 2D tensors
+    assert r.exit_code == 0 and {t["key"] for t in json.loads(r.stdout)["tables"]} == {"a", "b"}, r.output
+
+
 def test_cli_generic_asks_for_confirmation(tmp_path):
     save_file({"emb.weight": torch.randn(3000, 8)}, str(tmp_path / "m.safetensors"))
     args = ["compress", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "c.safetensors"), "--rank", "2"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,15 +44,26 @@ class Source:
     optimizer_accumulators: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def tables(self) -> List[dict]:
-        """Table specs (``key``, ``name``, ``rows``, ``dim``, ``kind``), largest first for generic files."""
+        """Table specs (``key``, ``name``, ``rows``, ``dim``, ``kind``), largest first for generic files, whose
+        specs also say whether the key names an embedding table (``named_as_table``, :func:`named_as_table`)."""
         if self.architecture is not None:
             return self.architecture["tables"]
-        specs = [{"name": k, "key": k, "rows": int(v.shape[0]), "dim": int(v.shape[1]), "kind": "dense"}
+        specs = [{"name": k, "key": k, "rows": int(v.shape[0]), "dim": int(v.shape[1]), "kind": "dense",
+                  "named_as_table": named_as_table(k)}
                  for k, v in self.state.items() if v.ndim == 2 and v.is_floating_point()]
         return sorted(specs, key=lambda t: -t["rows"] * t["dim"])
 
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.state.values())
+
+
+_TABLE_NAME = re.compile(r"(?:^|[^a-z])emb|embedding|(?:^|[^a-z])tables?(?:[^a-z]|$)")
+
+
+def named_as_table(key: str) -> bool:
+    """Whether a generic state_dict's key names an embedding table (``emb_l.0.weight``, ``user_emb.weight``,
+    ``item_embeddings.weight``, ``ebc.embedding_bags.t0.weight``, ``tables.3``), not an MLP's weight."""
+    return bool(_TABLE_NAME.search(key.lower()))
 
 
 def sha256_of(path: Path, chunk: int = 1 << 24) -> str:

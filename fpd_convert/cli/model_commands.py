@@ -76,13 +76,19 @@ def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, 
     """Replace the largest embedding tables of MODEL by TT cores (TT-SVD)."""
     from ..convert import compress as run, inspect as describe
     from ..convert.importance import FidelityOptions
+    from ..convert.selection import select_tables
     refuse_together(**{"--tables": tables, "--min-rows": min_rows})
     names = [t.strip() for t in tables.split(",")] if tables else None
     if names is None and min_rows is None and not yes:
         info = describe(model, allow_unsafe_pickle=allow_unsafe_pickle)
         if (layout or info["layout"]) == "generic":
-            shown = [t["key"] for t in info["tables"][:num_largest]]
-            text = "generic state_dict; the largest 2D tensors are: " + ", ".join(shown)
+            chosen = select_tables(info["tables"], num_largest=num_largest)
+            named = any(t.get("named_as_table") for t in info["tables"])
+            text = (f"generic state_dict; the largest {'tensors named as embedding tables' if named else '2D tensors'}"
+                    f" are: " + ", ".join(t["key"] for t in chosen))
+            others = [t["key"] for t in info["tables"] if t not in chosen][:3]
+            if named and others:
+                text += f" (not {', '.join(others)}{' ...' if len(info['tables']) - len(chosen) > 3 else ''})"
             if not click.get_text_stream("stdin").isatty():
                 raise click.ClickException(f"{text}. Pass --yes to compress them, or choose with --tables")
             click.echo(text, err=True)

@@ -42,7 +42,8 @@ def inspect(path: Union[str, Path], allow_unsafe_pickle: bool = False) -> dict:
     src = read_source(path, allow_unsafe=allow_unsafe_pickle)
     tables = [{"key": t["key"], "name": t["name"], "rows": t["rows"], "dim": t["dim"], "kind": t.get("kind", "dense"),
                "bytes": sum(v.numel() * v.element_size() for k, v in src.state.items()
-                            if k == t["key"] or k.startswith(t["key"] + "."))} for t in src.tables()]
+                            if k == t["key"] or k.startswith(t["key"] + ".")),
+               **({"named_as_table": t["named_as_table"]} if "named_as_table" in t else {})} for t in src.tables()]
     return {"path": str(path), "compressed": False, "layout": src.layout, "container": src.container,
             "prefix": src.prefix, "architecture": _arch_summary(src.architecture),
             "tables": sorted(tables, key=lambda t: -t["bytes"]), "total_bytes": src.nbytes(), "extras": src.extras}

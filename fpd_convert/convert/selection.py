@@ -10,7 +10,8 @@ from ..checkpoints import CheckpointError
 def select_tables(tables: List[dict], names: Optional[Sequence[str]] = None, min_rows: Optional[int] = None,
                   num_largest: int = 5) -> List[dict]:
     """Tables named (by name, weight key or position), or with ``rows >= min_rows``, or the
-    ``num_largest`` largest; only plain dense tables can be compressed."""
+    ``num_largest`` largest (in a generic file, of the tensors named as embedding tables where any is:
+    an MLP's weight is not looked up by rows); only plain dense tables can be compressed."""
     dense = [t for t in tables if t.get("kind", "dense") == "dense"]
     if names and min_rows is not None:
         raise ValueError("give --tables or --min-rows, not both (tables= or min_rows=)")
@@ -32,7 +33,8 @@ def select_tables(tables: List[dict], names: Optional[Sequence[str]] = None, min
         return chosen
     if min_rows is not None:
         return [t for t in dense if t["rows"] >= min_rows]
-    return sorted(dense, key=lambda t: -t["rows"] * t["dim"])[:num_largest]
+    pool = [t for t in dense if t.get("named_as_table")] or dense
+    return sorted(pool, key=lambda t: -t["rows"] * t["dim"])[:num_largest]
 
 
 def parse_size(text) -> int:
