@@ -39,6 +39,16 @@ def test_tt_layer():
     assert "reloaded layer gives the same bags: True" in out
 
 
+def test_own_model(tmp_path):
+    out = run("own_model.py", "--dir", str(tmp_path), "--users", "6000", "--items", "9000")
+    assert re.findall(r"^  (\w+)\.weight: ", out, re.M) == ["item_emb", "user_emb"], out  # not the MLP's weights
+    assert "user_emb TTEmbedding, item_emb TTEmbeddingBag (mode 'mean', padding_idx 0)" in out
+    diff = float(re.search(r"with the TT reconstructions: ([\d.e+-]+)", out).group(1))
+    assert diff < 1e-5
+    assert "torch.compile(fullgraph=True): same scores True" in out
+    assert "torch.export (dynamic batch), another batch size: same scores True" in out
+
+
 def test_serve_exported(tmp_path):
     out = run("serve_exported.py", "--dir", str(tmp_path), "--formats", "pt2,onnx")
     eager = re.search(r"^eager load\(\): (.+)$", out, re.M).group(1).split()

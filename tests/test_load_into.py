@@ -1,0 +1,101 @@
+"""``fpd_convert.load_into``: a compressed file's TT tables and tensors put into the user's own model."""
+import pytest
+import torch
+from torch import nn
+
+import fpd_convert
+from fpd_convert.checkpoints import CheckpointError, read_source
+from fpd_convert.layers import TTEmbedding, TTEmbeddingBag
+from fpd_convert.models import build_model
+from layouts import batch, dlrm_checkpoint, dlrm_state
+
+
+class Mine(nn.Module):
+    def __init__(self, users=3000, items=2000, dim=8, max_norm=None):
+        super().__init__()
+        self.user_emb = nn.Embedding(users, dim, padding_idx=1, max_norm=max_norm)
+        self.towers = nn.ModuleDict({"item_emb": nn.EmbeddingBag(items, dim, mode="max", include_last_offset=True)})
+        self.head = nn.Linear(2 * dim, 1)
+
+    def forward(self, user, items, offsets):
+        return self.head(torch.cat([self.user_emb(user), self.towers["item_emb"](items, offsets)], 1))
+
+
+def _compressed(tmp_path, model):
+    torch.save(model.state_dict(), tmp_path / "mine.pt")
+    out = tmp_path / "mine.tt.safetensors"
+    fpd_convert.compress(tmp_path / "mine.pt", out, rank=4, progress=False)
+    return out
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(0, 2000, (40,), generator=g)
+    return torch.randint(0, 3000, (16,), generator=g), items, torch.tensor([0, 3, 3, 10, 12, 20, 22, 25, 30, 31, 33,
+                                                                            34, 35, 36, 37, 39, 40])
+
+
+def test_own_model_gets_tt_layers_with_its_options_and_the_files_other_tensors(tmp_path):
+    torch.manual_seed(0)
+    original = Mine()
+    path = _compressed(tmp_path, original)
+    fresh = Mine()
+    mine = fpd_convert.load_into(fresh, path)
+    assert mine is fresh and mine.user_emb.training  # in place, in the replaced module's mode (a new one trains)
+    user, bag = mine.user_emb, mine.towers["item_emb"]
+    assert isinstance(user, TTEmbedding) and user.padding_idx == 1
+    assert isinstance(bag, TTEmbeddingBag) and (bag.mode, bag.include_last_offset) == ("max", True)
+    torch.testing.assert_close(mine.head.weight, original.head.weight)  # the file's other tensors, not fresh ones
+    generic = fpd_convert.load(path)  # the same TT tables as load() gives
+    torch.testing.assert_close(user.to_dense(), generic.table("user_emb.weight").to_dense())
+    reference = Mine()
+    reference.load_state_dict({**original.state_dict(), "user_emb.weight": user.to_dense(),
+                               "towers.item_emb.weight": bag.to_dense()})
+    args = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(mine.eval()(*args), reference.eval()(*args), atol=1e-5, rtol=1e-5)
+        program = torch.export.export(mine, args)
+        torch.testing.assert_close(program.module()(*args), reference(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_a_dlrm_file_goes_into_the_dense_dlrm_class(tmp_path):
+    torch.save(dlrm_checkpoint(dlrm_state(weighted=True)), tmp_path / "m.pt")
+    out = tmp_path / "c.safetensors"
+    fpd_convert.compress(tmp_path / "m.pt", out, rank=4, tables=["0", "2"], progress=False)
+    dense_model = build_model(read_source(tmp_path / "m.pt").architecture)  # nn.EmbeddingBag tables
+    mine = fpd_convert.load_into(dense_model, out).eval()
+    assert [type(t).__name__ for t in mine.emb_l][:3] == ["TTEmbeddingBag", "EmbeddingBag", "TTEmbeddingBag"]
+    dense, ids = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(mine(dense, ids), fpd_convert.load(out)(dense, ids), atol=1e-6, rtol=1e-6)
+
+
+def test_load_into_refuses_what_does_not_fit(tmp_path):
+    torch.manual_seed(0)
+    path = _compressed(tmp_path, Mine())
+    torch.save(Mine().state_dict(), tmp_path / "plain.pt")
+
+    class Renamed(Mine):
+        def __init__(self):
+            super().__init__()
+            self.users = self.user_emb
+            del self.user_emb
+
+    class Wider(Mine):
+        def __init__(self):
+            super().__init__()
+            self.extra = nn.Linear(2, 2)
+
+    class NotATable(Mine):
+        def __init__(self):
+            super().__init__()
+            self.user_emb = nn.Linear(8, 3000)
+
+    for model, target, message in [(Mine(), tmp_path / "plain.pt", "not one"),
+                                   (Renamed(), path, "no module 'user_emb'"),
+                                   (Mine(users=2999), path, "3,000 x 8 in the file but 2,999 x 8"),
+                                   (NotATable(), path, "is a Linear"),
+                                   (Mine(max_norm=1.0), path, "max_norm"),
+                                   (Wider(), path, "missing ['extra.weight', 'extra.bias']")]:
+        with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            fpd_convert.load_into(model, target)
