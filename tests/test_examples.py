@@ -40,7 +40,7 @@ def test_tt_layer():
 
 
 def test_own_model(tmp_path):
-    out = run("own_model.py", "--dir", str(tmp_path), "--users", "6000", "--items", "9000")
+    out = run("own_model.py", "--dir", str(tmp_path), "--users", "3000", "--items", "5000")
     assert re.findall(r"^  (\w+)\.weight: ", out, re.M) == ["item_emb", "user_emb"], out  # not the MLP's weights
     assert "user_emb TTEmbedding, item_emb TTEmbeddingBag (mode 'mean', padding_idx 0)" in out
     diff = float(re.search(r"with the TT reconstructions: ([\d.e+-]+)", out).group(1))

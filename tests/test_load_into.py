@@ -99,3 +99,40 @@ def test_load_into_refuses_what_does_not_fit(tmp_path):
                                    (Wider(), path, "missing ['extra.weight', 'extra.bias']")]:
         with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]")):
             fpd_convert.load_into(model, target)
+
+
+def test_a_torchrec_state_dict_file_goes_into_the_users_own_torchrec_model(tmp_path):
+    pytest.importorskip("torchrec")
+    from torchrec.models.dlrm import DLRM
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    rows = [4000, 50, 2500]
+
+    def make():  # feature names of its own, which a state_dict does not hold
+        configs = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f{i}"])
+                   for i, n in enumerate(rows)]
+        return DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=configs), dense_in_features=13,
+                    dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+
+    torch.manual_seed(0)
+    original = make()
+    torch.save(original.state_dict(), tmp_path / "tr.pt")
+    fpd_convert.compress(tmp_path / "tr.pt", tmp_path / "tr.tt.safetensors", rank=4, tables=["t0", "t2"],
+                         progress=False)
+    mine = fpd_convert.load_into(make(), tmp_path / "tr.tt.safetensors").eval()
+    bags = mine.sparse_arch.embedding_bag_collection.embedding_bags
+    assert [type(bags[t]).__name__ for t in ("t0", "t1", "t2")] == ["TTEmbeddingBag", "EmbeddingBag", "TTEmbeddingBag"]
+    reference = make().eval()
+    state = original.state_dict()
+    for t in ("t0", "t2"):
+        state[f"sparse_arch.embedding_bag_collection.embedding_bags.{t}.weight"] = bags[t].to_dense()
+    reference.load_state_dict(state)
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(0, 3, (3 * 8,), generator=g)
+    values = torch.cat([torch.randint(0, n, (int(lengths[i * 8:(i + 1) * 8].sum()),), generator=g)
+                        for i, n in enumerate(rows)])
+    features = KeyedJaggedTensor.from_lengths_sync(["f0", "f1", "f2"], values, lengths)  # its own feature names
+    dense = torch.randn(8, 13, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(mine(dense, features), reference(dense, features), atol=1e-6, rtol=1e-6)
