@@ -9,7 +9,9 @@
 3. ``fpd_convert.load_into(TwoTower(), file)``: the same class, its tables now ``TTEmbedding`` /
    ``TTEmbeddingBag`` with the modules' own options; scores equal to the dense model holding the TT
    reconstructions, to float rounding.
-4. ``torch.compile(fullgraph=True)`` and ``torch.export`` (a dynamic batch) of that model, your class.
+4. ``torch.compile(fullgraph=True)`` and ``torch.export`` (a dynamic batch) of that model, your class;
+   within ``fpd_convert.portable(model)`` its programs hold standard operators only: an ONNX file that
+   ONNX Runtime scores (``--onnx``; needs the ``[export]`` extra).
 
     python examples/own_model.py --dir /tmp/fpd-own
 """
@@ -50,6 +52,7 @@ def main(argv=None):
     p.add_argument("--users", type=int, default=50_000)
     p.add_argument("--items", type=int, default=100_000)
     p.add_argument("--ratio", type=float, default=20)
+    p.add_argument("--onnx", action="store_true", help="also export to ONNX and score it with ONNX Runtime")
     args = p.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
 
@@ -88,6 +91,20 @@ def main(argv=None):
         other_user, other_items = batch(37, args.users, args.items, seed=4)
         same = torch.allclose(program.module()(other_user, other_items), mine(other_user, other_items), atol=1e-5)
         print(f"torch.export (dynamic batch), another batch size: same scores {same}")
+        with fpd_convert.portable(mine):
+            program = torch.export.export(mine, (user, items), dynamic_shapes=({0: b}, {0: b}))
+        ours = sorted({str(n.target) for n in program.graph.nodes if "fpd_convert" in str(n.target)})
+        print(f"within fpd_convert.portable: fpd_convert operators in the program: {ours or 'none'}")
+        if args.onnx:
+            import onnxruntime as ort
+            with fpd_convert.portable(mine, onnx=True):
+                onnx_program = torch.onnx.export(mine, (user, items), dynamic_shapes=({0: b}, {0: b}), dynamo=True,
+                                                 input_names=["user", "items"], verbose=False)
+            onnx_program.save(str(args.dir / "two_tower.onnx"))
+            session = ort.InferenceSession(str(args.dir / "two_tower.onnx"), providers=["CPUExecutionProvider"])
+            scores = session.run(None, {"user": other_user.numpy(), "items": other_items.numpy()})[0]
+            same = torch.allclose(torch.from_numpy(scores), mine(other_user, other_items), atol=1e-5)
+            print(f"ONNX Runtime, another batch size: same scores {same}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Python API (each command has its function)::
     summary = fpd_convert.compress("model.pt", "model.tt.safetensors", ratio=50)
     model = fpd_convert.load("model.tt.safetensors")          # nn.Module, eval mode
     mine = fpd_convert.load_into(MyModel(), "my_model.tt.safetensors")  # your own model, TT tables inside
+    with fpd_convert.portable(mine, onnx=True):               # its programs need no fpd_convert to run
+        torch.onnx.export(mine, args, dynamo=True).save("mine.onnx")
     fpd_convert.decompress("model.tt.safetensors", "model.dense.pt")
     fpd_convert.inspect("model.tt.safetensors")
     fpd_convert.export("model.tt.safetensors", "model.pt2", format="aoti")  # runs where only torch is
@@ -22,7 +24,7 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {"compress": ".convert", "decompress": ".convert", "export": ".convert", "inspect": ".convert",
-            "load": ".convert", "load_into": ".convert",
+            "load": ".convert", "load_into": ".convert", "portable": ".layers.traced",
             "TTEmbedding": ".layers", "TTEmbeddingBag": ".layers", "decompose_table": ".tt",
             "keep_freed_memory": ".allocator"}
 

@@ -40,13 +40,15 @@ def test_tt_layer():
 
 
 def test_own_model(tmp_path):
-    out = run("own_model.py", "--dir", str(tmp_path), "--users", "3000", "--items", "5000")
+    out = run("own_model.py", "--dir", str(tmp_path), "--users", "3000", "--items", "5000", "--onnx")
     assert re.findall(r"^  (\w+)\.weight: ", out, re.M) == ["item_emb", "user_emb"], out  # not the MLP's weights
     assert "user_emb TTEmbedding, item_emb TTEmbeddingBag (mode 'mean', padding_idx 0)" in out
     diff = float(re.search(r"with the TT reconstructions: ([\d.e+-]+)", out).group(1))
     assert diff < 1e-5
     assert "torch.compile(fullgraph=True): same scores True" in out
     assert "torch.export (dynamic batch), another batch size: same scores True" in out
+    assert "within fpd_convert.portable: fpd_convert operators in the program: none" in out
+    assert "ONNX Runtime, another batch size: same scores True" in out
 
 
 def test_serve_exported(tmp_path):

@@ -92,15 +92,10 @@ def export_program(model: torch.nn.Module, args, dims, lookup: str = "portable",
     """``torch.export.export`` of ``model`` with dynamic dims, the TT lookups as ``lookup`` says (``onnx``:
     in operators ONNX has)."""
     from ..layers import serving_form
-    from ..layers.traced import portable_lookups, portable_products
+    from ..layers.traced import portable
     # a generic model's forward takes *ids: its dims are one entry, for the varargs
     shapes = tuple(dims) if getattr(model, "architecture", None) is not None else (tuple(dims),)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.no_grad())
-        stack.enter_context(serving_form.hidden(model))  # derived data, not the program's
-        if lookup == "portable":
-            stack.enter_context(portable_lookups(onnx=onnx))
-            stack.enter_context(portable_products(model))
+    with torch.no_grad(), (portable(model, onnx) if lookup == "portable" else serving_form.hidden(model)):
         return torch.export.export(model, tuple(args), dynamic_shapes=shapes)
 
 

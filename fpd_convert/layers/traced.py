@@ -168,6 +168,19 @@ def portable_products(model: torch.nn.Module) -> Iterator[int]:
             m._buffers.pop(name, None)
 
 
+@contextlib.contextmanager
+def portable(model: torch.nn.Module, onnx: bool = False) -> Iterator[None]:
+    """While open, ``torch.export`` (and so ``torch.onnx.export(..., dynamo=True)`` and AOTInductor) traces the
+    TT layers of ``model``, any model, in standard operators only: the program runs where fpd_convert is not
+    installed (``onnx``: in operators ONNX has).  What ``fpd-convert export`` does for a loaded file::
+
+        with torch.no_grad(), fpd_convert.portable(model, onnx=True):
+            torch.onnx.export(model, args, dynamo=True).save("model.onnx")
+    """
+    with serving_form.hidden(model), portable_lookups(onnx=onnx), portable_products(model):
+        yield
+
+
 def _check_call(layer, input: torch.Tensor, offsets: Optional[torch.Tensor],
                 per_sample_weights: Optional[torch.Tensor]) -> None:
     """The errors ``nn.EmbeddingBag`` gives for a malformed call that a trace can see (shapes, dtypes)."""
