@@ -10,7 +10,6 @@ from torch import nn
 from ..checkpoints import (CheckpointError, TableTensors, encode_table, is_compressed, read_compressed,
                            read_source, split_tables)
 from ..checkpoints.lazy_tables import file_mapping_of, release_pages
-from ..layers import TTEmbedding, TTEmbeddingBag
 from ..models import build_model
 from ..models.generic import GenericCompressedModel
 
@@ -107,57 +106,3 @@ def load(path: Union[str, Path], allow_unsafe_pickle: bool = False) -> nn.Module
                               f"unexpected {unexpected[:5]})")
     return model.eval()
 
-
-def load_into(model: nn.Module, path: Union[str, Path]) -> nn.Module:
-    """Your own model, given a compressed file's tables and tensors: each ``nn.EmbeddingBag`` / ``nn.Embedding``
-    whose weight the file holds as a TT table (found by its key: ``user_emb.weight`` is ``model.user_emb``)
-    becomes a :class:`TTEmbeddingBag` / :class:`TTEmbedding` with the module's own options (``mode``,
-    ``padding_idx``, ``include_last_offset``), on its device, in its train/eval mode; every other tensor of
-    the file is loaded into the model.  The model is changed in place and returned; its forward is the
-    user's own, so ``torch.compile`` and ``torch.export`` trace it with the TT layers inside.
-
-    For a compressed generic state_dict (``fpd-convert compress my_model.pt``), or a facebookresearch/dlrm
-    file into that repository's own ``DLRM_Net``.  Example::
-
-        model = fpd_convert.load_into(MyModel(), "my_model.tt.safetensors")
-    """
-    path = Path(path)
-    if not (path.suffix == ".safetensors" and is_compressed(path)):
-        raise CheckpointError(f"{path}: load_into takes a compressed file written by `fpd-convert compress` or "
-                              "`finetune`; this is not one")
-    tensors, meta = read_compressed(path)
-    tables, others = split_tables(tensors, meta)
-    made = []
-    for key, table in tables.items():
-        name = _module_path(key)
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"{path}: the model has no module {name!r} for the file's table {key!r}") from None
-        shape = meta.tt_shape(key)
-        if not isinstance(old, (nn.Embedding, nn.EmbeddingBag, TTEmbedding, TTEmbeddingBag)):
-            raise CheckpointError(f"{path}: table {key!r} is a {type(old).__name__} in the model, not an "
-                                  "nn.Embedding or nn.EmbeddingBag")
-        if (old.num_embeddings, old.embedding_dim) != (shape.num_rows, shape.dim):
-            raise CheckpointError(f"{path}: table {key!r} is {shape.num_rows:,} x {shape.dim} in the file but "
-                                  f"{old.num_embeddings:,} x {old.embedding_dim} in the model")
-        if getattr(old, "max_norm", None) is not None:
-            raise CheckpointError(f"{path}: {name} has max_norm, which renormalizes stored rows in place; a TT table "
-                                  "cannot: build the model with max_norm=None")
-        options = dict(rank=shape.ranks, row_factors=shape.row_factors, dim_factors=shape.dim_factors,
-                       padding_idx=old.padding_idx, _cores=table.cores)
-        if isinstance(old, (nn.EmbeddingBag, TTEmbeddingBag)):
-            options.update(mode=old.mode, include_last_offset=old.include_last_offset)
-        kind = TTEmbeddingBag if isinstance(old, (nn.EmbeddingBag, TTEmbeddingBag)) else TTEmbedding
-        device = next(iter(old.parameters())).device
-        new = kind(shape.num_rows, shape.dim, **options).train(old.training)
-        new.load_table(table)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new.to(device))
-        made.append(name)
-    missing, unexpected = model.load_state_dict(others, strict=False)
-    missing = [k for k in missing if not any(k.startswith(m + ".") for m in made)]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: the file's tensors do not fit the model (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]})")
-    return model

@@ -1,4 +1,5 @@
-"""``fpd_convert.load_into``: a compressed file's TT tables and tensors put into the user's own model."""
+"""The user's own model with TT tables: ``fpd_convert.load_into`` (from a file), ``compress_module`` (in memory)."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -136,3 +137,29 @@ def test_a_torchrec_state_dict_file_goes_into_the_users_own_torchrec_model(tmp_p
     dense = torch.randn(8, 13, generator=g)
     with torch.no_grad():
         torch.testing.assert_close(mine(dense, features), reference(dense, features), atol=1e-6, rtol=1e-6)
+
+
+def test_compress_module_swaps_the_largest_embedding_modules_in_a_copy():
+    torch.manual_seed(0)
+    original = Mine()
+    mine, summary = fpd_convert.compress_module(original, rank=4, num_largest=1)
+    assert type(original.user_emb) is nn.Embedding  # a copy unless inplace
+    assert isinstance(mine.user_emb, TTEmbedding) and mine.user_emb.padding_idx == 1
+    assert type(mine.towers["item_emb"]) is nn.EmbeddingBag  # the one largest only
+    assert [t.key for t in summary.tables] == ["user_emb.weight"] and summary.tables[0].bytes_after < 3000 * 8 * 4
+    torch.testing.assert_close(mine.head.weight, original.head.weight)
+    counts = {"towers.item_emb": np.arange(2000, dtype=np.int64)}  # by module name, as tables= takes them
+    same, summary = fpd_convert.compress_module(original, tables=["towers.item_emb"], rank=4, counts=counts,
+                                                inplace=True)
+    assert same is original and isinstance(original.towers["item_emb"], TTEmbeddingBag)
+    assert original.towers["item_emb"].mode == "max" and summary.tables[0].importance == "data"
+    reference = Mine()
+    reference.load_state_dict({**Mine().state_dict(), **{k: v for k, v in original.state_dict().items() if "towers" not in k
+                                                        and "user_emb" not in k},
+                               "user_emb.weight": original.user_emb.weight,
+                               "towers.item_emb.weight": original.towers["item_emb"].to_dense()})
+    args = _inputs(1)
+    with torch.no_grad():
+        torch.testing.assert_close(original.eval()(*args), reference.eval()(*args), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="holds no nn.Embedding"):
+        fpd_convert.compress_module(nn.Linear(3, 3), rank=2)

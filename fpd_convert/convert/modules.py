@@ -1,0 +1,118 @@
+"""Your own model with TT tables: its ``nn.Embedding`` / ``nn.EmbeddingBag`` modules swapped for TT layers.
+
+- :func:`load_into` puts a compressed file's tables and tensors into a model you built (the file's keys are
+  the model's: ``user_emb.weight`` is ``model.user_emb``);
+- :func:`compress_module` compresses a live model's largest embedding modules in memory, by the steps and
+  options of ``fpd_convert.compress``.
+
+Either way each TT layer keeps the replaced module's options (``mode``, ``padding_idx``,
+``include_last_offset``), device and train/eval mode, and the model's ``forward`` stays yours:
+``torch.compile``, ``torch.export`` and, within ``fpd_convert.portable``, ONNX and AOTInductor trace it.
+(TorchRec collections: :func:`fpd_convert.torchrec.compress_module`.)
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from torch import nn
+
+from ..checkpoints import CheckpointError, TableTensors, is_compressed, read_compressed, split_tables
+from ..layers import TTEmbedding, TTEmbeddingBag
+from ..tt import TTShape
+from .compress import CompressionSummary, compress_tables
+from .importance import FidelityOptions
+from .load import _module_path
+
+TABLES = (nn.Embedding, nn.EmbeddingBag, TTEmbedding, TTEmbeddingBag)
+
+
+def _replace(model: nn.Module, name: str, shape: TTShape, table: TableTensors, where: str) -> None:
+    """``model.<name>`` (an embedding module of ``shape``'s size) replaced by a TT layer holding ``table``."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"{where}: the model has no module {name!r} for the table {name}.weight") from None
+    if not isinstance(old, TABLES):
+        raise CheckpointError(f"{where}: table {name}.weight is a {type(old).__name__} in the model, not an "
+                              "nn.Embedding or nn.EmbeddingBag")
+    if (old.num_embeddings, old.embedding_dim) != (shape.num_rows, shape.dim):
+        raise CheckpointError(f"{where}: table {name}.weight is {shape.num_rows:,} x {shape.dim} in the file but "
+                              f"{old.num_embeddings:,} x {old.embedding_dim} in the model")
+    if getattr(old, "max_norm", None) is not None:
+        raise CheckpointError(f"{where}: {name} has max_norm, which renormalizes stored rows in place; a TT table "
+                              "cannot: build the model with max_norm=None")
+    options = dict(rank=shape.ranks, row_factors=shape.row_factors, dim_factors=shape.dim_factors,
+                   padding_idx=old.padding_idx, _cores=table.cores)
+    bag = isinstance(old, (nn.EmbeddingBag, TTEmbeddingBag))
+    if bag:
+        options.update(mode=old.mode, include_last_offset=old.include_last_offset)
+    device = next(iter(old.parameters())).device
+    new = (TTEmbeddingBag if bag else TTEmbedding)(shape.num_rows, shape.dim, **options).train(old.training)
+    new.load_table(table)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new.to(device))
+
+
+def load_into(model: nn.Module, path: Union[str, Path]) -> nn.Module:
+    """Your own model, given a compressed file's tables and tensors: each ``nn.EmbeddingBag`` / ``nn.Embedding``
+    whose weight the file holds as a TT table becomes a :class:`TTEmbeddingBag` / :class:`TTEmbedding` (see
+    the module's docstring); every other tensor of the file is loaded into the model.  The model is changed
+    in place and returned.  For a compressed generic state_dict (``fpd-convert compress my_model.pt``), a
+    facebookresearch/dlrm file into that repository's ``DLRM_Net``, or a TorchRec state_dict's into your
+    TorchRec model (one process; DistributedModelParallel takes :func:`fpd_convert.torchrec.load`'s).
+    Example::
+
+        model = fpd_convert.load_into(MyModel(), "my_model.tt.safetensors")
+    """
+    path = Path(path)
+    if not (path.suffix == ".safetensors" and is_compressed(path)):
+        raise CheckpointError(f"{path}: load_into takes a compressed file written by `fpd-convert compress` or "
+                              "`finetune`; this is not one")
+    tensors, meta = read_compressed(path)
+    tables, others = split_tables(tensors, meta)
+    for key, table in tables.items():
+        _replace(model, _module_path(key), meta.tt_shape(key), table, str(path))
+    made = [_module_path(k) for k in tables]
+    missing, unexpected = model.load_state_dict(others, strict=False)
+    missing = [k for k in missing if not any(k.startswith(m + ".") for m in made)]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the file's tensors do not fit the model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+    return model
+
+
+def compress_module(module: nn.Module, tables: Optional[Sequence[str]] = None, min_rows: Optional[int] = None,
+                    num_largest: int = 5, rank=None, ratio: Optional[float] = None, budget=None,
+                    tol: Optional[float] = None, importance: str = "auto", hot_rows: float = 0.02,
+                    exact_rows: Optional[float] = None, core_dtype: str = "float32", exact_dtype: str = "float32",
+                    counts: Optional[Dict[str, np.ndarray]] = None, seed: int = 0, progress: bool = False,
+                    inplace: bool = False, **options) -> Tuple[nn.Module, CompressionSummary]:
+    """``module`` with its chosen ``nn.Embedding`` / ``nn.EmbeddingBag`` modules as TT layers (see the module's
+    docstring), chosen and compressed as ``fpd_convert.compress`` does a file's tables: ``tables`` by module
+    name (``"user_emb"``) or weight key, else ``min_rows`` or the ``num_largest`` largest; one of ``rank``,
+    ``ratio``, ``budget``, ``tol``; row importance from ``counts`` (module name -> lookup count per row), else
+    the rows' norms (``importance``); ``options`` passes the others (``order``, ``dim_factors``, ...).
+    Returns ``(model, summary)``; the model is a copy unless ``inplace``.  Example::
+
+        model, summary = fpd_convert.compress_module(MyModel(), ratio=20)
+    """
+    model = module if inplace else copy.deepcopy(module)
+    found = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    if not found:
+        raise ValueError(f"{type(module).__name__} holds no nn.Embedding or nn.EmbeddingBag to compress")
+    specs = [{"name": name, "key": f"{name}.weight", "rows": m.num_embeddings, "dim": m.embedding_dim,
+              "kind": "dense"} for name, m in found.items()]
+    state = {f"{name}.weight": m.weight.detach() for name, m in found.items()}
+    counts_of = None
+    if counts is not None:
+        counts_of = lambda chosen: {t["key"]: counts[t["name"]] for t in chosen if t["name"] in counts}  # noqa: E731
+    done = compress_tables(specs, state, False, tables=tables, min_rows=min_rows, num_largest=num_largest,
+                           rank=rank, ratio=ratio, budget=budget, tol=tol, seed=seed, progress=progress,
+                           fidelity=FidelityOptions(importance, hot_rows, exact_rows, core_dtype, exact_dtype),
+                           counts_of=counts_of, source=type(module).__name__, **options)
+    for t, res in done.compressed:
+        _replace(model, t["name"], res.shape, res.table, type(module).__name__)
+    return model, CompressionSummary("", "", "module", done.summaries, done.skipped)
