@@ -163,3 +163,15 @@ def test_compress_module_swaps_the_largest_embedding_modules_in_a_copy():
         torch.testing.assert_close(original.eval()(*args), reference.eval()(*args), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="holds no nn.Embedding"):
         fpd_convert.compress_module(nn.Linear(3, 3), rank=2)
+
+
+def test_a_file_saved_through_ddp_or_compile_fits_the_bare_model(tmp_path):
+    torch.manual_seed(0)
+    original = Mine()
+    for wrapper in ("module.", "_orig_mod."):
+        torch.save({wrapper + k: v for k, v in original.state_dict().items()}, tmp_path / "wrapped.pt")
+        out = tmp_path / f"wrapped{wrapper[:-1]}.tt.safetensors"
+        fpd_convert.compress(tmp_path / "wrapped.pt", out, rank=4, progress=False)
+        mine = fpd_convert.load_into(Mine(), out)
+        assert isinstance(mine.user_emb, TTEmbedding)
+        torch.testing.assert_close(mine.head.bias, original.head.bias)
