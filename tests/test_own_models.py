@@ -175,3 +175,13 @@ def test_a_file_saved_through_ddp_or_compile_fits_the_bare_model(tmp_path):
         mine = fpd_convert.load_into(Mine(), out)
         assert isinstance(mine.user_emb, TTEmbedding)
         torch.testing.assert_close(mine.head.bias, original.head.bias)
+
+
+def test_a_bfloat16_model_gets_bfloat16_tt_layers(tmp_path):
+    torch.manual_seed(0)
+    path = _compressed(tmp_path, Mine())
+    mine = fpd_convert.load_into(Mine().to(torch.bfloat16), path).eval()
+    assert {p.dtype for p in mine.user_emb.parameters()} == {torch.bfloat16}
+    user, items, offsets = _inputs()
+    with torch.no_grad():
+        assert mine(user, items, offsets).dtype == torch.bfloat16  # the user's forward runs as it did

@@ -6,7 +6,7 @@
   options of ``fpd_convert.compress``.
 
 Either way each TT layer keeps the replaced module's options (``mode``, ``padding_idx``,
-``include_last_offset``), device and train/eval mode, and the model's ``forward`` stays yours:
+``include_last_offset``), device, dtype and train/eval mode, and the model's ``forward`` stays yours:
 ``torch.compile``, ``torch.export`` and, within ``fpd_convert.portable``, ONNX and AOTInductor trace it.
 (TorchRec collections: :func:`fpd_convert.torchrec.compress_module`.)
 """
@@ -49,11 +49,11 @@ def _replace(model: nn.Module, name: str, shape: TTShape, table: TableTensors, w
     bag = isinstance(old, (nn.EmbeddingBag, TTEmbeddingBag))
     if bag:
         options.update(mode=old.mode, include_last_offset=old.include_last_offset)
-    device = next(iter(old.parameters())).device
+    weight = next(iter(old.parameters()))
     new = (TTEmbeddingBag if bag else TTEmbedding)(shape.num_rows, shape.dim, **options).train(old.training)
     new.load_table(table)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new.to(device))
+    parent, _, child = name.rpartition(".")  # the module's device and dtype (a bf16 model's rows stay bf16)
+    setattr(model.get_submodule(parent) if parent else model, child, new.to(weight.device, weight.dtype))
 
 
 def load_into(model: nn.Module, path: Union[str, Path]) -> nn.Module:
