@@ -24,8 +24,8 @@ import importlib
 __version__ = "0.1.0"
 
 #: public name -> the module that defines it
-_EXPORTS = {"compress": ".convert", "compress_module": ".convert", "decompress": ".convert", "export": ".convert", "inspect": ".convert",
-            "load": ".convert", "load_into": ".convert", "portable": ".layers.traced",
+_EXPORTS = {"compress": ".convert", "compress_module": ".convert", "decompress": ".convert", "export": ".convert",
+            "inspect": ".convert", "load": ".convert", "load_into": ".convert", "portable": ".layers.traced",
             "TTEmbedding": ".layers", "TTEmbeddingBag": ".layers", "decompose_table": ".tt",
             "keep_freed_memory": ".allocator"}
 

@@ -7,4 +7,5 @@ from .inspect import format_inspect, inspect
 from .load import load
 from .modules import compress_module, load_into
 
-__all__ = ["CompressionSummary", "TableSummary", "compress", "compress_module", "decompress", "export", "format_inspect", "inspect", "load", "load_into"]
+__all__ = ["CompressionSummary", "TableSummary", "compress", "compress_module", "decompress", "export", "format_inspect",
+           "inspect", "load", "load_into"]

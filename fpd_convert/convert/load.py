@@ -105,4 +105,3 @@ def load(path: Union[str, Path], allow_unsafe_pickle: bool = False) -> nn.Module
         raise CheckpointError(f"{path}: the tensors do not fit the inferred model (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]})")
     return model.eval()
-

@@ -26,7 +26,7 @@ from .compress import CompressionSummary, compress_tables
 from .importance import FidelityOptions
 from .load import _module_path
 
-TABLES = (nn.Embedding, nn.EmbeddingBag, TTEmbedding, TTEmbeddingBag)
+_TABLES = (nn.Embedding, nn.EmbeddingBag, TTEmbedding, TTEmbeddingBag)
 
 
 def _replace(model: nn.Module, name: str, shape: TTShape, table: TableTensors, where: str) -> None:
@@ -35,7 +35,7 @@ def _replace(model: nn.Module, name: str, shape: TTShape, table: TableTensors, w
         old = model.get_submodule(name)
     except AttributeError:
         raise CheckpointError(f"{where}: the model has no module {name!r} for the table {name}.weight") from None
-    if not isinstance(old, TABLES):
+    if not isinstance(old, _TABLES):
         raise CheckpointError(f"{where}: table {name}.weight is a {type(old).__name__} in the model, not an "
                               "nn.Embedding or nn.EmbeddingBag")
     if (old.num_embeddings, old.embedding_dim) != (shape.num_rows, shape.dim):
@@ -60,8 +60,8 @@ def load_into(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     """Your own model, given a compressed file's tables and tensors: each ``nn.EmbeddingBag`` / ``nn.Embedding``
     whose weight the file holds as a TT table becomes a :class:`TTEmbeddingBag` / :class:`TTEmbedding` (see
     the module's docstring); every other tensor of the file is loaded into the model (keys saved through a
-    ``DistributedDataParallel`` or ``torch.compile`` wrapper, ``module.`` / ``_orig_mod.``, fit the bare model).  The model is changed
-    in place and returned.  For a compressed generic state_dict (``fpd-convert compress my_model.pt``), a
+    ``DistributedDataParallel`` or ``torch.compile`` wrapper, ``module.`` / ``_orig_mod.``, fit the bare
+    model).  The model is changed in place and returned.  For a compressed generic state_dict (``fpd-convert compress my_model.pt``), a
     facebookresearch/dlrm file into that repository's ``DLRM_Net``, or a TorchRec state_dict's into your
     TorchRec model (one process; DistributedModelParallel takes :func:`fpd_convert.torchrec.load`'s).
     Example::
