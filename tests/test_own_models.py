@@ -110,11 +110,12 @@ def test_a_torchrec_state_dict_file_goes_into_the_users_own_torchrec_model(tmp_p
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
     rows = [4000, 50, 2500]
 
-    def make():  # feature names of its own, which a state_dict does not hold
+    def make(device=None):  # feature names of its own, which a state_dict does not hold
         configs = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f{i}"])
                    for i, n in enumerate(rows)]
-        return DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=configs), dense_in_features=13,
-                    dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+        return DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=configs, device=device),
+                    dense_in_features=13, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
+                    dense_device=device)
 
     torch.manual_seed(0)
     original = make()
@@ -135,8 +136,11 @@ def test_a_torchrec_state_dict_file_goes_into_the_users_own_torchrec_model(tmp_p
                         for i, n in enumerate(rows)])
     features = KeyedJaggedTensor.from_lengths_sync(["f0", "f1", "f2"], values, lengths)  # its own feature names
     dense = torch.randn(8, 13, generator=g)
+    # TorchRec's way to build a model too big to allocate: on the meta device
+    from_meta = fpd_convert.load_into(make(torch.device("meta")), tmp_path / "tr.tt.safetensors").eval()
     with torch.no_grad():
         torch.testing.assert_close(mine(dense, features), reference(dense, features), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(from_meta(dense, features), mine(dense, features), atol=0, rtol=0)
 
 
 def test_compress_module_swaps_the_largest_embedding_modules_in_a_copy():
@@ -185,3 +189,32 @@ def test_a_bfloat16_model_gets_bfloat16_tt_layers(tmp_path):
     user, items, offsets = _inputs()
     with torch.no_grad():
         assert mine(user, items, offsets).dtype == torch.bfloat16  # the user's forward runs as it did
+
+
+def test_a_model_built_on_the_meta_device_comes_back_on_the_cpu_with_the_files_tensors(tmp_path):
+    torch.manual_seed(0)
+    path = _compressed(tmp_path, Mine())
+    expected = fpd_convert.load_into(Mine(), path).eval()
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.device("meta"):  # the dense tables are never allocated
+            model = Mine().to(dtype)
+        mine = fpd_convert.load_into(model, path).eval()
+        tensors = [*mine.parameters(), *mine.buffers()]
+        assert {t.device.type for t in tensors} == {"cpu"} and {p.dtype for p in mine.parameters()} == {dtype}
+        assert isinstance(mine.user_emb, TTEmbedding) and mine.user_emb.padding_idx == 1
+        assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in mine.head.parameters())
+        with torch.no_grad():
+            if dtype == torch.float32:
+                torch.testing.assert_close(mine(*_inputs()), expected(*_inputs()), atol=0, rtol=0)
+            torch.testing.assert_close(mine.head.weight, expected.head.weight.to(dtype), atol=0, rtol=0)
+
+    class WithScale(Mine):  # a buffer a state_dict does not hold cannot come from the file
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.ones(1), persistent=False)
+
+    with torch.device("meta"):
+        model = WithScale()
+    with pytest.raises(CheckpointError, match=r"meta device and the file does not hold \['scale'\]"):
+        fpd_convert.load_into(model, path)
+    assert fpd_convert.load_into(WithScale(), path).scale.item() == 1.0  # built on the CPU: its own buffer

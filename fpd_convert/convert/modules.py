@@ -52,8 +52,9 @@ def _replace(model: nn.Module, name: str, shape: TTShape, table: TableTensors, w
     weight = next(iter(old.parameters()))
     new = (TTEmbeddingBag if bag else TTEmbedding)(shape.num_rows, shape.dim, **options).train(old.training)
     new.load_table(table)
-    parent, _, child = name.rpartition(".")  # the module's device and dtype (a bf16 model's rows stay bf16)
-    setattr(model.get_submodule(parent) if parent else model, child, new.to(weight.device, weight.dtype))
+    parent, _, child = name.rpartition(".")  # the module's device (the CPU for meta) and dtype (bf16 stays bf16)
+    device = "cpu" if weight.is_meta else weight.device
+    setattr(model.get_submodule(parent) if parent else model, child, new.to(device, weight.dtype))
 
 
 def load_into(model: nn.Module, path: Union[str, Path]) -> nn.Module:
@@ -83,11 +84,21 @@ def load_into(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     for key, table in tables.items():
         _replace(model, _module_path(key), meta.tt_shape(key), table, str(path))
     made = [_module_path(k) for k in tables]
-    missing, unexpected = model.load_state_dict(others, strict=False)
+    meta_model = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    if meta_model:  # the file's tensors become the model's, in the model's floating dtype
+        own = model.state_dict(keep_vars=True)
+        others = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() and own[k].is_floating_point()
+                  else v for k, v in others.items()}
+    missing, unexpected = model.load_state_dict(others, strict=False, assign=meta_model)
     missing = [k for k in missing if not any(k.startswith(m + ".") for m in made)]
     if missing or unexpected:
         raise CheckpointError(f"{path}: the file's tensors do not fit the model (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]})")
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: the model was built on the meta device and the file does not hold "
+                              f"{left[:5]} (buffers not in a state_dict, persistent=False): set them after "
+                              "load_into, or build the model on the CPU")
     return model
 
 
