@@ -227,6 +227,24 @@ def test_a_training_step_under_torch_compile_gives_eager_gradients(operator, mon
             torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
 
 
+@pytest.mark.parametrize("batch", ["no exact row", "exact rows only"])
+def test_parameters_a_batch_does_not_read_get_a_zero_gradient_in_eager_as_compiled(batch):
+    # DistributedDataParallel stops at a parameter without a gradient; Adam moves one with a zero gradient
+    bag = _bag("sum")
+    ids = torch.tensor([[3], [40], [700]]) if batch == "no exact row" else torch.tensor([[9], [2999], [9]])
+    steps = []
+    for run in (bag, _compiled(bag)):
+        bag.zero_grad(set_to_none=True)
+        run(ids).pow(2).sum().backward()
+        steps.append([p.grad for p in bag.parameters()])
+    (eager, compiled) = steps
+    unread = [bag.exact_rows] if batch == "no exact row" else bag._core_list()
+    for p, a, b in zip(bag.parameters(), eager, compiled):
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
+        assert (a == 0).all() == any(p is u for u in unread)
+
+
 # --- whole models, as fpd_convert.load returns them
 
 def _files(tmp_path_factory):

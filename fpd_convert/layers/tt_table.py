@@ -196,10 +196,10 @@ class _TTTable(nn.Module):
         else:
             hits, misses = exact.nonzero().reshape(-1), (~exact).nonzero().reshape(-1)
         if hits.numel() == 0:
-            return self._tt_rows(codes, is_sorted=False), None
+            return _touching([self.exact_rows], self._tt_rows(codes, is_sorted=False)), None
         kept = self.exact_rows.index_select(0, -1 - codes.index_select(0, hits))
         if misses.numel() == 0:
-            return kept, None
+            return _touching(self._core_list(), kept), None
         tt = self._tt_rows(codes.index_select(0, misses), is_sorted=False)
         order = torch.empty_like(codes)  # TT rows first, then exact rows
         order[misses] = torch.arange(misses.numel(), device=codes.device)
@@ -388,3 +388,12 @@ def _refuse_unsupported(module: nn.Module) -> None:
                          "build the TT layer from a module with max_norm=None")
 
 
+def _touching(params: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """``rows``, differentiated also in ``params`` the lookup did not read (exact rows no id has; cores when all
+    ids are exact): a zero gradient, not None, as under ``torch.compile``; DistributedDataParallel needs one."""
+    if not torch.is_grad_enabled():
+        return rows
+    unread = [p for p in params if p is not None and p.requires_grad]
+    if not unread:
+        return rows
+    return rows + sum(p.reshape(-1)[:0].sum() for p in unread).to(rows.dtype)
