@@ -13,6 +13,7 @@ from fpd_convert.convert.importance import FidelityOptions
 from fpd_convert.cli import main
 from fpd_convert.data import CriteoData
 from fpd_convert.data.synth import synth
+from fpd_convert.layers import TTEmbeddingBag
 from fpd_convert.training.finetune import finetune
 from fpd_convert.training.metrics import evaluate
 from fpd_convert.training.train import train
@@ -106,6 +107,30 @@ def test_two_processes_equal_one(workdir):
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
         changed += not torch.equal(a[k], base[k])
     assert changed > 10  # training did move the parameters
+
+
+def _ddp_unread_worker(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    bag = TTEmbeddingBag.from_dense(torch.randn(1000, 8), rank=4, mode="sum")
+    bag.set_exact_rows(torch.tensor([998, 999]), torch.randn(2, 8))
+    net = torch.nn.parallel.DistributedDataParallel(bag)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for step in range(3):  # no id of rank 1's batches has an exact row: DDP stopped at the second step
+        ids = torch.randint(0, 998, (16, 1)) if rank else torch.tensor([[998], [3], [999]])
+        optimizer.zero_grad()
+        net(ids).pow(2).sum().backward()
+        optimizer.step()
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_trains_on_when_a_rank_reads_no_exact_row():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_unread_worker, args=(port,), nprocs=2)
 
 
 def test_report_json_and_plot(workdir):
