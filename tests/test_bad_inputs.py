@@ -203,6 +203,11 @@ def _cases():
                                                              "--rank", "4"]))
     cases.append(("compress-nan", lambda f, o: ["compress", str(f["nan_model"]), "-o", str(o / "c.safetensors"),
                                                "--rank", "4"]))
+    for rule in ("--ratio", "--tol"):  # the byte search and the delta TT-SVD met the NaN in an SVD first
+        cases.append((f"compress-nan{rule}", lambda f, o, r=rule: ["compress", str(f["nan_model"]), "-o",
+                                                                  str(o / "c.safetensors"), r, "8" if r == "--ratio" else "0.5",
+                                                                  "--tables", "0"]))
+    cases.append(("compress-nan-default-output", lambda f, o: ["compress", str(f["nan_model"]), "--rank", "4"]))
     cases.append(("compress-generic-no-yes", lambda f, o: ["compress", str(f["generic"]), "-o", str(o / "c.st"),
                                                           "--rank", "2"]))
     for bad in BAD_COMPRESSED + ["base", "generic", "trunc_st", "fifo", "missing"]:
@@ -299,3 +304,12 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(files, tmp_path, case)
     assert _digests(files["folder"]) == before
     leftovers = [p.name for p in files["folder"].iterdir() if p.name.startswith(".")]
     assert leftovers == [], leftovers  # no lock or temp file beside the inputs
+
+
+def test_a_table_with_nan_is_named_before_any_svd(files, tmp_path):
+    for rule in (["--ratio", "8"], ["--tol", "0.5"], ["--rank", "4", "--importance", "none"]):
+        result = CliRunner().invoke(main, ["compress", str(files["nan_model"]), "-o", str(tmp_path / "c.safetensors"),
+                                           "--tables", "0", *rule])
+        assert result.exit_code == 1 and "table emb_l.0.weight has NaN or infinite values in 1 of its" in result.output, \
+            result.output
+        assert "(the first: row 5)" in result.output and "did not converge" not in result.output

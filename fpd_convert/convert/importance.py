@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..checkpoints import CheckpointError
 from ..checkpoints.lazy_tables import row_reader
 from ..tt.importance import importance_from, top_rows
 from .plan import TablePlan
@@ -133,8 +134,14 @@ def prepare(plan: TablePlan, weight, mapped: bool, options: FidelityOptions,
     """Importance and evaluation set of one table (``counts``: its lookup counts if data was given, or
     its optimizer accumulator's row sums, ``counts_from="optimizer"``)."""
     reader = row_reader(weight, mapped)
+    norms = row_norms(reader, plan.rows)  # one pass, which also finds a row with NaN or Inf before any SVD
+    bad = np.flatnonzero(~np.isfinite(norms))
+    if bad.size:
+        raise CheckpointError(f"table {plan.key} has NaN or infinite values in {bad.size:,} of its {plan.rows:,} "
+                              f"rows (the first: row {bad[0]:,}); its TT would be NaN: fix the checkpoint, or leave "
+                              "the table out (--tables)")
     if options.importance == "none":
         return Prepared(plan, reader, None, "none", None)
     method = options.method(counts is not None, counts_from)
-    imp = importance_from(row_norms(reader, plan.rows), method, counts)
+    imp = importance_from(norms, method, counts)
     return Prepared(plan, reader, imp, method, evaluation_set(reader, imp))
