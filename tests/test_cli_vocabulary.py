@@ -95,6 +95,30 @@ def test_train_quiet_verbose_and_json(models, tmp_path):
     assert out["table_rows_from"].startswith("the counts stored in")
 
 
+def test_without_o_a_command_writes_beside_its_input_and_never_over_a_file(models, tmp_path):
+    d, _ = models
+    shutil.copy(d / "base.pt", tmp_path / "model.pt")
+    steps = [(["compress", "model.pt", "--rank", "4", "--tables", "0,1"], "model.tt.safetensors"),
+             (["finetune", "model.tt.safetensors", "--train", str(d / "train.npz"), "--max-steps", "2"],
+              "model.ft.safetensors"),
+             (["decompress", "model.tt.safetensors"], "model.dense.pt"),  # the source's container: a dlrm .pt
+             (["export", "model.ft.safetensors", "--format", "pt2"], "model.ft.pt2")]
+    for args, written in steps:
+        args = [a if not a.startswith("model.") else str(tmp_path / a) for a in args] + ["--threads", "1"]
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+        assert str(tmp_path / written) in r.stdout and (tmp_path / written).is_file()
+        before = (tmp_path / written).read_bytes()
+        again = CliRunner().invoke(main, args)
+        assert again.exit_code == 1 and "exists; pass --force" in again.output
+        assert (tmp_path / written).read_bytes() == before
+    from fpd_convert.default_outputs import compressed_output, dense_output, exported_output, finetuned_output
+    assert compressed_output("a/m.safetensors") == Path("a/m.tt.safetensors")
+    assert finetuned_output("m.safetensors") == Path("m.ft.safetensors")
+    assert dense_output("m.ft.safetensors", "safetensors") == Path("m.ft.dense.safetensors")
+    assert [exported_output("m.tt.safetensors", f).name for f in ("aoti", "onnx")] == ["m.tt.aoti.pt2", "m.tt.onnx"]
+
+
 def test_train_on_text_says_which_table_sizes_it_uses(tmp_path):
     text = tmp_path / "day_0"
     shutil.copy(HERE / "data" / "criteo_kaggle_head1000.txt", text)

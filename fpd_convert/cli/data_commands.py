@@ -74,7 +74,8 @@ def train(train_data, output, val_data, table_rows, dim, epochs, batch_size, lr,
 @click.argument("compressed", type=click.Path(dir_okay=False))
 @click.option("--train", "train_data", required=True, type=click.Path(dir_okay=False), help=TRAIN_HELP)
 @click.option("--val", "val_data", type=click.Path(dir_okay=False), help=VAL_HELP)
-@output_option("The fine-tuned compressed model (.safetensors).")
+@output_option("The fine-tuned compressed model (.safetensors) [default: beside COMPRESSED, model.tt.safetensors "
+               "-> model.ft.safetensors].", required=False)
 @click.option("--optimizer", type=click.Choice(["sgd", "adagrad", "adam"]), default="adagrad", show_default=True,
               help="Optimizer of the TT cores and the MLPs.")
 @click.option("--lr", type=click.FloatRange(0), default=0.0001, show_default=True,

@@ -12,7 +12,7 @@ from .options import (SuffixRows, _int_list, _rank_value, advanced, force_option
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@output_option("Compressed .safetensors file.")
+@output_option("Compressed .safetensors file [default: beside MODEL, model.pt -> model.tt.safetensors].", required=False)
 @click.option("--tables", help="Comma-separated table names, weight keys or indices (default: the 5 largest).")
 @click.option("--min-rows", type=click.IntRange(1), help="Compress every table with at least this many rows.")
 @click.option("--num-largest", type=click.IntRange(1), default=5, show_default=True, help="How many of the largest tables.")
@@ -118,7 +118,8 @@ def inspect(path, as_json, allow_unsafe_pickle):
 
 @main.command()
 @click.argument("compressed", type=click.Path(dir_okay=False))
-@output_option("Dense checkpoint to write (the source's container: .pt or .safetensors).")
+@output_option("Dense checkpoint to write (the source's container: .pt or .safetensors) [default: beside it, "
+               "model.tt.safetensors -> model.dense.pt].", required=False)
 @force_option
 @json_option("what was written")
 @verbosity_options
@@ -137,7 +138,8 @@ def decompress(compressed, output, force, as_json, quiet):
 
 @main.command()
 @click.argument("compressed", type=click.Path(dir_okay=False))
-@output_option("The program to write (.pt2 for pt2 and aoti, .onnx for onnx).")
+@output_option("The program to write (.pt2 for pt2 and aoti, .onnx for onnx) [default: beside COMPRESSED, "
+               "model.pt2, model.aoti.pt2, model.onnx].", required=False)
 @click.option("--format", "fmt", type=click.Choice(["pt2", "aoti", "onnx"]), default="pt2", show_default=True,
               help="pt2: torch.export program (torch.export.load); aoti: AOTInductor package "
                    "(torch._inductor.aoti_load_package); onnx: ONNX, checked with ONNX Runtime.")

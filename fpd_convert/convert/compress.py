@@ -17,6 +17,7 @@ import torch
 
 from .. import __version__
 from ..checkpoints import CheckpointError, CompressedMeta, encode_table, read_source, sha256_of, write_compressed
+from ..default_outputs import compressed_output
 from ..outputs import check_output, releases_outputs
 from .allocation import choose_results
 from .importance import FidelityOptions, prepare
@@ -154,7 +155,7 @@ def _counts(src, chosen, data, data_rows) -> dict:
 
 
 @releases_outputs
-def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional[Sequence[str]] = None,
+def compress(model: Union[str, Path], output: Union[str, Path, None] = None, tables: Optional[Sequence[str]] = None,
              min_rows: Optional[int] = None, num_largest: int = 5, rank: Union[int, Sequence[int], None] = None,
              ratio: Optional[float] = None, budget: Union[str, int, None] = None, tol: Optional[float] = None,
              order: int = 3, svd: str = "auto", layout: Optional[str] = None, force: bool = False,
@@ -164,7 +165,8 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
              data: Union[str, Path, None] = None, data_rows: Optional[int] = 1_000_000,
              dim_factors: Optional[Sequence[int]] = None, suffix_rows: Union[str, int, None] = "auto",
              optimizer_state: Union[str, Path, None] = None) -> CompressionSummary:
-    """Replace the chosen tables of ``model`` by TT cores (TT-SVD) and write ``output``.
+    """Replace the chosen tables of ``model`` by TT cores (TT-SVD) and write ``output`` (default: beside
+    ``model``, ``model.pt`` -> ``model.tt.safetensors``).
 
     Ranks: one of ``rank`` (int or list), ``ratio`` (per table), ``budget`` (total bytes of the
     compressed tables, e.g. ``"3GB"``, shared in proportion to table size) or ``tol`` (relative
@@ -193,7 +195,8 @@ def compress(model: Union[str, Path], output: Union[str, Path], tables: Optional
     ``FidelityOptions("none")``: plain TT-SVD in natural row order, ``budget`` split in
     proportion to table size, ``ratio`` per table.
     """
-    model, output = Path(model), Path(output)
+    model = Path(model)
+    output = compressed_output(model) if output is None else Path(output)
     check_ranks_rule(rank, ratio, budget, tol)
     check_output(output, [model], force)
     if workers < 1:

@@ -6,23 +6,28 @@ from typing import Union
 
 import torch
 
-from ..checkpoints import read_compressed, split_tables
+from ..checkpoints import read_compressed, read_compressed_meta, split_tables
+from ..default_outputs import dense_output
 from ..checkpoints.writers import Planned, write_safetensors, write_torch
 from ..outputs import atomic_path, check_output, releases_outputs
 from ..layers import TTEmbeddingBag
 
 
 @releases_outputs
-def decompress(compressed: Union[str, Path], output: Union[str, Path], force: bool = False) -> dict:
+def decompress(compressed: Union[str, Path], output: Union[str, Path, None] = None, force: bool = False) -> dict:
     """Write ``output`` loadable by the source's own code, rebuilding and writing one table at a time
     (peak memory: the compressed file, one dense table and a chunk).
 
     facebookresearch/dlrm checkpoints come back as a dict with ``state_dict``, the training
     scalars and ``opt_state_dict`` (param_groups only: optimizer moments were not kept);
     TorchRec and generic ``.pt`` files as a state_dict (with their ``model.``/``module.``
-    prefix); ``.safetensors`` sources as safetensors.  Returns what was written.
+    prefix); ``.safetensors`` sources as safetensors.  ``output`` defaults to ``model.dense.pt`` beside
+    ``model.tt.safetensors`` (``.dense.safetensors`` for a safetensors source).  Returns what was written.
     """
-    compressed, output = Path(compressed), Path(output)
+    compressed = Path(compressed)
+    if output is None:
+        output = dense_output(compressed, read_compressed_meta(compressed).source_container)
+    output = Path(output)
     check_output(output, [compressed], force)
     tensors, meta = read_compressed(compressed)
     tables, others = split_tables(tensors, meta)

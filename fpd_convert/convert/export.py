@@ -26,6 +26,7 @@ from typing import Callable, List, Optional, Union
 import torch
 
 from ..checkpoints import CheckpointError, is_compressed
+from ..default_outputs import exported_output
 from ..outputs import atomic_path, check_output, releases_outputs
 from ..paths import not_a_file
 from .load import load
@@ -167,14 +168,15 @@ def _check_format(fmt: str, lookup: str) -> None:
 
 
 @releases_outputs
-def export(compressed: Union[str, Path], output: Union[str, Path], format: str = "pt2", pooled: bool = False,
+def export(compressed: Union[str, Path], output: Union[str, Path, None] = None, format: str = "pt2", pooled: bool = False,
            lookup: str = "portable", force: bool = False, batch: int = 64, seed: int = 0,
            log: Optional[Callable[[str], None]] = None) -> dict:
     """Write ``compressed`` (a file from ``compress`` or ``finetune``) as a ``format`` program to
-    ``output`` and check it against eager :func:`fpd_convert.load` on a generated batch.  Returns the
+    ``output`` (default: beside it, ``model.pt2``, ``model.aoti.pt2``, ``model.onnx``) and check it against eager :func:`fpd_convert.load` on a generated batch.  Returns the
     input signature, the file's size, the parity (largest absolute difference) and the seconds taken."""
-    compressed, output = Path(compressed), Path(output)
     _check_format(format, lookup)
+    compressed = Path(compressed)
+    output = exported_output(compressed, format) if output is None else Path(output)
     check_output(output, [compressed], force)
     if not is_compressed(compressed):
         reason = not_a_file(compressed)

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoints import CheckpointError, is_compressed, read_compressed, write_compressed
+from ..default_outputs import finetuned_output
 from ..outputs import check_output, releases_outputs
 from ..convert.load import compressed_state_from_model, load
 from ..data import CriteoData
@@ -48,7 +49,7 @@ def _check_control(control: Path, compressed: Path) -> None:
 
 
 @releases_outputs
-def finetune(compressed, train_data, output, val_data=None, device: str = "auto", optimizer: str = "adagrad",
+def finetune(compressed, train_data, output=None, val_data=None, device: str = "auto", optimizer: str = "adagrad",
              lr: float = 0.0001, tt_lr: Optional[float] = 0.01, epochs: int = 1, max_steps: Optional[int] = None,
              batch_size: int = 512, eval_every: Optional[int] = None, patience: Optional[int] = None,
              resume: bool = False, force: bool = False, progress: bool = True, workers: int = 0,
@@ -57,7 +58,7 @@ def finetune(compressed, train_data, output, val_data=None, device: str = "auto"
              checkpoint_seconds: Optional[float] = CHECKPOINT_EVERY_S, torchrec: bool = False,
              control=None, control_output=None) -> dict:
     """Fine-tune every parameter of ``compressed`` and write the best model (by validation AUC)
-    to ``output`` in the compressed format.  While it trains, ``OUTPUT.resume.pt`` is written every
+    to ``output`` in the compressed format (default: beside it, ``model.tt.safetensors`` -> ``model.ft.safetensors``).  While it trains, ``OUTPUT.resume.pt`` is written every
     ``checkpoint_every`` steps and every ``checkpoint_seconds`` (default 10 minutes) and when the run is
     interrupted (Ctrl-C, SIGTERM); ``resume=True`` continues from it, bit for bit.  It is removed only
     once the output is written.  ``interrupt_after`` stops after that many steps as a signal would
@@ -80,7 +81,8 @@ def finetune(compressed, train_data, output, val_data=None, device: str = "auto"
     under ``DistributedModelParallel`` (dense tables sharded by TorchRec's planner and trained by their
     optimizer in the backward, TT tables replicated; resume states every ``checkpoint_every`` steps, not
     by the clock)."""
-    compressed, output = Path(compressed), Path(output)
+    compressed = Path(compressed)
+    output = finetuned_output(compressed) if output is None else Path(output)
     dev = _init_distributed(resolve_device(device))
     rank = dist.get_rank() if dist.is_initialized() else 0
     if not is_compressed(compressed):
