@@ -108,6 +108,8 @@ def test_without_o_a_command_writes_beside_its_input_and_never_over_a_file(model
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 0, r.output
         assert str(tmp_path / written) in r.stdout and (tmp_path / written).is_file()
+        if args[0] == "decompress":  # a line per table: a big model takes minutes
+            assert "decompress: table 1/2 emb_l.0.weight" in r.stderr and "decompress: table 2/2" in r.stderr
         before = (tmp_path / written).read_bytes()
         again = CliRunner().invoke(main, args)
         assert again.exit_code == 1 and "exists; pass --force" in again.output

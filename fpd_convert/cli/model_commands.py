@@ -128,7 +128,7 @@ def inspect(path, as_json, allow_unsafe_pickle):
 def decompress(compressed, output, force, as_json, quiet):
     """Rebuild dense tables and write the checkpoint in its source layout."""
     from ..convert import decompress as run
-    result = run(compressed, output, force=force)
+    result = run(compressed, output, force=force, log=None if as_json else stderr_log(quiet))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

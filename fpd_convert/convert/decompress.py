@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+import time
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -14,7 +15,8 @@ from ..layers import TTEmbeddingBag
 
 
 @releases_outputs
-def decompress(compressed: Union[str, Path], output: Union[str, Path, None] = None, force: bool = False) -> dict:
+def decompress(compressed: Union[str, Path], output: Union[str, Path, None] = None, force: bool = False,
+               log: Optional[Callable[[str], None]] = None) -> dict:
     """Write ``output`` loadable by the source's own code, rebuilding and writing one table at a time
     (peak memory: the compressed file, one dense table and a chunk).
 
@@ -22,7 +24,8 @@ def decompress(compressed: Union[str, Path], output: Union[str, Path, None] = No
     scalars and ``opt_state_dict`` (param_groups only: optimizer moments were not kept);
     TorchRec and generic ``.pt`` files as a state_dict (with their ``model.``/``module.``
     prefix); ``.safetensors`` sources as safetensors.  ``output`` defaults to ``model.dense.pt`` beside
-    ``model.tt.safetensors`` (``.dense.safetensors`` for a safetensors source).  Returns what was written.
+    ``model.tt.safetensors`` (``.dense.safetensors`` for a safetensors source).  ``log`` gets a line per
+    table rebuilt (a big model takes minutes).  Returns what was written.
     """
     compressed = Path(compressed)
     if output is None:
@@ -32,20 +35,26 @@ def decompress(compressed: Union[str, Path], output: Union[str, Path, None] = No
     tensors, meta = read_compressed(compressed)
     tables, others = split_tables(tensors, meta)
 
-    def rebuilt(key: str) -> Planned:
+    say = log or (lambda text: None)
+
+    def rebuilt(key: str, k: int) -> Planned:
         s = meta.tt_shape(key)
         dtype = getattr(torch, meta.tt_tables[key].get("source_dtype", "float32"), torch.float32)
 
         def make() -> torch.Tensor:  # one table at a time, when the writer reaches it
+            start = time.perf_counter()
             table = TTEmbeddingBag(s.num_rows, s.dim, rank=s.ranks, row_factors=s.row_factors,
                                    dim_factors=s.dim_factors, _cores=tables[key].cores)
             table.load_table(tables[key])
             with torch.no_grad():
-                return table.to_dense(dtype=dtype)
+                dense = table.to_dense(dtype=dtype)
+            say(f"decompress: table {k}/{len(tables)} {key} ({s.num_rows:,} x {s.dim}) rebuilt in "
+                f"{time.perf_counter() - start:.1f} s")
+            return dense
         return Planned(meta.source_prefix + key, dtype, (s.num_rows, s.dim), make)
 
     planned = {k: Planned.of(meta.source_prefix + k, v, release=True) for k, v in others.items()}  # read-only mapped
-    planned.update({k: rebuilt(k) for k in tables})
+    planned.update({key: rebuilt(key, k) for k, key in enumerate(tables, 1)})
     order = [k for k in meta.state_keys if k in planned] + [k for k in planned if k not in meta.state_keys]
     state = {meta.source_prefix + k: planned[k] for k in order}
     with atomic_path(output) as tmp:
