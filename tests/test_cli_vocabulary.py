@@ -176,6 +176,9 @@ def test_report_sizes_are_the_tensors_written_and_its_output_file(models, tmp_pa
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert out.read_text() == res.stdout and "| compressed |" in res.stdout.replace("  ", " ")
+    # each evaluation reads all the data (minutes on a Criteo day): a line as it starts and ends, on stderr
+    assert f"report: evaluating original (1/3) on {d / 'test.npz'}" in res.stderr
+    assert "report: int8_rowwise: AUC 0." in res.stderr and " on 1,000 samples in " in res.stderr
     res = CliRunner().invoke(main, args)  # an existing report is kept without --force
     assert res.exit_code == 1 and "exists; pass --force" in res.output
     res = CliRunner().invoke(main, args[:-2] + ["-o", str(d / "base.pt")])  # never over an input

@@ -165,7 +165,7 @@ def report(original, compressed, finetuned, data, max_rows, control, no_int8, ou
         output = claim_report_output(output, inputs, force)
     r = run(original, compressed, finetuned, data=data, max_rows=max_rows, int8=not no_int8, strict=strict,
             dense_transform=dense_transform, check_source=not skip_source_check, plot=plot, force=force,
-            device=device, control=control)
+            device=device, control=control, log=None if as_json else stderr_log(quiet))
     text = to_json(r) if as_json else format_report(r, markdown=markdown)
     if output is not None:
         write_report(output, text)

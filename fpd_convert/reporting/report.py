@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-import logging
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -19,9 +19,6 @@ from ..data import CriteoData
 from ..training.metrics import evaluate
 from .quantize import int8_rowwise, int8_rowwise_bytes
 from .tables import format_bytes, markdown_table, render_table, signed
-
-
-logger = logging.getLogger(__name__)
 
 
 def check_control(original, control) -> None:
@@ -57,7 +54,7 @@ def check_pairing(original, compressed, finetuned=None) -> None:
 def report(original, compressed, finetuned=None, data=None, batch_size: int = 8192,
            max_rows: Optional[int] = None, int8: bool = True, strict: bool = False,
            dense_transform: str = "log", check_source: bool = True, plot=None, force: bool = False,
-           device: str = "cpu", control=None) -> dict:
+           device: str = "cpu", control=None, log: Optional[Callable[[str], None]] = None) -> dict:
     """Per table: bytes before/after, ratio, relative error (and int8's bytes); per model:
     bytes, AUC and log loss on ``data`` and the differences from the original.
 
@@ -67,7 +64,8 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
     without ``force``, an existing file).  ``check_source``: refuse compressed files not made from
     ``original``.  ``device``: where the models are evaluated.  ``control``: ``original`` fine-tuned with
     the same schedule as ``finetuned`` (``finetune --control``); the fine-tuned model is then also compared
-    with it (``finetuned_vs_control``)."""
+    with it (``finetuned_vs_control``).  ``log`` gets a line as each model's evaluation starts and ends (each reads
+    all of ``data``: minutes on a Criteo day)."""
     dev = resolve_device(device)
     inputs = [original, compressed, finetuned, data, control]
     if plot is not None:
@@ -114,16 +112,21 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
     original_bytes = src.nbytes()
     files = {"original": original, "compressed": compressed, "finetuned": finetuned, "control": control}
 
+    say = log or (lambda text: None)
+    count = 1 + len(models) + (control is not None) + int8
+
     def measure(name: str, m: torch.nn.Module, nbytes: int) -> None:
         entry = {"bytes": nbytes, "ratio": original_bytes / nbytes,
                  "on_disk": Path(files[name]).stat().st_size if name in files else None}
         if data:
+            say(f"report: evaluating {name} ({len(out['models']) + 1}/{count}) on {data}")
+            start = time.perf_counter()
             m.to(dev)
             entry.update(evaluate(m, CriteoData(data, rows, batch_size, dense_transform, strict, max_rows), dev))
             m.to("cpu")
+            say(f"report: {name}: AUC {entry['auc']:.4f} on {entry['n']:,} samples in "
+                f"{time.perf_counter() - start:.1f} s")
         out["models"][name] = entry
-        logger.info("%s: %s of tensors%s", name, format_bytes(nbytes),
-                    f", AUC {entry['auc']:.4f} on {entry['n']:,} samples" if data else "")
 
     # one dense model at a time: the original, then the same model with its tables rounded to int8 in place
     measure("original", base, original_bytes)
