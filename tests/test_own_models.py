@@ -1,4 +1,6 @@
 """The user's own model with TT tables: ``fpd_convert.load_into`` (from a file), ``compress_module`` (in memory)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -218,3 +220,21 @@ def test_a_model_built_on_the_meta_device_comes_back_on_the_cpu_with_the_files_t
     with pytest.raises(CheckpointError, match=r"meta device and the file does not hold \['scale'\]"):
         fpd_convert.load_into(model, path)
     assert fpd_convert.load_into(WithScale(), path).scale.item() == 1.0  # built on the CPU: its own buffer
+
+
+def test_report_gives_a_generic_files_sizes_and_refuses_data_it_cannot_score(tmp_path):
+    from click.testing import CliRunner
+    from fpd_convert.cli import main
+    from fpd_convert.reporting.report import report
+    torch.manual_seed(0)
+    path = _compressed(tmp_path, Mine())
+    r = report(tmp_path / "mine.pt", path)
+    assert r["layout"] == "generic" and set(r["models"]) == {"original", "compressed", "int8_rowwise"}
+    dense = (3000 + 2000) * 8 * 4
+    assert [t["key"] for t in r["tables"]] == ["user_emb.weight", "towers.item_emb.weight"]
+    assert r["totals"]["tables_bytes_before"] == dense and r["totals"]["tables_ratio"] > 5
+    assert r["models"]["compressed"]["bytes"] < r["models"]["int8_rowwise"]["bytes"] < r["models"]["original"]["bytes"]
+    assert "auc" not in r["models"]["compressed"] and "generic state_dict: sizes and errors only" in r["warnings"][0]
+    data = Path(__file__).parent / "data" / "criteo_kaggle_head1000.txt"
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "mine.pt"), str(path), "--data", str(data)])
+    assert res.exit_code == 1 and "has no model for fpd-convert to score, so --data cannot give an AUC" in res.output

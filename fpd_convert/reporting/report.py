@@ -88,7 +88,12 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
     if check_source:
         check_pairing(original, compressed, finetuned)
     meta = read_compressed_meta(compressed)
-    base = load(original)
+    runnable = src.layout != "generic"  # a generic state_dict: sizes and errors only, no model to score
+    if data and not runnable:
+        raise CheckpointError(f"{original}: a generic state_dict has no model for fpd-convert to score, so --data "
+                              "cannot give an AUC; without --data, report gives the sizes and errors (score your "
+                              "own model with fpd_convert.load_into)")
+    base = load(original) if runnable else None
     tables = []
     stored = file_tensor_bytes(compressed)
     for key, e in meta.tt_tables.items():
@@ -100,7 +105,8 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
                        "importance": e.get("importance"), "row_map_rows": e.get("row_map_rows", 0),
                        "exact_rows": e.get("exact_rows", 0), "core_dtype": e.get("core_dtype", "float32"),
                        "int8_bytes": int8_rowwise_bytes(e["num_rows"], e["dim"])})
-    out = {"original": str(original), "compressed": str(compressed), "finetuned": str(finetuned) if finetuned else None,
+    out = {"original": str(original), "layout": src.layout, "compressed": str(compressed),
+           "finetuned": str(finetuned) if finetuned else None,
            "control": str(control) if control else None,
            "data": str(data) if data else None, "tables": tables,
            "totals": {"tables_bytes_before": sum(t["bytes_before"] for t in tables),
@@ -108,7 +114,7 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
                       "tables_int8_bytes": sum(t["int8_bytes"] for t in tables)},
            "models": {}}
     out["totals"]["tables_ratio"] = out["totals"]["tables_bytes_before"] / out["totals"]["tables_bytes_after"]
-    rows = [t["rows"] for t in base.architecture["tables"]]
+    rows = [t["rows"] for t in base.architecture["tables"]] if runnable else None
     original_bytes = src.nbytes()
     files = {"original": original, "compressed": compressed, "finetuned": finetuned, "control": control}
 
@@ -138,10 +144,11 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
         measure("control", ctl, sum(t.numel() * t.element_size() for t in ctl.state_dict().values()))
         del ctl
     if int8:
-        state = base.state_dict()
-        with torch.no_grad():
-            for key in meta.tt_tables:
-                int8_rowwise(state[key], out=state[key])
+        if runnable:
+            state = base.state_dict()
+            with torch.no_grad():
+                for key in meta.tt_tables:
+                    int8_rowwise(state[key], out=state[key])
         measure("int8_rowwise", base, original_bytes - sum(t["bytes_before"] - t["int8_bytes"] for t in tables))
     del base
     out["warnings"] = []
@@ -158,6 +165,8 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
         out["warnings"].append("the fine-tuned model beats the original: the original may be under-trained; "
                                "the same fine-tuning of the original tells (finetune --control ORIGINAL, then "
                                "report --control)")
+    elif not runnable:
+        out["warnings"].append("a generic state_dict: sizes and errors only (fpd-convert has no model to score it)")
     elif not data:
         out["warnings"].append("no --data: sizes only; give test data (--data FILE) for AUC and logloss")
     if plot is not None:
@@ -291,7 +300,8 @@ def plot_report(r: dict, path, force: bool = False) -> None:
         for bar, (_, _, _, label) in zip(bars, points):
             ax.annotate(label.split("\n", 1)[1], (bar.get_width(), bar.get_y() + bar.get_height() / 2),
                         textcoords="offset points", xytext=(4, -3), fontsize=8)
-        ax.set_xlabel("model size, MB of tensors (no test data: give --data for AUC)")
+        why = "a generic state_dict: sizes only" if r.get("layout") == "generic" else "no test data: give --data for AUC"
+        ax.set_xlabel(f"model size, MB of tensors ({why})")
         ax.set_xlim(0, max(p[1] for p in points) * 1.4)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
