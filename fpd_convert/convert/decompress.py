@@ -1,15 +1,15 @@
 """``decompress``: rebuild dense tables and write the checkpoint in its source layout."""
 from __future__ import annotations
 
-from pathlib import Path
 import time
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
 
 from ..checkpoints import read_compressed, read_compressed_meta, split_tables
-from ..default_outputs import dense_output
 from ..checkpoints.writers import Planned, write_safetensors, write_torch
+from ..default_outputs import dense_output
 from ..outputs import atomic_path, check_output, releases_outputs
 from ..layers import TTEmbeddingBag
 

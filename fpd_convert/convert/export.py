@@ -168,12 +168,13 @@ def _check_format(fmt: str, lookup: str) -> None:
 
 
 @releases_outputs
-def export(compressed: Union[str, Path], output: Union[str, Path, None] = None, format: str = "pt2", pooled: bool = False,
-           lookup: str = "portable", force: bool = False, batch: int = 64, seed: int = 0,
+def export(compressed: Union[str, Path], output: Union[str, Path, None] = None, format: str = "pt2",
+           pooled: bool = False, lookup: str = "portable", force: bool = False, batch: int = 64, seed: int = 0,
            log: Optional[Callable[[str], None]] = None) -> dict:
-    """Write ``compressed`` (a file from ``compress`` or ``finetune``) as a ``format`` program to
-    ``output`` (default: beside it, ``model.pt2``, ``model.aoti.pt2``, ``model.onnx``) and check it against eager :func:`fpd_convert.load` on a generated batch.  Returns the
-    input signature, the file's size, the parity (largest absolute difference) and the seconds taken."""
+    """Write ``compressed`` (a file from ``compress`` or ``finetune``) as a ``format`` program to ``output``
+    (default: beside it, ``model.pt2``, ``model.aoti.pt2``, ``model.onnx``) and check it against eager
+    :func:`fpd_convert.load` on a generated batch.  Returns the input signature, the file's size, the parity
+    (largest absolute difference) and the seconds taken."""
     _check_format(format, lookup)
     compressed = Path(compressed)
     output = exported_output(compressed, format) if output is None else Path(output)

@@ -58,8 +58,8 @@ def finetune(compressed, train_data, output=None, val_data=None, device: str = "
              checkpoint_seconds: Optional[float] = CHECKPOINT_EVERY_S, torchrec: bool = False,
              control=None, control_output=None) -> dict:
     """Fine-tune every parameter of ``compressed`` and write the best model (by validation AUC)
-    to ``output`` in the compressed format (default: beside it, ``model.tt.safetensors`` -> ``model.ft.safetensors``).  While it trains, ``OUTPUT.resume.pt`` is written every
-    ``checkpoint_every`` steps and every ``checkpoint_seconds`` (default 10 minutes) and when the run is
+    to ``output`` in the compressed format (default: beside it, ``model.tt.safetensors`` ->
+    ``model.ft.safetensors``).  While it trains, ``OUTPUT.resume.pt`` is written every ``checkpoint_every`` steps and every ``checkpoint_seconds`` (default 10 minutes) and when the run is
     interrupted (Ctrl-C, SIGTERM); ``resume=True`` continues from it, bit for bit.  It is removed only
     once the output is written.  ``interrupt_after`` stops after that many steps as a signal would
     (for tests).
