@@ -59,10 +59,10 @@ def finetune(compressed, train_data, output=None, val_data=None, device: str = "
              control=None, control_output=None) -> dict:
     """Fine-tune every parameter of ``compressed`` and write the best model (by validation AUC)
     to ``output`` in the compressed format (default: beside it, ``model.tt.safetensors`` ->
-    ``model.ft.safetensors``).  While it trains, ``OUTPUT.resume.pt`` is written every ``checkpoint_every`` steps and every ``checkpoint_seconds`` (default 10 minutes) and when the run is
-    interrupted (Ctrl-C, SIGTERM); ``resume=True`` continues from it, bit for bit.  It is removed only
-    once the output is written.  ``interrupt_after`` stops after that many steps as a signal would
-    (for tests).
+    ``model.ft.safetensors``).  While it trains, ``OUTPUT.resume.pt`` is written every ``checkpoint_every``
+    steps and every ``checkpoint_seconds`` (default 10 minutes) and when the run is interrupted (Ctrl-C,
+    SIGTERM); ``resume=True`` continues from it, bit for bit.  It is removed only once the output is
+    written.  ``interrupt_after`` stops after that many steps as a signal would (for tests).
 
     Defaults (Adagrad, lr 0.0001 for MLPs and dense tables, 0.01 for TT cores): the dense
     parts are already trained, and a fresh Adagrad state moves every weight by about ``lr`` in
