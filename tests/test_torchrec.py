@@ -287,3 +287,59 @@ def test_a_fused_collections_optimizer_state_gives_importance_without_data(tmp_p
     torch.save(momentum, tmp_path / "momentum.pt")
     with pytest.raises(CheckpointError, match="holds no squared-gradient accumulator"):
         read_optimizer_state(tmp_path / "momentum.pt", src)
+
+
+def test_a_dcp_checkpoint_of_a_dmp_sharded_model_compresses_as_its_state_dict(tmp_path):
+    """The folder TorchRec users save a sharded model to (torch.distributed.checkpoint), read whole in one
+    process: the same tensors, the same compressed file as from a .pt of the state_dict."""
+    import os
+    import pickle
+    import shutil
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from fpd_convert.checkpoints import CheckpointError, read_source
+    from fpd_convert.cli import main
+    ckpt = tmp_path / "ckpt"
+    script = Path(__file__).parent / "torchrec_dcp_save.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
+                           str(ckpt), str(Path(__file__).parent)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in ckpt.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # two ranks
+    want = torchrec_state(seed=0)
+    src = read_source(ckpt)
+    assert (src.layout, src.container, src.prefix) == ("torchrec", "dcp", "model.")
+    assert src.dropped == ["epoch (not a tensor)"] and set(src.state) == set(want)
+    for k, v in want.items():  # the shards put together, exactly
+        assert torch.equal(src.state[k], v), k
+    torch.save({"model." + k: v for k, v in want.items()}, tmp_path / "same.pt")
+    args = ["--rank", "4", "--tables", "t_cat_0,t_cat_2", "--threads", "1"]
+    r = CliRunner().invoke(main, ["compress", str(ckpt), *args])
+    assert r.exit_code == 0, r.output
+    assert "not carried over: epoch (not a tensor)" in r.output
+    assert CliRunner().invoke(main, ["compress", str(tmp_path / "same.pt"), *args]).exit_code == 0
+    a, b = load_file(tmp_path / "ckpt.tt.safetensors"), load_file(tmp_path / "same.tt.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    r = CliRunner().invoke(main, ["report", str(ckpt), str(tmp_path / "ckpt.tt.safetensors"), "--json"])
+    assert r.exit_code == 0, r.output  # paired by the folder's digest
+    assert json.loads(r.stdout)["models"]["original"]["on_disk"] == sum(p.stat().st_size for p in ckpt.iterdir())
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "same.pt"), str(tmp_path / "ckpt.tt.safetensors")])
+    assert r.exit_code == 1 and "was made from ckpt" in r.output
+    r = CliRunner().invoke(main, ["decompress", str(tmp_path / "ckpt.tt.safetensors")])
+    assert r.exit_code == 0 and "wrote" in r.output and "(state_dict," in r.output
+    dense = torch.load(tmp_path / "ckpt.dense.pt", weights_only=True)
+    assert set(dense) == {"model." + k for k in want}
+    # a .metadata that asks for more than DCP's classes is refused by name; a missing shard file is said
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    (bad / ".metadata").write_bytes(pickle.dumps(os.getcwd))
+    r = CliRunner().invoke(main, ["inspect", str(bad)])
+    assert r.exit_code == 1 and "needs posix.getcwd" in r.output and "--allow-unsafe-pickle" in r.output
+    shutil.rmtree(bad)
+    shutil.copytree(ckpt, bad)
+    (bad / "__1_0.distcp").unlink()
+    with pytest.raises(CheckpointError, match="its tensors could not be read"):
+        read_source(bad)
+    with pytest.raises(CheckpointError, match="nor a torch.distributed.checkpoint folder: it has no .metadata"):
+        read_source(tmp_path)
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "ckpt.rank0.pt"), "--rank", "4"])
+    assert r.exit_code == 1 and "a state_dict saved under DistributedModelParallel (ShardedTensors" in r.output

@@ -90,6 +90,11 @@ def load_torch_file(path: os.PathLike, allow_unsafe: bool = False, mmap: bool = 
                 needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
             except Exception:
                 needed = []
+            if any(n.endswith("sharded_tensor.api.ShardedTensor") for n in needed):
+                raise CheckpointError(
+                    f"{path}: a state_dict saved under DistributedModelParallel (ShardedTensors: each holds one "
+                    "rank's shards of a table). Save the sharded model with torch.distributed.checkpoint "
+                    "(dcp.save({'model': model.state_dict()}, checkpoint_id=DIR)) and give DIR") from None
             extra = f" (it needs: {', '.join(needed[:5])})" if needed else ""
             raise CheckpointError(
                 f"{path}: this checkpoint needs arbitrary unpickling{extra}, which can run code. "

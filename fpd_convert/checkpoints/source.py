@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .dcp_folder import METADATA, folder_sha256, is_dcp_folder, read_dcp_tensors
 from .dlrm_layout import infer_dlrm_architecture, is_dlrm
 from .lazy_tables import map_safetensors
 from .safe_load import CheckpointError, load_torch_file, to_plain
@@ -25,7 +26,8 @@ class Source:
 
     ``state`` has the keys of the layout without any outer prefix (``prefix`` holds it);
     ``container`` says how the file wrapped the state_dict: ``dlrm_checkpoint`` (a dict with
-    ``state_dict`` and training scalars), ``state_dict`` or ``safetensors``.
+    ``state_dict`` and training scalars), ``state_dict``, ``safetensors`` or ``dcp`` (a
+    torch.distributed.checkpoint folder, :mod:`.dcp_folder`).
     """
 
     path: Path
@@ -67,6 +69,8 @@ def named_as_table(key: str) -> bool:
 
 
 def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
+    if Path(path).is_dir():  # a DCP folder: its files, by name and content
+        return folder_sha256(path, chunk)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
@@ -80,6 +84,22 @@ def _strip(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tenso
     return {k[len(prefix):]: v for k, v in state.items()}
 
 
+#: top-level names of an app state's parts that are not the model (``dcp.save({"model": ..., "optimizer": ...})``)
+_NOT_MODEL = {"optimizer", "optim", "opt", "lr_scheduler", "scheduler", "step", "epoch", "train_state"}
+
+
+def _model_of_app_state(state: Dict[str, torch.Tensor]):
+    """``(state, left out)``: a DCP folder that saved an app state keeps only its ``model.*`` tensors (the
+    prefix stays, as a TorchRec ``model.`` prefix does); any other folder stays as it is."""
+    heads = {k.split(".", 1)[0] for k in state}
+    if "model" not in heads or not heads - {"model"} or not heads - {"model"} <= _NOT_MODEL:
+        return state, []
+    left = sorted(heads - {"model"})
+    count = sum(1 for k in state if not k.startswith("model."))
+    return ({k: v for k, v in state.items() if k.startswith("model.")},
+            [f"{', '.join(left)} ({count} tensors of the app state beside the model)"])
+
+
 def _json_or_none(value):
     try:
         json.dumps(value)
@@ -89,7 +109,8 @@ def _json_or_none(value):
 
 
 def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None) -> Source:
-    """Read a ``.pt`` checkpoint or a ``.safetensors`` file and detect its layout.
+    """Read a ``.pt`` checkpoint, a ``.safetensors`` file or a torch.distributed.checkpoint folder and detect
+    its layout.
 
     ``layout`` forces ``dlrm``, ``torchrec`` or ``generic`` instead of detecting it.
     """
@@ -97,7 +118,15 @@ def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None) 
     if layout is not None and layout not in LAYOUTS:
         raise CheckpointError(f"layout should be one of {LAYOUTS} but got {layout!r}")
     extras, groups, dropped, container, opt_state = {}, None, [], "state_dict", None
-    if path.suffix == ".safetensors":
+    if path.is_dir():
+        if not is_dcp_folder(path):
+            raise CheckpointError(f"{path}: a directory, not a file (nor a torch.distributed.checkpoint folder: "
+                                  f"it has no {METADATA}); give a .pt or .safetensors file, or a DCP folder")
+        state, others = read_dcp_tensors(path, allow_unsafe)
+        state, left_out = _model_of_app_state(state)
+        dropped += left_out + [f"{k} (not a tensor)" for k in others]
+        container, mapped = "dcp", False
+    elif path.suffix == ".safetensors":
         state, _ = map_safetensors(path)
         container, mapped = "safetensors", True
     else:

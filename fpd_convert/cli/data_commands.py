@@ -89,7 +89,7 @@ def train(train_data, output, val_data, table_rows, dim, epochs, batch_size, lr,
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUTPUT.resume.pt.")
 @click.option("--torchrec", is_flag=True, help="Train as a TorchRec model (torchrec.models.dlrm with KeyedJaggedTensors); "
               "under torchrun, DistributedModelParallel shards the dense tables. Needs torchrec.")
-@click.option("--control", type=click.Path(dir_okay=False), help="The original COMPRESSED was made from: fine-tune "
+@click.option("--control", type=click.Path(), help="The original COMPRESSED was made from: fine-tune "
               "it too, with the same schedule and data, for report --control (what the same training gives a model "
               "that lost nothing).")
 @click.option("--control-output", type=click.Path(dir_okay=False),
@@ -134,7 +134,7 @@ def finetune(compressed, train_data, val_data, output, optimizer, lr, tt_lr, epo
 
 
 @main.command()
-@click.argument("original", type=click.Path(dir_okay=False))
+@click.argument("original", type=click.Path())
 @click.argument("compressed", type=click.Path(dir_okay=False))
 @click.argument("finetuned", required=False, type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(dir_okay=False), help="Test data for AUC and logloss.")

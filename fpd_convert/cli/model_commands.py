@@ -11,7 +11,7 @@ from .options import (SuffixRows, _int_list, _rank_value, advanced, force_option
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @output_option("Compressed .safetensors file [default: beside MODEL, model.pt -> model.tt.safetensors].", required=False)
 @click.option("--tables", help="Comma-separated table names, weight keys or indices (default: the 5 largest).")
 @click.option("--min-rows", type=click.IntRange(1), help="Compress every table with at least this many rows.")
@@ -105,7 +105,7 @@ def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, 
 
 
 @main.command()
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path())
 @json_option("what the file holds")
 @click.option("--allow-unsafe-pickle", is_flag=True, help="Load a .pt that needs arbitrary unpickling (trusted files only).")
 @friendly_errors

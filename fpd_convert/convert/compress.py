@@ -83,8 +83,8 @@ class CompressionSummary:
 
     def format(self) -> str:
         """Two tables (the TT shapes; what each table became) and notes, in 100 columns."""
-        import os
         import textwrap
+        from ..paths import bytes_on_disk
         from ..reporting.tables import format_bytes, render_table
         fid = any(t.importance for t in self.tables)
         shapes = [[t.key, f"{t.rows:,}", t.dim, "x".join(map(str, t.row_factors)), "x".join(map(str, t.dim_factors)),
@@ -112,7 +112,7 @@ class CompressionSummary:
             notes.append("bytes count every tensor of a table (cores, scales, row map, exact rows); rel. err: "
                          "relative error over the rows; weighted: relative error weighted by row importance; hot/exact: "
                          "rows in the row map / kept exactly; cores (+x): weighted error the low-precision cores add")
-        on_disk = [os.path.getsize(f) if os.path.exists(f) else 0 for f in (self.input, self.output)]
+        on_disk = [bytes_on_disk(f) for f in (self.input, self.output)]
         notes.append(f"model: {self.input} {format_bytes(on_disk[0])} on disk ({format_bytes(self.model_bytes_before)} "
                      f"of tensors) -> {self.output} {format_bytes(on_disk[1])} ({format_bytes(self.model_bytes_after)} of "
                      f"tensors; {on_disk[0] / max(on_disk[1], 1):.1f}x "

@@ -23,7 +23,8 @@ def decompress(compressed: Union[str, Path], output: Union[str, Path, None] = No
     facebookresearch/dlrm checkpoints come back as a dict with ``state_dict``, the training
     scalars and ``opt_state_dict`` (param_groups only: optimizer moments were not kept);
     TorchRec and generic ``.pt`` files as a state_dict (with their ``model.``/``module.``
-    prefix); ``.safetensors`` sources as safetensors.  ``output`` defaults to ``model.dense.pt`` beside
+    prefix); ``.safetensors`` sources as safetensors; a torch.distributed.checkpoint folder as a ``.pt``
+    state_dict (``torch.distributed.checkpoint.format_utils.torch_save_to_dcp`` makes a folder of it).  ``output`` defaults to ``model.dense.pt`` beside
     ``model.tt.safetensors`` (``.dense.safetensors`` for a safetensors source).  ``log`` gets a line per
     table rebuilt (a big model takes minutes).  Returns what was written.
     """
@@ -67,5 +68,6 @@ def decompress(compressed: Union[str, Path], output: Union[str, Path, None] = No
             write_torch(tmp, obj)
         else:
             write_torch(tmp, state)
-    return {"output": str(output), "container": meta.source_container, "tables_rebuilt": sorted(tables),
+    written = meta.source_container if meta.source_container in ("safetensors", "dlrm_checkpoint") else "state_dict"
+    return {"output": str(output), "container": written, "tables_rebuilt": sorted(tables),
             "tensors": len(state)}

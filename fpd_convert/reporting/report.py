@@ -14,7 +14,7 @@ from ..checkpoints.compressed_format import file_tensor_bytes
 from ..convert.load import load
 from ..devices import resolve_device
 from ..outputs import atomic_path, check_output, releases_outputs, write_text
-from ..paths import not_a_file
+from ..paths import bytes_on_disk, not_a_file
 from ..data import CriteoData
 from ..training.metrics import evaluate
 from .quantize import int8_rowwise, int8_rowwise_bytes
@@ -123,7 +123,7 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
 
     def measure(name: str, m: torch.nn.Module, nbytes: int) -> None:
         entry = {"bytes": nbytes, "ratio": original_bytes / nbytes,
-                 "on_disk": Path(files[name]).stat().st_size if name in files else None}
+                 "on_disk": bytes_on_disk(files[name]) if name in files else None}
         if data:
             say(f"report: evaluating {name} ({len(out['models']) + 1}/{count}) on {data}")
             start = time.perf_counter()
