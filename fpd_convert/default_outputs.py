@@ -4,6 +4,7 @@
 command                 input                           output
 ======================  ==============================  ==========================================
 ``compress``            ``model.pt``                    ``model.tt.safetensors``
+``compress``            ``ckpt.100/`` (a DCP folder)    ``ckpt.100.tt.safetensors``
 ``finetune``            ``model.tt.safetensors``        ``model.ft.safetensors``
 ``decompress``          ``model.tt.safetensors``        ``model.dense.pt`` (``.dense.safetensors``
                                                         for a safetensors source)
@@ -23,8 +24,9 @@ _EXPORT = {"pt2": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx"}
 
 
 def _base(path: Path, drop_tt: bool) -> str:
-    """The name without its last suffix (and, for a compressed file, a ``.tt`` before it)."""
-    name = path.name[:-len(path.suffix)] if path.suffix else path.name
+    """The name without its last suffix (and, for a compressed file, a ``.tt`` before it); a folder's (a
+    torch.distributed.checkpoint's, ``step.100/``) whole."""
+    name = path.name[:-len(path.suffix)] if path.suffix and not path.is_dir() else path.name
     return name[:-3] if drop_tt and name.endswith(".tt") and len(name) > 3 else name
 
 

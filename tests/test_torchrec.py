@@ -343,3 +343,14 @@ def test_a_dcp_checkpoint_of_a_dmp_sharded_model_compresses_as_its_state_dict(tm
         read_source(tmp_path)
     r = CliRunner().invoke(main, ["compress", str(tmp_path / "ckpt.rank0.pt"), "--rank", "4"])
     assert r.exit_code == 1 and "a state_dict saved under DistributedModelParallel (ShardedTensors" in r.output
+    # saved with its fused Adagrad's state after a step on the first tenth of the rows: the rows are weighed by it
+    trained = read_source(tmp_path / "ckpt.adagrad")
+    acc = trained.optimizer_accumulators
+    assert sorted(k.split(".")[-2] for k in acc) == ["t_cat_0", "t_cat_2"]  # the tables DMP's fused Adagrad trains
+    for key, a in acc.items():
+        seen = (a.sum(1) > 0).nonzero().reshape(-1)
+        assert 0 < seen.numel() <= 8 and int(seen.max()) <= trained.state[key].shape[0] // 10
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "ckpt.adagrad"), "--ratio", "8", "--tables",
+                                  "t_cat_0,t_cat_2", "--json", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert [t["importance"] for t in json.loads(r.stdout)["tables"]] == ["optimizer", "optimizer"]

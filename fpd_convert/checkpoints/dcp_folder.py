@@ -63,10 +63,11 @@ def read_metadata(path, allow_unsafe: bool = False):
                                   f"in {METADATA}: {e})") from None
 
 
-def read_dcp_tensors(path, allow_unsafe: bool = False) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """``(state, others)``: every tensor of the folder, whole and on the CPU, under its DCP key (a state_dict
-    saved inside an app state, ``{"model": model.state_dict(), ...}``, has keys ``model.<name>``), and the
-    keys of the entries that are not tensors (not read)."""
+def read_dcp_tensors(path, allow_unsafe: bool = False) -> Tuple[Dict[str, torch.Tensor], List[str], dict]:
+    """``(state, others, paths)``: every tensor of the folder, whole and on the CPU, under its DCP key (a
+    state_dict saved inside an app state, ``{"model": model.state_dict(), ...}``, has keys ``model.<name>``),
+    the keys of the entries that are not tensors (not read), and each key's place in the nested dict that
+    was saved (``("optim", "state", "<param>", "<name>")``; DCP keeps it in ``planner_data``)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
@@ -97,7 +98,9 @@ def read_dcp_tensors(path, allow_unsafe: bool = False) -> Tuple[Dict[str, torch.
         text = str(cause).strip().splitlines()
         raise CheckpointError(f"{path}: its tensors could not be read ({type(cause).__name__}: "
                               f"{text[0][:300] if text else ''}); is a .distcp file missing or truncated?") from None
-    return state, others
+    planned = getattr(metadata, "planner_data", None) or {}
+    paths = {k: tuple(planned[k]) if isinstance(planned.get(k), (tuple, list)) else tuple(k.split(".")) for k in state}
+    return state, others, paths
 
 
 def folder_sha256(path, chunk: int = 1 << 24) -> str:

@@ -88,16 +88,22 @@ def _strip(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tenso
 _NOT_MODEL = {"optimizer", "optim", "opt", "lr_scheduler", "scheduler", "step", "epoch", "train_state"}
 
 
-def _model_of_app_state(state: Dict[str, torch.Tensor]):
-    """``(state, left out)``: a DCP folder that saved an app state keeps only its ``model.*`` tensors (the
-    prefix stays, as a TorchRec ``model.`` prefix does); any other folder stays as it is."""
+def _model_of_app_state(state: Dict[str, torch.Tensor], places: Dict[str, tuple]):
+    """``(state, left out, optimizer)``: a DCP folder that saved an app state keeps only its ``model.*``
+    tensors (the prefix stays, as a TorchRec ``model.`` prefix does), and its optimizer's per-parameter state
+    (``{"<param>": {"<name>": tensor}}``, for row importance); any other folder stays as it is."""
     heads = {k.split(".", 1)[0] for k in state}
     if "model" not in heads or not heads - {"model"} or not heads - {"model"} <= _NOT_MODEL:
-        return state, []
+        return state, [], None
     left = sorted(heads - {"model"})
     count = sum(1 for k in state if not k.startswith("model."))
+    optimizer: Dict[str, dict] = {}
+    for k, v in state.items():
+        place = places.get(k, ())
+        if len(place) >= 4 and place[0] in ("optimizer", "optim", "opt") and place[1] == "state":
+            optimizer.setdefault(str(place[2]), {})[".".join(map(str, place[3:]))] = v
     return ({k: v for k, v in state.items() if k.startswith("model.")},
-            [f"{', '.join(left)} ({count} tensors of the app state beside the model)"])
+            [f"{', '.join(left)} ({count} tensors of the app state beside the model)"], optimizer or None)
 
 
 def _json_or_none(value):
@@ -117,13 +123,13 @@ def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None) 
     path = Path(path)
     if layout is not None and layout not in LAYOUTS:
         raise CheckpointError(f"layout should be one of {LAYOUTS} but got {layout!r}")
-    extras, groups, dropped, container, opt_state = {}, None, [], "state_dict", None
+    extras, groups, dropped, container, opt_state, dcp_optimizer = {}, None, [], "state_dict", None, None
     if path.is_dir():
         if not is_dcp_folder(path):
             raise CheckpointError(f"{path}: a directory, not a file (nor a torch.distributed.checkpoint folder: "
                                   f"it has no {METADATA}); give a .pt or .safetensors file, or a DCP folder")
-        state, others = read_dcp_tensors(path, allow_unsafe)
-        state, left_out = _model_of_app_state(state)
+        state, others, places = read_dcp_tensors(path, allow_unsafe)
+        state, left_out, dcp_optimizer = _model_of_app_state(state, places)
         dropped += left_out + [f"{k} (not a tensor)" for k in others]
         container, mapped = "dcp", False
     elif path.suffix == ".safetensors":
@@ -179,13 +185,15 @@ def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None) 
     src = Source(path, layout, arch, state, prefix, container, extras, groups, dropped, mapped)
     if opt_state is not None:
         src.optimizer_accumulators = optimizer_accumulators(opt_state, state, [t["key"] for t in src.tables()])
+    if dcp_optimizer:  # an app state's optimizer, keyed by parameter names (TorchRec's KeyedOptimizer)
+        src.optimizer_accumulators = named_accumulators(dcp_optimizer, state, [t["key"] for t in src.tables()], prefix)
     return src
 
 
 ACCUMULATORS = ("sum", "exp_avg_sq")  # Adagrad's, Adam's (and AdamW's) squared-gradient accumulators
-# TorchRec's fused (FBGEMM) optimizers name theirs ``<param>.momentum_1`` (Adagrad, row-wise Adagrad: one
-# value a row) or, with a first moment beside, ``<param>.momentum_2`` (Adam, LAMB)
-FUSED_ACCUMULATORS = ("momentum_2", "momentum_1")
+# TorchRec's fused (FBGEMM) optimizers name theirs ``<param>.momentum_1`` (``<table>.momentum1`` for a table
+# sharded by DMP; Adagrad, row-wise Adagrad: one value a row) or, with a first moment beside, ``momentum_2`` (Adam)
+FUSED_ACCUMULATORS = ("momentum_2", "momentum2", "momentum_1", "momentum1")
 
 
 def read_optimizer_state(path, src: Source, allow_unsafe: bool = False) -> Dict[str, torch.Tensor]:
