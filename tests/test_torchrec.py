@@ -334,6 +334,9 @@ def test_a_dcp_checkpoint_of_a_dmp_sharded_model_compresses_as_its_state_dict(tm
     (bad / ".metadata").write_bytes(pickle.dumps(os.getcwd))
     r = CliRunner().invoke(main, ["inspect", str(bad)])
     assert r.exit_code == 1 and "needs posix.getcwd" in r.output and "--allow-unsafe-pickle" in r.output
+    (bad / ".metadata").write_bytes((ckpt / ".metadata").read_bytes()[:100])  # truncated: not a refused global
+    r = CliRunner().invoke(main, ["inspect", str(bad)])
+    assert r.exit_code == 1 and "not a readable torch.distributed.checkpoint folder (UnpicklingError" in r.output
     shutil.rmtree(bad)
     shutil.copytree(ckpt, bad)
     (bad / "__1_0.distcp").unlink()

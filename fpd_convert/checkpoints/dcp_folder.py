@@ -29,6 +29,10 @@ def is_dcp_folder(path) -> bool:
     return path.is_dir() and (path / METADATA).is_file()
 
 
+class _Refused(pickle.UnpicklingError):
+    """A global that a DCP index does not hold."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Admits the globals a DCP ``.metadata`` holds and nothing else."""
 
@@ -45,7 +49,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         elif (module, name) == ("collections", "OrderedDict"):
             value = super().find_class(module, name)
         if value is None:
-            raise pickle.UnpicklingError(f"{module}.{name}")
+            raise _Refused(f"{module}.{name}")
         return value
 
 
@@ -55,10 +59,10 @@ def read_metadata(path, allow_unsafe: bool = False):
     with open(file, "rb") as f:
         try:
             return (pickle.Unpickler(f) if allow_unsafe else _MetadataUnpickler(f)).load()
-        except pickle.UnpicklingError as e:
+        except _Refused as e:
             raise CheckpointError(f"{path}: its {METADATA} needs {e}, which a DCP index does not hold and which "
                                   "could run code; if you trust the folder, pass --allow-unsafe-pickle") from None
-        except (EOFError, AttributeError, ImportError, ValueError, TypeError) as e:
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: not a readable torch.distributed.checkpoint folder ({type(e).__name__} "
                                   f"in {METADATA}: {e})") from None
 
