@@ -208,6 +208,8 @@ def _cases():
                                                                   str(o / "c.safetensors"), r, "8" if r == "--ratio" else "0.5",
                                                                   "--tables", "0"]))
     cases.append(("compress-nan-default-output", lambda f, o: ["compress", str(f["nan_model"]), "--rank", "4"]))
+    cases.append(("compress-a-compressed-file", lambda f, o: ["compress", str(f["comp"]), "-o", str(o / "c.safetensors"),
+                                                             "--rank", "4"]))
     cases.append(("compress-generic-no-yes", lambda f, o: ["compress", str(f["generic"]), "-o", str(o / "c.st"),
                                                           "--rank", "2"]))
     for bad in BAD_COMPRESSED + ["base", "generic", "trunc_st", "fifo", "missing"]:
@@ -313,3 +315,10 @@ def test_a_table_with_nan_is_named_before_any_svd(files, tmp_path):
         assert result.exit_code == 1 and "table emb_l.0.weight has NaN or infinite values in 1 of its" in result.output, \
             result.output
         assert "(the first: row 5)" in result.output and "did not converge" not in result.output
+
+
+def test_a_compressed_file_is_not_compressed_again(files, tmp_path):
+    for extra in ([], ["--yes"]):  # a generic-looking file: asked about its tables first, without --yes
+        result = CliRunner().invoke(main, ["compress", str(files["comp"]), "-o", str(tmp_path / "c.safetensors"),
+                                           "--rank", "4", *extra])
+        assert result.exit_code == 1 and "already compressed (written by fpd-convert)" in result.output, result.output

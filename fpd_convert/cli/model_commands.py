@@ -81,7 +81,7 @@ def compress(model, output, tables, min_rows, num_largest, rank, ratio, budget, 
     names = [t.strip() for t in tables.split(",")] if tables else None
     if names is None and min_rows is None and not yes:
         info = describe(model, allow_unsafe_pickle=allow_unsafe_pickle)
-        if (layout or info["layout"]) == "generic":
+        if (layout or info["layout"]) == "generic" and not info.get("compressed"):  # compress refuses those
             chosen = select_tables(info["tables"], num_largest=num_largest)
             named = any(t.get("named_as_table") for t in info["tables"])
             text = (f"generic state_dict; the largest {'tensors named as embedding tables' if named else '2D tensors'}"

@@ -16,7 +16,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from .. import __version__
-from ..checkpoints import CheckpointError, CompressedMeta, encode_table, read_source, sha256_of, write_compressed
+from ..checkpoints import (CheckpointError, CompressedMeta, encode_table, is_compressed, read_source, sha256_of,
+                           write_compressed)
 from ..default_outputs import compressed_output
 from ..outputs import check_output, releases_outputs
 from .allocation import choose_results
@@ -204,6 +205,9 @@ def compress(model: Union[str, Path], output: Union[str, Path, None] = None, tab
     fidelity = fidelity if fidelity is not None else FidelityOptions()
     if data is not None and fidelity.importance == "none":
         raise ValueError("--data gives row importance; it needs an importance other than 'none'")
+    if model.suffix == ".safetensors" and model.is_file() and is_compressed(model):
+        raise CheckpointError(f"{model}: already compressed (written by fpd-convert); compress takes the original "
+                              "model (decompress gives it back)")
     src = read_source(model, allow_unsafe=allow_unsafe_pickle, layout=layout)
     if optimizer_state is not None:  # saved apart from the model (TorchRec's KeyedOptimizer, a torch.optim state)
         from ..checkpoints.source import read_optimizer_state
