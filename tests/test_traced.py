@@ -397,6 +397,9 @@ def test_export_command_prints_the_signature_and_refuses_bad_input(files, tmp_pa
     assert info["inputs"][1]["shape"] == ["batch", 5] and info["inputs"][1]["dtype"] == "int64"
     assert info["bytes"] == out.stat().st_size and info["parity_max_abs_diff"] <= ATOL
     assert {n.split("/")[0] for n in zipfile.ZipFile(out).namelist()} == {"archive"}  # not the temp file's name
+    for command in (["inspect", str(out)], ["compress", str(out), "--rank", "4", "--yes"]):  # a program, said so
+        r = CliRunner().invoke(main, command)
+        assert r.exit_code == 1 and "a torch.export / AOTInductor program (a .pt2 archive), not a checkpoint" in r.output
     r = CliRunner().invoke(main, ["export", str(files["torchrec-dot"]), "-o", str(out)])
     assert r.exit_code == 1 and "exists" in r.output
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

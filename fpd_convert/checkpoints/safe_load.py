@@ -48,6 +48,17 @@ def looks_like(path: os.PathLike) -> str:
     return ""
 
 
+def _exported_program(path: os.PathLike) -> bool:
+    """Whether a zip is a pt2 archive (``torch.export.save``, AOTInductor): ``<name>/archive_format`` or
+    ``<name>/data/weights/...``, and no ``data.pkl`` as a checkpoint has."""
+    try:
+        names = zipfile.ZipFile(path).namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    pickled = any(n.endswith("/data.pkl") or n == "data.pkl" for n in names)
+    return not pickled and any(n.endswith("/archive_format") or "/data/weights/" in n for n in names)
+
+
 def _numpy_scalar_globals() -> list:
     core = getattr(np, "_core", None) or np.core
     allowed = [core.multiarray.scalar, np.dtype]
@@ -77,6 +88,9 @@ def load_torch_file(path: os.PathLike, allow_unsafe: bool = False, mmap: bool = 
     if not is_zip and kind != "a pickle (an older PyTorch checkpoint)":
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (" + (f"it looks like {kind}" if kind else
                               "its first bytes are neither a zip archive nor a pickle") + ")")
+    if is_zip and _exported_program(path):
+        raise CheckpointError(f"{path}: a torch.export / AOTInductor program (a .pt2 archive), not a checkpoint; "
+                              "give the model's state_dict or checkpoint, or the compressed file it came from")
     use_mmap = mmap and is_zip
     try:
         if allow_unsafe:
