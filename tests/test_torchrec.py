@@ -11,13 +11,15 @@ import torch
 
 torchrec = pytest.importorskip("torchrec")
 from torchrec.models.dlrm import DLRM, DLRM_DCN  # noqa: E402
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType  # noqa: E402
-from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType  # noqa: E402
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 import fpd_convert  # noqa: E402
 import fpd_convert.torchrec as ftr  # noqa: E402
+from fpd_convert.convert.importance import FidelityOptions  # noqa: E402
 from layouts import torchrec_state  # noqa: E402
+from two_tower import TwoTower, two_tower_batch  # noqa: E402
 
 warnings.filterwarnings("ignore")
 ROWS = [5000, 3000, 40, 2000, 30]
@@ -118,6 +120,103 @@ def test_a_tt_collection_keeps_torchrec_semantics_for_shared_features_and_empty_
                                            "embedding_bags.big.cores.2", "embedding_bags.small.weight"]
 
 
+def _jagged_equal(got, want, atol=ATOL):
+    """Two ``Dict[str, JaggedTensor]``: the same names in the same order, lengths, weights and values."""
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(got[name].lengths(), want[name].lengths()), name
+        w_got, w_want = got[name].weights_or_none(), want[name].weights_or_none()
+        assert (w_got is None) == (w_want is None) and (w_got is None or torch.equal(w_got, w_want)), name
+        torch.testing.assert_close(got[name].values(), want[name].values(), atol=atol, rtol=atol)
+
+
+def test_a_tt_embedding_collection_keeps_torchrec_semantics():
+    """An EmbeddingCollection (unpooled, a sequence model's): shared features, ``feature@table`` names, the ids
+    passed on with ``need_indices``, empty bags, TorchRec's state_dict keys."""
+    torch.manual_seed(0)
+    configs = [EmbeddingConfig(name="big", embedding_dim=4, num_embeddings=3000, feature_names=["a", "shared"]),
+               EmbeddingConfig(name="small", embedding_dim=4, num_embeddings=20, feature_names=["shared"])]
+    ec = EmbeddingCollection(configs, need_indices=True)
+    tt_ec, _ = ftr.compress_module(ec, rank=3, num_largest=1, importance="none")
+    assert isinstance(tt_ec, ftr.TTEmbeddingCollection) and isinstance(tt_ec.tt_tables()["big"], fpd_convert.TTEmbedding)
+    assert tt_ec.need_indices() and tt_ec.embedding_dim() == 4
+    assert tt_ec.embedding_names_by_table() == ec.embedding_names_by_table() == [["a", "shared@big"], ["shared@small"]]
+    features = KeyedJaggedTensor.from_lengths_sync(keys=["a", "shared"], values=torch.tensor([5, 2999, 7, 3, 11]),
+                                                   lengths=torch.tensor([2, 0, 0, 3]))  # empty bags
+    dense = EmbeddingCollection(configs, need_indices=True)
+    dense.load_state_dict({"embeddings.big.weight": tt_ec.tt_tables()["big"].to_dense(),
+                           "embeddings.small.weight": ec.embeddings["small"].weight.detach()})
+    got = tt_ec(features)
+    _jagged_equal(got, dense(features))
+    assert not torch.allclose(got["a"].values(), ec(features)["a"].values(), atol=1e-3)  # the TT, not the original
+    assert sorted(tt_ec.state_dict()) == ["embeddings.big.cores.0", "embeddings.big.cores.1",
+                                          "embeddings.big.cores.2", "embeddings.small.weight"]
+    again, _ = ftr.compress_module(EmbeddingCollection(configs, need_indices=True), rank=3, num_largest=1,
+                                   importance="none")
+    again.load_state_dict(tt_ec.state_dict())  # TorchRec's keys in, too
+    _jagged_equal(again(features), got, atol=0)
+    with pytest.raises(ValueError, match="one dim"):
+        ftr.TTEmbeddingCollection([configs[0], EmbeddingConfig(name="x", embedding_dim=8, num_embeddings=5)], {})
+
+
+def test_compress_module_of_a_model_with_both_collections_and_tt_collections_of_a_loaded_one(tmp_path):
+    torch.manual_seed(0)
+    model = TwoTower()
+    tt_model, summaries = ftr.compress_module(model, rank=4, num_largest=1, importance="none")
+    assert isinstance(tt_model.history, ftr.TTEmbeddingCollection)
+    assert isinstance(tt_model.profile, ftr.TTEmbeddingBagCollection)
+    assert [[t.name for t in s.tables] for s in summaries] == [["item"], ["users"]]
+    only, summary = ftr.compress_module(model, rank=4, tables=["users"], importance="none")  # the other one stays
+    assert type(only.history) is EmbeddingCollection and [t.name for t in summary.tables] == ["users"]
+    assert isinstance(only.profile, ftr.TTEmbeddingBagCollection)
+    with pytest.raises(ValueError, match="no table named 'nope' in the collections of TwoTower; their tables: item"):
+        ftr.compress_module(model, rank=4, tables=["users", "nope"])
+    ref = TwoTower()  # TorchRec's own collections holding the TT reconstructions
+    state = dict(model.state_dict())
+    state["history.embeddings.item.weight"] = tt_model.history.tt_tables()["item"].to_dense()
+    state["profile.embedding_bags.users.weight"] = tt_model.profile.tt_tables()["users"].to_dense()
+    ref.load_state_dict(state)
+    seq, user = two_tower_batch(16, 5)
+    with torch.no_grad():
+        got = tt_model(seq, user)
+        torch.testing.assert_close(got, ref(seq, user), atol=ATOL, rtol=ATOL)
+    # the same model from a file: fpd-convert compress of its state_dict, load_into TorchRec's own collections,
+    # then tt_collections (what distribute does first) gives the TT collections, same keys, same scores
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    fpd_convert.compress(tmp_path / "m.pt", tmp_path / "m.tt.safetensors", rank=4, num_largest=2,
+                         fidelity=FidelityOptions("none"), progress=False)
+    mine = fpd_convert.load_into(TwoTower(), tmp_path / "m.tt.safetensors")
+    assert type(mine.history) is EmbeddingCollection and isinstance(mine.history.embeddings["item"],
+                                                                     fpd_convert.TTEmbedding)
+    keys = sorted(mine.state_dict())
+    with torch.no_grad():
+        want = mine(seq, user)
+        ftr.tt_collections(mine)
+        assert isinstance(mine.history, ftr.TTEmbeddingCollection) and sorted(mine.history.tt_tables()) == ["item"]
+        assert isinstance(mine.profile, ftr.TTEmbeddingBagCollection) and sorted(mine.state_dict()) == keys
+        torch.testing.assert_close(mine(seq, user), want, atol=0, rtol=0)
+
+
+def test_torch_compile_fullgraph_of_both_tt_collections_equals_eager():
+    """KJTs in, JaggedTensors and KeyedTensors out, TT lookups inside: one graph, in training (the same
+    gradients) and in eval mode (the serving form)."""
+    torch.manual_seed(0)
+    tt_model, _ = ftr.compress_module(TwoTower(), rank=4, num_largest=1, importance="none", exact_rows=0.01)
+    seq, user = two_tower_batch(16, 5)
+    compiled = torch.compile(tt_model, fullgraph=True)
+    grads = []
+    for run in (tt_model, compiled):
+        tt_model.zero_grad()
+        run(seq, user).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in tt_model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(".cores." in n for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=ATOL, rtol=ATOL, msg=n)
+    tt_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(seq, user), tt_model(seq, user), atol=ATOL, rtol=ATOL)
+
+
 def test_save_and_load_round_trip_keeps_keys_configs_and_scores(tmp_path):
     model, configs = _trained(DLRM, True)
     tt_model, _ = ftr.compress_module(model, rank=4, num_largest=2)
@@ -151,10 +250,10 @@ def test_load_of_a_compress_output_scores_as_fpd_convert_load(tmp_path, variant)
 
 
 @pytest.mark.slow
-def test_a_training_step_under_dmp_equals_one_process(tmp_path):
+def test_a_training_step_under_dmp_equals_one_process_for_dlrm_and_a_sequence_model(tmp_path):
     script = Path(__file__).parent / "torchrec_dmp_step.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
-                           str(tmp_path / "out.json")], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(tmp_path / "out.json")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["tt"] == ["t_0", "t_1"]  # replicated, the rest sharded by TorchRec's planner:
@@ -162,6 +261,14 @@ def test_a_training_step_under_dmp_equals_one_process(tmp_path):
     moved = [k for k, d in out["diffs"].items() if d["moved"] > 0]
     assert any(".cores." in k for k in moved) and any("t_3.weight" in k for k in moved)  # the step trained both
     for k, d in out["diffs"].items():
+        assert d["diff"] <= 1e-6 + 1e-4 * d["moved"], (k, d)
+    # a sequence model of your own (an EmbeddingCollection and an EBC; TT layers inside TorchRec's collections,
+    # as fpd_convert.compress_module / load_into leave them): TT tables replicated, the others sharded
+    seq = out["two_tower"]
+    assert seq["tt"] == ["item", "users"] and seq["plan"] == ["ages", "shops"]
+    moved = [k for k, d in seq["diffs"].items() if d["moved"] > 0]
+    assert {"history.embeddings.item.cores.2", "history.embeddings.shops.weight"} <= set(moved)
+    for k, d in seq["diffs"].items():
         assert d["diff"] <= 1e-6 + 1e-4 * d["moved"], (k, d)
 
 
@@ -200,7 +307,7 @@ def test_finetune_under_torchrun_with_dmp_equals_one_process(tmp_path):
     one = subprocess.run([sys.executable, "-m", "fpd_convert", *args, "-o", str(tmp_path / "one.safetensors")],
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "fpd_convert",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fpd_convert",
                           *args, "-o", str(tmp_path / "two.safetensors")], capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote ") == 1  # one report, rank 0's
@@ -301,8 +408,8 @@ def test_a_dcp_checkpoint_of_a_dmp_sharded_model_compresses_as_its_state_dict(tm
     from fpd_convert.cli import main
     ckpt = tmp_path / "ckpt"
     script = Path(__file__).parent / "torchrec_dcp_save.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
-                           str(ckpt), str(Path(__file__).parent)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(ckpt), str(Path(__file__).parent)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in ckpt.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # two ranks
     want = torchrec_state(seed=0)

@@ -22,10 +22,10 @@ EXACT_ERROR_ROWS = 20_000_000  # tables up to this many elements get their plain
 WHOLE_TABLE_PER_ROW = 4
 
 
-def layer_of(shape: TTShape, table: TableTensors) -> TTEmbeddingBag:
-    """A frozen TT layer holding a decoded table."""
-    layer = TTEmbeddingBag(shape.num_rows, shape.dim, rank=shape.ranks, row_factors=shape.row_factors,
-                           dim_factors=shape.dim_factors, _cores=table.cores)
+def layer_of(shape: TTShape, table: TableTensors, cls=TTEmbeddingBag) -> TTEmbeddingBag:
+    """A frozen TT layer (``cls``: ``TTEmbeddingBag`` or ``TTEmbedding``) holding a decoded table."""
+    layer = cls(shape.num_rows, shape.dim, rank=shape.ranks, row_factors=shape.row_factors,
+                dim_factors=shape.dim_factors, _cores=table.cores)
     layer.load_table(table)
     return layer.requires_grad_(False)
 

@@ -21,6 +21,7 @@ Example::
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Dict, List, Optional
 
 import torch
@@ -52,23 +53,12 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def __init__(self, tables: List[EmbeddingBagConfig], tt: Dict[str, TTEmbeddingBag], is_weighted: bool = False,
                  dense: Optional[EmbeddingBagCollection] = None, device: Optional[torch.device] = None):
         super().__init__()
-        names = [t.name for t in tables]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate table names in {names}")
-        unknown = set(tt) - set(names)
-        if unknown:
-            raise ValueError(f"TT tables {sorted(unknown)} have no config among {names}")
+        names = check_tables(tables, tt)
         for config in tables:
-            if not config.feature_names:
-                config.feature_names = [config.name]
-            if config.name in tt:
-                layer = tt[config.name]
-                if (layer.num_embeddings, layer.embedding_dim) != (config.num_embeddings, config.embedding_dim):
-                    raise ValueError(f"TT table {config.name} is {layer.num_embeddings} x {layer.embedding_dim} but "
-                                     f"its config says {config.num_embeddings} x {config.embedding_dim}")
-                if not layer.include_last_offset or layer.mode != pooling_mode(config):
-                    raise ValueError(f"TT table {config.name} should have include_last_offset=True and mode "
-                                     f"{pooling_mode(config)!r}, as TorchRec's tables do")
+            layer = tt.get(config.name)
+            if layer is not None and (not layer.include_last_offset or layer.mode != pooling_mode(config)):
+                raise ValueError(f"TT table {config.name} should have include_last_offset=True and mode "
+                                 f"{pooling_mode(config)!r}, as TorchRec's tables do")
         self._configs = list(tables)
         self._is_weighted = is_weighted
         dense_configs = [t for t in tables if t.name not in tt]
@@ -79,13 +69,8 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._embedding_names = [e for names_ in get_embedding_names_by_table(tables) for e in names_]
         self._lengths = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._dense_features = [f for t in dense_configs for f in t.feature_names]
-        # the inner EBC names its outputs by its own tables alone (a feature shared with a TT table is not
-        # shared there): (table, feature) -> its key in the inner EBC's output
-        inner = get_embedding_names_by_table(dense_configs)
-        self._inner_names = {(t.name, f): n for t, names_ in zip(dense_configs, inner)
-                             for f, n in zip(t.feature_names, names_)}
-        self._register_state_dict_hook(_ebc_keys_out)
-        self._register_load_state_dict_pre_hook(_ebc_keys_in, with_module=True)
+        self._inner_names = inner_names(dense_configs)
+        keep_collection_keys(self, "embedding_bags")
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self._configs
@@ -100,10 +85,7 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Pooled embeddings of every feature, in the configs' order (as TorchRec's EBC)."""
         dense_out: Dict[str, torch.Tensor] = {}
         if self.dense is not None:
-            keys = features.keys()
-            picked = features if keys == self._dense_features else features.permute(
-                [keys.index(f) for f in self._dense_features])
-            dense_out = self.dense(picked).to_dict()
+            dense_out = self.dense(picked_features(features, self._dense_features)).to_dict()
         jagged = features.to_dict() if len(self.embedding_bags) else {}
         pooled: List[torch.Tensor] = []
         for config in self._configs:
@@ -117,19 +99,59 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths, values=torch.cat(pooled, dim=1))
 
 
-def _ebc_keys_out(module: TTEmbeddingBagCollection, state: dict, prefix: str, local_metadata) -> None:
-    """``dense.embedding_bags.<t>.weight`` -> ``embedding_bags.<t>.weight``: the keys TorchRec's EBC has."""
-    inner = f"{prefix}{DENSE}.embedding_bags."
+def check_tables(tables: list, tt: Dict[str, nn.Module]) -> List[str]:
+    """The table names, checked as both TT collections need them: unique, each TT layer with a config of its
+    size.  A config without feature names reads the feature of its own name, as in TorchRec."""
+    names = [t.name for t in tables]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate table names in {names}")
+    unknown = set(tt) - set(names)
+    if unknown:
+        raise ValueError(f"TT tables {sorted(unknown)} have no config among {names}")
+    for config in tables:
+        if not config.feature_names:
+            config.feature_names = [config.name]
+        layer = tt.get(config.name)
+        if layer is not None and (layer.num_embeddings, layer.embedding_dim) != (config.num_embeddings,
+                                                                                 config.embedding_dim):
+            raise ValueError(f"TT table {config.name} is {layer.num_embeddings} x {layer.embedding_dim} but "
+                             f"its config says {config.num_embeddings} x {config.embedding_dim}")
+    return names
+
+
+def inner_names(dense_configs: list) -> Dict[tuple, str]:
+    """(table, feature) -> its output's name in the inner collection of the dense tables, which names its
+    outputs by its own tables alone (a feature shared with a TT table is not shared there)."""
+    inner = get_embedding_names_by_table(dense_configs)
+    return {(t.name, f): n for t, names_ in zip(dense_configs, inner) for f, n in zip(t.feature_names, names_)}
+
+
+def picked_features(features: KeyedJaggedTensor, names: List[str]) -> KeyedJaggedTensor:
+    """``features`` holding ``names`` only, in that order (what the inner collection of dense tables takes)."""
+    keys = features.keys()
+    return features if keys == names else features.permute([keys.index(f) for f in names])
+
+
+def keep_collection_keys(module: nn.Module, attr: str) -> None:
+    """Give ``module`` (a TT collection whose dense tables sit in ``module.dense``) the state_dict keys of the
+    TorchRec collection it stands for: ``dense.<attr>.<t>.weight`` is ``<attr>.<t>.weight`` (``attr``:
+    ``embedding_bags`` for an EBC, ``embeddings`` for an EC), out and in."""
+    module._register_state_dict_hook(partial(_keys_out, attr))
+    module._register_load_state_dict_pre_hook(partial(_keys_in, attr), with_module=True)
+
+
+def _keys_out(attr: str, module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
+    inner = f"{prefix}{DENSE}.{attr}."
     for key in [k for k in state if k.startswith(inner)]:
-        state[f"{prefix}embedding_bags.{key[len(inner):]}"] = state.pop(key)
+        state[f"{prefix}{attr}.{key[len(inner):]}"] = state.pop(key)
 
 
-def _ebc_keys_in(module: TTEmbeddingBagCollection, state: dict, prefix: str, *args) -> None:
+def _keys_in(attr: str, module: nn.Module, state: dict, prefix: str, *args) -> None:
     if module.dense is None:
         return
-    dense_names = set(module.dense.embedding_bags.keys())
-    outer = f"{prefix}embedding_bags."
+    dense_names = set(getattr(module.dense, attr).keys())
+    outer = f"{prefix}{attr}."
     for key in [k for k in state if k.startswith(outer)]:
         table = key[len(outer):].split(".", 1)[0]
         if table in dense_names:
-            state[f"{prefix}{DENSE}.embedding_bags.{key[len(outer):]}"] = state.pop(key)
+            state[f"{prefix}{DENSE}.{attr}.{key[len(outer):]}"] = state.pop(key)

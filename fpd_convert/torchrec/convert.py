@@ -1,9 +1,10 @@
 """Compressing a live TorchRec model, and loading a compressed file as a TorchRec model.
 
 - :func:`compress_module` takes a TorchRec model (``DLRM``, ``DLRM_DCN``, ``DLRM_Projection``, any module
-  holding ``EmbeddingBagCollection`` s) or an EBC, and returns it with its largest tables in TT: each EBC
-  becomes a :class:`~fpd_convert.torchrec.collection.TTEmbeddingBagCollection`, by the steps and options
-  of ``fpd_convert.compress``.
+  holding ``EmbeddingBagCollection`` s or ``EmbeddingCollection`` s) or a collection, and returns it with its
+  largest tables in TT: each EBC becomes a :class:`~fpd_convert.torchrec.collection.TTEmbeddingBagCollection`,
+  each EC a :class:`~fpd_convert.torchrec.unpooled.TTEmbeddingCollection`, by the steps and options of
+  ``fpd_convert.compress``; :func:`tt_collections` does the same for collections that already hold TT layers.
 - :func:`save` writes such a model in the compressed format (its table configs included), and
   :func:`load` reads a compressed file of the TorchRec layout back as a real
   ``torchrec.models.dlrm.DLRM`` / ``DLRM_DCN`` / ``DLRM_Projection``.
@@ -20,27 +21,74 @@ import numpy as np
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ..checkpoints import CompressedMeta, TableTensors, encode_table, read_compressed, split_tables, write_compressed
 from ..convert.compress import CompressionSummary, compress_tables
 from ..convert.importance import FidelityOptions
 from ..convert.measure import layer_of
-from ..layers import TTEmbeddingBag
+from ..convert.selection import select_tables
+from ..layers import TTEmbedding, TTEmbeddingBag
 from ..outputs import check_output, releases_outputs
 from .collection import TTEmbeddingBagCollection, pooling_mode
+from .unpooled import TTEmbeddingCollection
 
 
-def _ebcs(module: nn.Module) -> Dict[str, EmbeddingBagCollection]:
-    """Every EmbeddingBagCollection in ``module`` by its path ("" for the module itself)."""
-    return {name: m for name, m in module.named_modules() if type(m) is EmbeddingBagCollection}
+#: the TorchRec collections that compress: the attribute holding their tables, their configs' method
+_KINDS = {EmbeddingBagCollection: ("embedding_bags", "embedding_bag_configs"),
+          EmbeddingCollection: ("embeddings", "embedding_configs")}
 
 
-def _tt_layer(shape, table: TableTensors, config: EmbeddingBagConfig) -> TTEmbeddingBag:
-    layer = layer_of(shape, table)
-    layer.mode, layer.include_last_offset = pooling_mode(config), True
+def _collections(module: nn.Module) -> Dict[str, nn.Module]:
+    """Every EmbeddingBagCollection and EmbeddingCollection in ``module`` by its path ("" for the module itself)."""
+    return {name: m for name, m in module.named_modules() if type(m) in _KINDS}
+
+
+def _tables_of(collection: nn.Module):
+    attr, configs = _KINDS[type(collection)]
+    return getattr(collection, attr), getattr(collection, configs)()
+
+
+def _tt_layer(shape, table: TableTensors, config) -> nn.Module:
+    """The TT layer of a config: pooled as the config says for an EBC's table, unpooled for an EC's."""
+    if isinstance(config, EmbeddingBagConfig):
+        layer = layer_of(shape, table)
+        layer.mode, layer.include_last_offset = pooling_mode(config), True
+    else:
+        layer = layer_of(shape, table, TTEmbedding)
     return layer.requires_grad_(True)
+
+
+def _with_tt(collection: nn.Module, tt: Dict[str, nn.Module]) -> nn.Module:
+    """The TT collection standing for a TorchRec ``collection`` whose tables named in ``tt`` become those TT
+    layers; its other tables, with their weights, stay in a real collection of their own (``.dense``)."""
+    modules, configs = _tables_of(collection)
+    dense_configs = [c for c in configs if c.name not in tt]
+    dense = None
+    if isinstance(collection, EmbeddingBagCollection):
+        if dense_configs:
+            dense = EmbeddingBagCollection(dense_configs, is_weighted=collection.is_weighted(), device=collection.device)
+        new = TTEmbeddingBagCollection(configs, tt, is_weighted=collection.is_weighted(), dense=dense)
+    else:
+        if dense_configs:
+            dense = EmbeddingCollection(dense_configs, device=collection.device,
+                                        need_indices=collection.need_indices())
+        new = TTEmbeddingCollection(configs, tt, need_indices=collection.need_indices(), dense=dense)
+    if dense is not None:
+        inner, _ = _tables_of(dense)
+        with torch.no_grad():
+            for c in dense_configs:
+                inner[c.name].weight.copy_(modules[c.name].weight)
+    return new
+
+
+def _put(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    if not path:
+        return new
+    parent, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model
 
 
 def compress_module(module: nn.Module, tables: Optional[Sequence[str]] = None, min_rows: Optional[int] = None,
@@ -49,24 +97,35 @@ def compress_module(module: nn.Module, tables: Optional[Sequence[str]] = None, m
                     exact_rows: Optional[float] = None, core_dtype: str = "float32", exact_dtype: str = "float32",
                     counts: Optional[Dict[str, np.ndarray]] = None, data=None, data_rows: int = 1_000_000,
                     seed: int = 0, progress: bool = False, inplace: bool = False, **options):
-    """``module`` (a TorchRec model or an EmbeddingBagCollection) with the chosen tables of its EBCs in TT.
+    """``module`` (a TorchRec model, an EmbeddingBagCollection or an EmbeddingCollection) with the chosen
+    tables of each of its collections in TT: an EBC becomes a :class:`TTEmbeddingBagCollection`, an EC (a
+    sequence model's unpooled tables) a :class:`TTEmbeddingCollection`.
 
     The options are ``fpd_convert.compress``'s (one of ``rank``, ``ratio``, ``budget``, ``tol``; the
-    importance options; ``options`` passes the others: ``order``, ``dim_factors``, ``suffix_rows``, ...).
-    Row importance from data: ``counts`` (table name -> lookup count per row), or ``data`` (a Criteo file
-    in any format the readers take, its 26 categorical features feeding the tables in config order).
-    Returns ``(model, summary)``; the model is a copy unless ``inplace``."""
+    importance options; ``options`` passes the others: ``order``, ``dim_factors``, ``suffix_rows``, ...),
+    applied to each collection's tables (``num_largest``, ``min_rows`` select in each; ``tables`` names tables of
+    any, a collection holding none of them stays as it is).  Row importance from data: ``counts`` (table name -> lookup count per
+    row), or ``data`` (a Criteo file in any format the readers take, its 26 categorical features feeding the
+    tables in config order).  Returns ``(model, summary)`` (a list of summaries, one per collection, where
+    the model has several); the model is a copy unless ``inplace``."""
     model = module if inplace else copy.deepcopy(module)
-    found = _ebcs(model)
+    found = _collections(model)
     if not found:
-        raise ValueError(f"{type(module).__name__} holds no torchrec EmbeddingBagCollection to compress")
+        raise ValueError(f"{type(module).__name__} holds no torchrec EmbeddingBagCollection or EmbeddingCollection "
+                         "to compress (plain nn.Embedding / nn.EmbeddingBag modules: fpd_convert.compress_module)")
     fidelity = FidelityOptions(importance, hot_rows, exact_rows, core_dtype, exact_dtype)
-    summaries = []
-    for path, ebc in found.items():
-        configs = ebc.embedding_bag_configs()
+    summaries, named = [], set()
+    for path, collection in found.items():
+        modules, configs = _tables_of(collection)
         specs = [{"name": c.name, "key": c.name, "rows": c.num_embeddings, "dim": c.embedding_dim, "kind": "dense"}
                  for c in configs]
-        state = {c.name: ebc.embedding_bags[c.name].weight.detach() for c in configs}
+        mine = tables
+        if len(found) > 1:  # several collections: each compresses the named tables it holds, or what it selects
+            mine = None if tables is None else [str(t) for t in tables if str(t) in {c.name for c in configs}]
+            named.update(mine or ())
+            if mine == [] or not select_tables(specs, mine, min_rows, num_largest):
+                continue
+        state = {c.name: modules[c.name].weight.detach() for c in configs}
         counts_of = None
         if counts is not None:
             counts_of = lambda chosen, counts=counts: {t["key"]: counts[t["key"]] for t in chosen if t["key"] in counts}
@@ -74,29 +133,39 @@ def compress_module(module: nn.Module, tables: Optional[Sequence[str]] = None, m
             from ..data.frequency import lookup_counts
             by_table = dict(zip([c.name for c in configs], lookup_counts(data, [c.num_embeddings for c in configs],
                                                                          max_rows=data_rows)))
-            counts_of = lambda chosen: {t["key"]: by_table[t["key"]] for t in chosen}
-        done = compress_tables(specs, state, False, tables=tables, min_rows=min_rows, num_largest=num_largest,
+            counts_of = lambda chosen, by_table=by_table: {t["key"]: by_table[t["key"]] for t in chosen}
+        done = compress_tables(specs, state, False, tables=mine, min_rows=min_rows, num_largest=num_largest,
                                rank=rank, ratio=ratio, budget=budget, tol=tol, seed=seed, fidelity=fidelity,
                                counts_of=counts_of, progress=progress, source=path or type(module).__name__,
                                **options)
         by_name = {c.name: c for c in configs}
-        tt = {t["name"]: _tt_layer(res.shape, res.table, by_name[t["name"]]) for t, res in done.compressed}
-        dense_configs = [c for c in configs if c.name not in tt]
-        dense = None
-        if dense_configs:  # the kept tables, with their trained weights, in a real EBC
-            dense = EmbeddingBagCollection(dense_configs, is_weighted=ebc.is_weighted(), device=ebc.device)
-            with torch.no_grad():
-                for c in dense_configs:
-                    dense.embedding_bags[c.name].weight.copy_(ebc.embedding_bags[c.name].weight)
-        new = TTEmbeddingBagCollection(configs, tt, is_weighted=ebc.is_weighted(), dense=dense)
+        new = _with_tt(collection, {t["name"]: _tt_layer(res.shape, res.table, by_name[t["name"]])
+                                    for t, res in done.compressed})
         new._fpd_entries = {t["name"]: res.entry_for_file for t, res in done.compressed}
-        if path:
-            parent, _, attr = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, new)
-        else:
-            model = new
+        model = _put(model, path, new)
         summaries.append(CompressionSummary("", "", "torchrec", done.summaries, done.skipped))
+    if len(found) > 1:
+        every = [c.name for m in found.values() for c in _tables_of(m)[1]]
+        unknown = [str(t) for t in tables or () if str(t) not in named]
+        if unknown or not summaries:
+            raise ValueError(f"{f'no table named {unknown[0]!r}' if unknown else 'no table matches the selection'} "
+                             f"in the collections of {type(module).__name__}; their tables: {', '.join(every[:12])}")
     return model, summaries[0] if len(summaries) == 1 else summaries
+
+
+def tt_collections(model: nn.Module) -> nn.Module:
+    """``model`` with every TorchRec collection that holds TT layers (as ``fpd_convert.load_into`` or
+    ``fpd_convert.compress_module`` leave them, inside TorchRec's own ``EmbeddingBagCollection`` /
+    ``EmbeddingCollection``) turned into a :class:`TTEmbeddingBagCollection` / :class:`TTEmbeddingCollection`
+    (its dense tables in a real collection, which DistributedModelParallel shards; the TT tables apart, which
+    it replicates), in place.  The state_dict keys and the outputs stay the same."""
+    for path, collection in _collections(model).items():
+        modules, _ = _tables_of(collection)
+        tt = {name: m for name, m in modules.items() if isinstance(m, (TTEmbedding, TTEmbeddingBag))}
+        if tt:
+            new = _with_tt(collection, tt)
+            model = _put(model, path, new.train(collection.training))
+    return model
 
 
 def to_kjt(sparse: torch.Tensor, feature_names: Sequence[str], weights: Optional[torch.Tensor] = None
@@ -223,11 +292,13 @@ def architecture_of(model: nn.Module, ebc: TTEmbeddingBagCollection) -> dict:
 
 
 def distribute(model: nn.Module, device: Optional[torch.device] = None, sharders=None, plan=None, env=None):
-    """``DistributedModelParallel`` of a TorchRec model that holds :class:`TTEmbeddingBagCollection` s:
-    TorchRec's planner shards the tables kept dense (they are a real ``EmbeddingBagCollection``), and the
-    TT tables, which no sharder claims, are replicated data-parallel with the MLPs.  DMP initializes the
-    tables it shards anew; the model's own weights are loaded back into it here.  Call it in every
-    process of a ``torchrun`` group, after ``torch.distributed.init_process_group``.
+    """``DistributedModelParallel`` of a TorchRec model that holds TT tables: TorchRec's planner shards the
+    tables kept dense (they are a real ``EmbeddingBagCollection`` / ``EmbeddingCollection``), and the TT
+    tables, which no sharder claims, are replicated data-parallel with the MLPs.  A collection that holds TT
+    layers inside TorchRec's own module (your model after ``fpd_convert.load_into``) is first made a TT
+    collection (:func:`tt_collections`).  DMP initializes the tables it shards anew; the model's own weights
+    are loaded back into it here.  Call it in every process of a ``torchrun`` group, after
+    ``torch.distributed.init_process_group``.
 
     Example::
 
@@ -236,13 +307,15 @@ def distribute(model: nn.Module, device: Optional[torch.device] = None, sharders
         logits = dmp(dense, to_kjt(sparse, feature_names))
     """
     import torch.distributed as dist
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingEnv
+    model = tt_collections(model)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     device = device or next(model.parameters()).device
     dmp = DistributedModelParallel(model, device=device, plan=plan,
                                    env=env or ShardingEnv.from_process_group(dist.group.WORLD),
-                                   sharders=sharders or [EmbeddingBagCollectionSharder()])
+                                   sharders=sharders or [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()])
     dmp.load_state_dict(dict(state))
     return dmp
