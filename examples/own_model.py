@@ -9,7 +9,9 @@
 3. ``fpd_convert.load_into(TwoTower(), file)``: the same class, its tables now ``TTEmbedding`` /
    ``TTEmbeddingBag`` with the modules' own options; scores equal to the dense model holding the TT
    reconstructions, to float rounding.
-4. ``torch.compile(fullgraph=True)`` and ``torch.export`` (a dynamic batch) of that model, your class;
+4. ``fpd_convert.save``: the model (after your fine-tuning, say) as a compressed file again, which
+   ``load_into`` reads back.
+5. ``torch.compile(fullgraph=True)`` and ``torch.export`` (a dynamic batch) of that model, your class;
    within ``fpd_convert.portable(model)`` its programs hold standard operators only: an ONNX file that
    ONNX Runtime scores (``--onnx``; needs the ``[export]`` extra).
 
@@ -83,6 +85,11 @@ def main(argv=None):
         print(f"largest difference from TwoTower with the TT reconstructions: "
               f"{float((got - reference(user, items)).abs().max()):.2e}")
         print(f"mean |score difference| from the original: {float((got - model(user, items)).abs().mean()):.4f}")
+
+    saved = fpd_convert.save(mine, args.dir / "two_tower.saved.tt.safetensors", force=True)
+    with torch.no_grad():
+        again = fpd_convert.load_into(TwoTower(args.users, args.items), saved).eval()
+        print(f"fpd_convert.save, then load_into: same scores {torch.equal(again(user, items), got)}")
 
         compiled = torch.compile(mine, fullgraph=True)
         print(f"torch.compile(fullgraph=True): same scores {torch.allclose(compiled(user, items), got, atol=1e-5)}")

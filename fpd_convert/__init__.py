@@ -7,6 +7,7 @@ Python API (each command has its function)::
     model = fpd_convert.load("model.tt.safetensors")          # nn.Module, eval mode
     mine = fpd_convert.load_into(MyModel(), "my_model.tt.safetensors")  # your own model, TT tables inside
     mine, summary = fpd_convert.compress_module(my_model, ratio=20)      # or compressed in memory
+    fpd_convert.save(mine, "mine.ft.safetensors")             # after your fine-tuning: a compressed file again
     with fpd_convert.portable(mine, onnx=True):               # its programs need no fpd_convert to run
         torch.onnx.export(mine, args, dynamo=True).save("mine.onnx")
     fpd_convert.decompress("model.tt.safetensors", "model.dense.pt")
@@ -25,7 +26,8 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {"compress": ".convert", "compress_module": ".convert", "decompress": ".convert", "export": ".convert",
-            "inspect": ".convert", "load": ".convert", "load_into": ".convert", "portable": ".layers.traced",
+            "inspect": ".convert", "load": ".convert", "load_into": ".convert", "save": ".convert",
+            "portable": ".layers.traced",
             "TTEmbedding": ".layers", "TTEmbeddingBag": ".layers", "decompose_table": ".tt",
             "keep_freed_memory": ".allocator"}
 

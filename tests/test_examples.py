@@ -45,6 +45,7 @@ def test_own_model(tmp_path):
     assert "user_emb TTEmbedding, item_emb TTEmbeddingBag (mode 'mean', padding_idx 0)" in out
     diff = float(re.search(r"with the TT reconstructions: ([\d.e+-]+)", out).group(1))
     assert diff < 1e-5
+    assert "fpd_convert.save, then load_into: same scores True" in out
     assert "torch.compile(fullgraph=True): same scores True" in out
     assert "torch.export (dynamic batch), another batch size: same scores True" in out
     assert "within fpd_convert.portable: fpd_convert operators in the program: none" in out

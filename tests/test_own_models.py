@@ -238,3 +238,51 @@ def test_report_gives_a_generic_files_sizes_and_refuses_data_it_cannot_score(tmp
     data = Path(__file__).parent / "data" / "criteo_kaggle_head1000.txt"
     res = CliRunner().invoke(main, ["report", str(tmp_path / "mine.pt"), str(path), "--data", str(data)])
     assert res.exit_code == 1 and "has no model for fpd-convert to score, so --data cannot give an AUC" in res.output
+
+
+def test_save_writes_a_fine_tuned_own_model_that_load_into_inspect_and_decompress_read(tmp_path):
+    """compress -> load_into -> your training -> save -> load_into / decompress: the loop for your own model."""
+    from fpd_convert.convert.importance import FidelityOptions
+    from fpd_convert.outputs import OutputError
+    from fpd_convert.tt.core_quant import decode, encode
+    torch.manual_seed(0)
+    torch.save(Mine().state_dict(), tmp_path / "mine.pt")
+    fpd_convert.compress(tmp_path / "mine.pt", tmp_path / "mine.tt.safetensors", rank=4, progress=False,
+                         fidelity=FidelityOptions(core_dtype="int8", exact_fraction=0.01))
+    mine = fpd_convert.load_into(Mine(), tmp_path / "mine.tt.safetensors")
+    opt = torch.optim.Adam(mine.parameters(), lr=0.05)
+    for step in range(3):  # fine-tuned: the cores leave the int8 grid
+        opt.zero_grad()
+        mine(*_inputs(step)).square().sum().backward()
+        opt.step()
+    exact = fpd_convert.save(mine, tmp_path / "exact.safetensors", core_dtype="float32")
+    again = fpd_convert.save(mine, tmp_path / "again.safetensors")  # as the file said: int8 cores
+    args = _inputs(7)
+    back = fpd_convert.load_into(Mine(), exact).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(*args), mine.eval()(*args), atol=0, rtol=0)
+        int8 = fpd_convert.load_into(Mine(), again)
+        for j, core in enumerate(mine.user_emb.cores):  # quantized again, exactly as compress quantizes
+            assert not torch.equal(core, int8.user_emb.cores[j])
+            torch.testing.assert_close(int8.user_emb.cores[j], decode(*encode(core, "int8", axis=1), axis=1))
+    info = {t["key"]: t for t in fpd_convert.inspect(again)["tables"]}
+    assert info["user_emb.weight"]["kind"] == "tt" and info["user_emb.weight"]["core_dtype"] == "int8"
+    assert info["user_emb.weight"]["exact_rows"] > 0 and info["towers.item_emb.weight"]["kind"] == "tt"
+    assert fpd_convert.inspect(exact)["tables"][0]["core_dtype"] == "float32"
+    fpd_convert.decompress(exact, tmp_path / "dense.pt")  # a dense state_dict of the class itself
+    dense = Mine()
+    dense.load_state_dict(torch.load(tmp_path / "dense.pt", weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(dense.eval()(*args), back(*args), atol=1e-5, rtol=1e-5)
+    before = exact.read_bytes()
+    with pytest.raises(OutputError, match="exists"):
+        fpd_convert.save(mine, exact)
+    assert exact.read_bytes() == before
+    with pytest.raises(ValueError, match="holds no TT layer"):
+        fpd_convert.save(Mine(), tmp_path / "none.safetensors")
+    assert not (tmp_path / "none.safetensors").exists()
+    live, summary = fpd_convert.compress_module(Mine(), rank=4, importance="norm")  # in memory, then saved
+    fpd_convert.save(live, tmp_path / "live.safetensors")
+    errors = {t["key"]: t["relative_error"] for t in fpd_convert.inspect(tmp_path / "live.safetensors")["tables"]
+              if t["kind"] == "tt"}
+    assert errors == {f"{t.name}.weight": t.relative_error for t in summary.tables}

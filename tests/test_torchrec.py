@@ -180,6 +180,10 @@ def test_compress_module_of_a_model_with_both_collections_and_tt_collections_of_
     with torch.no_grad():
         got = tt_model(seq, user)
         torch.testing.assert_close(got, ref(seq, user), atol=ATOL, rtol=ATOL)
+    fpd_convert.save(tt_model, tmp_path / "saved.safetensors")  # a live model written, and loaded into the class
+    with torch.no_grad():
+        saved = fpd_convert.load_into(TwoTower(), tmp_path / "saved.safetensors")
+        torch.testing.assert_close(saved(seq, user), got, atol=0, rtol=0)
     # the same model from a file: fpd-convert compress of its state_dict, load_into TorchRec's own collections,
     # then tt_collections (what distribute does first) gives the TT collections, same keys, same scores
     torch.save(model.state_dict(), tmp_path / "m.pt")

@@ -3,7 +3,8 @@
 - :func:`load_into` puts a compressed file's tables and tensors into a model you built (the file's keys are
   the model's: ``user_emb.weight`` is ``model.user_emb``);
 - :func:`compress_module` compresses a live model's largest embedding modules in memory, by the steps and
-  options of ``fpd_convert.compress``.
+  options of ``fpd_convert.compress``;
+- :func:`save` writes such a model (fine-tuned, say) back as a compressed file.
 
 Either way each TT layer keeps the replaced module's options (``mode``, ``padding_idx``,
 ``include_last_offset``), device, dtype and train/eval mode, and the model's ``forward`` stays yours:
@@ -19,18 +20,23 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 from torch import nn
 
-from ..checkpoints import CheckpointError, TableTensors, is_compressed, read_compressed, split_tables
+from .. import __version__
+from ..checkpoints import (CheckpointError, CompressedMeta, TableTensors, is_compressed, read_compressed, split_tables,
+                           write_compressed)
 from ..layers import TTEmbedding, TTEmbeddingBag
+from ..outputs import check_output, releases_outputs
 from ..tt import TTShape
+from ..tt.core_quant import element_bytes
 from .compress import CompressionSummary, compress_tables
 from .importance import FidelityOptions
-from .load import _module_path
+from .load import _module_path, compressed_state_from_model
 
 _TABLES = (nn.Embedding, nn.EmbeddingBag, TTEmbedding, TTEmbeddingBag)
 
 
-def _replace(model: nn.Module, name: str, shape: TTShape, table: TableTensors, where: str) -> None:
-    """``model.<name>`` (an embedding module of ``shape``'s size) replaced by a TT layer holding ``table``."""
+def _replace(model: nn.Module, name: str, shape: TTShape, table: TableTensors, where: str, entry: dict) -> None:
+    """``model.<name>`` (an embedding module of ``shape``'s size) replaced by a TT layer holding ``table``, which
+    keeps the table's file ``entry`` (how :func:`save` encodes it again)."""
     try:
         old = model.get_submodule(name)
     except AttributeError:
@@ -52,6 +58,7 @@ def _replace(model: nn.Module, name: str, shape: TTShape, table: TableTensors, w
     weight = next(iter(old.parameters()))
     new = (TTEmbeddingBag if bag else TTEmbedding)(shape.num_rows, shape.dim, **options).train(old.training)
     new.load_table(table)
+    new._fpd_entry = dict(entry)
     parent, _, child = name.rpartition(".")  # the module's device (the CPU for meta) and dtype (bf16 stays bf16)
     device = "cpu" if weight.is_meta else weight.device
     setattr(model.get_submodule(parent) if parent else model, child, new.to(device, weight.dtype))
@@ -82,7 +89,7 @@ def load_into(model: nn.Module, path: Union[str, Path]) -> nn.Module:
             others = {k[len(wrapper):]: v for k, v in others.items()}
             meta.tt_tables = {k[len(wrapper):]: v for k, v in meta.tt_tables.items()}
     for key, table in tables.items():
-        _replace(model, _module_path(key), meta.tt_shape(key), table, str(path))
+        _replace(model, _module_path(key), meta.tt_shape(key), table, str(path), meta.tt_tables[key])
     made = [_module_path(k) for k in tables]
     meta_model = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     if meta_model:  # the file's tensors become the model's, in the model's floating dtype
@@ -132,5 +139,52 @@ def compress_module(module: nn.Module, tables: Optional[Sequence[str]] = None, m
                            fidelity=FidelityOptions(importance, hot_rows, exact_rows, core_dtype, exact_dtype),
                            counts_of=counts_of, source=type(module).__name__, **options)
     for t, res in done.compressed:
-        _replace(model, t["name"], res.shape, res.table, type(module).__name__)
+        _replace(model, t["name"], res.shape, res.table, type(module).__name__, res.entry_for_file)
     return model, CompressionSummary("", "", "module", done.summaries, done.skipped)
+
+
+def table_entry(layer: nn.Module, core_dtype: Optional[str] = None) -> dict:
+    """A TT layer's file entry: the one of the file or compression it came from (its ``core_dtype``, its
+    errors as measured then), else its shape with float32 cores; ``core_dtype`` replaces the cores' dtype."""
+    entry = getattr(layer, "_fpd_entry", None)
+    if entry is None:
+        entry = layer.tt_shape.to_dict()
+        features = ((["row_map"] if layer.row_map is not None else []) +
+                    (["exact_rows"] if layer.exact_ids is not None else []))
+        entry.update(padding=layer.tt_shape.padded_rows - layer.num_embeddings, relative_error=float("nan"),
+                     features=features, core_dtype="float32", exact_dtype="float32")
+    entry = dict(entry, features=list(entry.get("features", [])))
+    if core_dtype is not None:
+        element_bytes(core_dtype)  # a dtype the format stores
+        entry["core_dtype"] = core_dtype
+        entry["features"] = [f for f in entry["features"] if f != "core_dtype"] + (
+            ["core_dtype"] if core_dtype != "float32" else [])
+    return entry
+
+
+@releases_outputs
+def save(model: nn.Module, output: Union[str, Path], force: bool = False, core_dtype: Optional[str] = None) -> Path:
+    """Write your own model, holding TT layers (from :func:`load_into` or :func:`compress_module`, fine-tuned
+    or not), as a compressed file of the generic layout: each TT layer as the table ``<module>.weight``,
+    encoded as the file or compression it came from said (int8 cores are quantized again, as ``finetune``
+    does; ``core_dtype="float32"`` keeps fine-tuned cores exactly), every other tensor of its state_dict as
+    it is.  ``load_into(YourModel(), output)`` gives the model back; ``fpd-convert inspect``
+    and ``decompress`` (a dense state_dict of your class) read the file.  Example::
+
+        model = fpd_convert.load_into(MyModel(), "mine.tt.safetensors")
+        train(model)
+        fpd_convert.save(model, "mine.ft.safetensors")
+    """
+    output = check_output(output, [], force)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (TTEmbedding, TTEmbeddingBag))}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} holds no TT layer (TTEmbedding / TTEmbeddingBag); "
+                         "fpd_convert.compress_module or load_into give it some")
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    tt_tables = {f"{name}.weight": table_entry(layer, core_dtype) for name, layer in layers.items()}
+    prefixes = tuple(f"{name}." for name in layers)
+    meta = CompressedMeta(source_layout="generic", tt_tables=tt_tables, source_container="state_dict",
+                          source_name=type(model).__name__, tool_version=__version__,
+                          state_keys=[k for k in state if not k.startswith(prefixes)] + list(tt_tables))
+    write_compressed(output, compressed_state_from_model(state, meta), meta)
+    return output

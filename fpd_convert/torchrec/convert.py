@@ -28,6 +28,7 @@ from ..checkpoints import CompressedMeta, TableTensors, encode_table, read_compr
 from ..convert.compress import CompressionSummary, compress_tables
 from ..convert.importance import FidelityOptions
 from ..convert.measure import layer_of
+from ..convert.modules import table_entry
 from ..convert.selection import select_tables
 from ..layers import TTEmbedding, TTEmbeddingBag
 from ..outputs import check_output, releases_outputs
@@ -141,7 +142,8 @@ def compress_module(module: nn.Module, tables: Optional[Sequence[str]] = None, m
         by_name = {c.name: c for c in configs}
         new = _with_tt(collection, {t["name"]: _tt_layer(res.shape, res.table, by_name[t["name"]])
                                     for t, res in done.compressed})
-        new._fpd_entries = {t["name"]: res.entry_for_file for t, res in done.compressed}
+        for t, res in done.compressed:
+            new.tt_tables()[t["name"]]._fpd_entry = res.entry_for_file
         model = _put(model, path, new)
         summaries.append(CompressionSummary("", "", "torchrec", done.summaries, done.skipped))
     if len(found) > 1:
@@ -240,14 +242,15 @@ def save(model: nn.Module, output: Union[str, Path], force: bool = False) -> Pat
     ebc = model.sparse_arch.embedding_bag_collection if hasattr(model, "sparse_arch") else None
     if not isinstance(ebc, TTEmbeddingBagCollection):
         raise ValueError("save takes a TorchRec DLRM whose sparse arch is a TTEmbeddingBagCollection "
-                         "(from compress_module)")
+                         "(from compress_module); your own model: fpd_convert.save(model, path), which "
+                         "fpd_convert.load_into(YourModel(), path) reads")
     prefix = "sparse_arch.embedding_bag_collection.embedding_bags."
     state = {k: v for k, v in model.state_dict().items()}
     arch = architecture_of(model, ebc)
     tt_tables = {}
     for name, layer in ebc.tt_tables().items():
         key = f"{prefix}{name}.weight"
-        entry = dict(getattr(ebc, "_fpd_entries", {}).get(name) or _entry_of(layer))
+        entry = table_entry(layer)
         table = TableTensors([c.detach() for c in layer.cores], layer.row_map, layer.exact_ids,
                              None if layer.exact_rows is None else layer.exact_rows.detach())
         for k in [k for k in state if k.startswith(f"{prefix}{name}.")]:
@@ -260,14 +263,6 @@ def save(model: nn.Module, output: Union[str, Path], force: bool = False) -> Pat
                           source_container="state_dict", source_name=type(model).__name__, state_keys=source_keys)
     write_compressed(output, state, meta)
     return output
-
-
-def _entry_of(layer: TTEmbeddingBag) -> dict:
-    entry = layer.tt_shape.to_dict()
-    features = (["row_map"] if layer.row_map is not None else []) + (["exact_rows"] if layer.exact_ids is not None else [])
-    entry.update(padding=layer.tt_shape.padded_rows - layer.num_embeddings, relative_error=float("nan"),
-                 features=features, core_dtype="float32", exact_dtype="float32")
-    return entry
 
 
 def architecture_of(model: nn.Module, ebc: TTEmbeddingBagCollection) -> dict:
