@@ -201,6 +201,27 @@ def test_compress_module_of_a_model_with_both_collections_and_tt_collections_of_
         torch.testing.assert_close(mine(seq, user), want, atol=0, rtol=0)
 
 
+def test_your_models_dcp_app_state_compresses_and_loads_into_your_class(tmp_path):
+    """A sequence model saved as TorchRec training saves it (``dcp.save({"model": ..., "epoch": ...})``): its
+    keys carry the app state's ``model.``, which load_into fits to the bare class."""
+    import torch.distributed.checkpoint as dcp
+    torch.manual_seed(0)
+    model = TwoTower()
+    dcp.save({"model": model.state_dict(), "epoch": 2}, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    summary = fpd_convert.compress(tmp_path / "ckpt", tmp_path / "c.safetensors", rank=4, num_largest=2,
+                                   progress=False)
+    assert [t.key for t in summary.tables] == ["model.history.embeddings.item.weight",
+                                               "model.profile.embedding_bags.users.weight"]
+    mine = fpd_convert.load_into(TwoTower(), tmp_path / "c.safetensors").eval()
+    ref = TwoTower().eval()
+    ref.load_state_dict({**model.state_dict(),
+                         "history.embeddings.item.weight": mine.history.embeddings["item"].to_dense(),
+                         "profile.embedding_bags.users.weight": mine.profile.embedding_bags["users"].to_dense()})
+    seq, user = two_tower_batch(12, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(mine(seq, user), ref(seq, user), atol=ATOL, rtol=ATOL)
+
+
 def test_torch_compile_fullgraph_of_both_tt_collections_equals_eager():
     """KJTs in, JaggedTensors and KeyedTensors out, TT lookups inside: one graph, in training (the same
     gradients) and in eval mode (the serving form)."""

@@ -68,8 +68,9 @@ def load_into(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     """Your own model, given a compressed file's tables and tensors: each ``nn.EmbeddingBag`` / ``nn.Embedding``
     whose weight the file holds as a TT table becomes a :class:`TTEmbeddingBag` / :class:`TTEmbedding` (see
     the module's docstring); every other tensor of the file is loaded into the model (keys saved through a
-    ``DistributedDataParallel`` or ``torch.compile`` wrapper, ``module.`` / ``_orig_mod.``, fit the bare
-    model).  The model is changed in place and returned.  For a compressed generic state_dict (``fpd-convert compress my_model.pt``), a
+    ``DistributedDataParallel`` or ``torch.compile`` wrapper, ``module.`` / ``_orig_mod.``, or as the model
+    part of a torch.distributed.checkpoint app state, ``{"model": model.state_dict()}``: ``model.``, fit the
+    bare model).  The model is changed in place and returned.  For a compressed generic state_dict (``fpd-convert compress my_model.pt``), a
     facebookresearch/dlrm file into that repository's ``DLRM_Net``, or a TorchRec state_dict's into your
     TorchRec model (one process; DistributedModelParallel takes :func:`fpd_convert.torchrec.load`'s).
     Example::
@@ -82,7 +83,8 @@ def load_into(model: nn.Module, path: Union[str, Path]) -> nn.Module:
                               "`finetune`; this is not one")
     tensors, meta = read_compressed(path)
     tables, others = split_tables(tensors, meta)
-    for wrapper in ("module.", "_orig_mod."):  # saved from a DistributedDataParallel / torch.compile wrapper
+    # saved from a DistributedDataParallel / torch.compile wrapper, or a DCP app state's model part
+    for wrapper in ("module.", "_orig_mod.", "model."):
         keys = [*tables, *others]
         if keys and all(k.startswith(wrapper) for k in keys) and not hasattr(model, wrapper[:-1]):
             tables = {k[len(wrapper):]: v for k, v in tables.items()}
