@@ -160,4 +160,7 @@ def test_bench_memory_reports_compress_against_its_plan_and_decompress(tmp_path)
     assert r["compress"]["tables_compressed"] == 5 and r["compress"]["planned_peak_bytes"] > 0
     assert r["compress"]["peak_rss_bytes"] > r["process_baseline_rss_bytes"]
     assert r["decompress"]["peak_rss_bytes"] > 0 and r["decompress"]["limit_bytes"] > 2 * r["largest_table_bytes"]
+    dcp = r["compress_dcp"]  # the same model as a DCP folder, the same tables and plan
+    assert dcp["tables_compressed"] == 5 and dcp["planned_peak_bytes"] == r["compress"]["planned_peak_bytes"]
+    assert dcp["added_over_plan"] > 0
     assert list(tmp_path.iterdir()) == []  # the files are removed

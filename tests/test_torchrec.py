@@ -421,7 +421,7 @@ def test_a_fused_collections_optimizer_state_gives_importance_without_data(tmp_p
         read_optimizer_state(tmp_path / "momentum.pt", src)
 
 
-def test_a_dcp_checkpoint_of_a_dmp_sharded_model_compresses_as_its_state_dict(tmp_path):
+def test_a_dcp_checkpoint_of_a_dmp_sharded_model_compresses_as_its_state_dict(tmp_path, monkeypatch):
     """The folder TorchRec users save a sharded model to (torch.distributed.checkpoint), read whole in one
     process: the same tensors, the same compressed file as from a .pt of the state_dict."""
     import os
@@ -451,6 +451,22 @@ def test_a_dcp_checkpoint_of_a_dmp_sharded_model_compresses_as_its_state_dict(tm
     assert CliRunner().invoke(main, ["compress", str(tmp_path / "same.pt"), *args]).exit_code == 0
     a, b = load_file(tmp_path / "ckpt.tt.safetensors"), load_file(tmp_path / "same.tt.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the big tensors (here: all) read one at a time into file mappings of their own, not into memory
+    from fpd_convert.checkpoints import dcp_folder
+    from fpd_convert.checkpoints.lazy_tables import file_mapping_of
+    monkeypatch.setattr(dcp_folder, "SPILL_AT_LEAST", 1)
+    on_disk = dcp_folder._filesystem(tmp_path) not in dcp_folder._RAM_FILESYSTEMS  # else: nowhere to spill
+    spilled = read_source(ckpt)
+    assert all(("fpd-dcp-" in (file_mapping_of(v) or "")) == on_disk for v in spilled.state.values())
+    assert all(torch.equal(spilled.state[k], v) for k, v in want.items())
+    r = CliRunner().invoke(main, ["compress", str(ckpt), *args, "-o", str(tmp_path / "spilled.tt.safetensors")])
+    assert r.exit_code == 0, r.output
+    c = load_file(tmp_path / "spilled.tt.safetensors")
+    assert c.keys() == b.keys() and all(torch.equal(c[k], b[k]) for k in c)
+    if on_disk and dcp_folder._filesystem(Path("/dev/shm")) == "tmpfs":  # RAM-backed: not a disk
+        assert dcp_folder.spill_dir(["/dev/shm", tmp_path], 1 << 20) == tmp_path
+    assert dcp_folder.spill_dir([tmp_path], 1 << 60) is None  # no room: read into memory
+    monkeypatch.undo()
     r = CliRunner().invoke(main, ["report", str(ckpt), str(tmp_path / "ckpt.tt.safetensors"), "--json"])
     assert r.exit_code == 0, r.output  # paired by the folder's digest
     assert json.loads(r.stdout)["models"]["original"]["on_disk"] == sum(p.stat().st_size for p in ckpt.iterdir())

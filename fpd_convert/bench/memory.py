@@ -9,7 +9,9 @@ resident memory (``VmHWM``):
 - ``compress --ratio R``: its peak against the plan it states before the work (``planned_peak_bytes``,
   what it expects to add to the process as it started);
 - ``decompress`` of the result: its peak against the largest table (it rebuilds and writes one table
-  at a time).
+  at a time);
+- ``compress`` of the same model saved as a torch.distributed.checkpoint folder (``dcp.save({"model":
+  state_dict})``, as TorchRec training saves it): its peak against its plan.
 """
 from __future__ import annotations
 
@@ -49,6 +51,30 @@ def write_dlrm_checkpoint(path: Path, rows_cap: int, dim: int, seed: int = 0) ->
     return arch
 
 
+def write_dcp_folder(checkpoint: Path, folder: Path) -> None:
+    """The checkpoint's state_dict saved as a torch.distributed.checkpoint app state, ``{"model": ...}``, from
+    its memory-mapped tensors."""
+    import warnings
+    import torch.distributed.checkpoint as dcp
+    state = torch.load(checkpoint, mmap=True, weights_only=True)["state_dict"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": state}, checkpoint_id=str(folder), no_dist=True)
+
+
+def _compress_child(src: Path, out: Path, ratio: float, workers: int, baseline: int, timeout: Optional[float]) -> dict:
+    c = _child(
+        "from fpd_convert import compress\nt = time.perf_counter()\n"
+        f"s = compress({str(src)!r}, {str(out)!r}, ratio={ratio}, workers={workers}, progress=False)\n"
+        "print(json.dumps({'seconds': time.perf_counter() - t, 'peak_rss_bytes': hwm(), "
+        "'planned_peak_bytes': s.planned_peak_bytes, 'workers': s.workers, "
+        "'tables_compressed': len(s.tables), 'output_bytes': __import__('os').path.getsize(s.output)}))", timeout)
+    if "peak_rss_bytes" in c:
+        c["added_rss_bytes"] = c["peak_rss_bytes"] - baseline
+        c["added_over_plan"] = c["added_rss_bytes"] / max(c["planned_peak_bytes"], 1)
+    return c
+
+
 def _child(code: str, timeout: Optional[float]) -> dict:
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", "import json, time\n" + _HWM + code], capture_output=True, text=True,
@@ -80,16 +106,7 @@ def bench_memory(rows_cap: int = 4_000_000, dim: int = 64, ratio: float = 50.0, 
         baseline = _child("import fpd_convert, fpd_convert.convert, torch, tensorly\nprint(json.dumps({'rss': hwm()}))",
                           timeout)
         out["process_baseline_rss_bytes"] = baseline.get("rss", 0)
-        out["compress"] = _child(
-            "from fpd_convert import compress\nt = time.perf_counter()\n"
-            f"s = compress({str(src)!r}, {str(small)!r}, ratio={ratio}, workers={workers}, progress=False)\n"
-            "print(json.dumps({'seconds': time.perf_counter() - t, 'peak_rss_bytes': hwm(), "
-            "'planned_peak_bytes': s.planned_peak_bytes, 'workers': s.workers, "
-            "'tables_compressed': len(s.tables), 'output_bytes': __import__('os').path.getsize(s.output)}))", timeout)
-        c = out["compress"]
-        if "peak_rss_bytes" in c:
-            c["added_rss_bytes"] = c["peak_rss_bytes"] - out["process_baseline_rss_bytes"]
-            c["added_over_plan"] = c["added_rss_bytes"] / max(c["planned_peak_bytes"], 1)
+        out["compress"] = c = _compress_child(src, small, ratio, workers, out["process_baseline_rss_bytes"], timeout)
         if echo:
             echo(format_step("compress", c))
         if "failed" not in c:
@@ -103,6 +120,13 @@ def bench_memory(rows_cap: int = 4_000_000, dim: int = 64, ratio: float = 50.0, 
                 d["over_largest_table"] = d["peak_rss_bytes"] / out["largest_table_bytes"]
             if echo:
                 echo(format_step("decompress", d))
+            t = time.perf_counter()
+            write_dcp_folder(src, where / "model.dcp")
+            out["dcp_write_seconds"] = time.perf_counter() - t
+            out["compress_dcp"] = _compress_child(where / "model.dcp", where / "model.dcp.tt.safetensors", ratio,
+                                                  workers, out["process_baseline_rss_bytes"], timeout)
+            if echo:
+                echo(format_step("compress (DCP folder)", out["compress_dcp"]))
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -128,9 +152,10 @@ def format_memory(out: dict) -> str:
             f"compress --ratio {out['ratio']:g}; {out['threads']} threads, torch {out['torch']}, "
             f"process after imports {out['process_baseline_rss_bytes'] / 1e9:.2f} GB")
     lines = [head]
-    for name in ("compress", "decompress"):
+    for name, label in (("compress", "compress"), ("decompress", "decompress"),
+                        ("compress_dcp", "compress (DCP folder)")):
         if name in out:
-            lines.append(format_step(name, out[name]))
+            lines.append(format_step(label, out[name]))
     return "\n".join(lines)
 
 

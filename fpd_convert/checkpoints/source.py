@@ -131,7 +131,7 @@ def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None) 
         state, others, places = read_dcp_tensors(path, allow_unsafe)
         state, left_out, dcp_optimizer = _model_of_app_state(state, places)
         dropped += left_out + [f"{k} (not a tensor)" for k in others]
-        container, mapped = "dcp", False
+        container, mapped = "dcp", True  # its big tensors: file mappings of their own (.dcp_folder)
     elif path.suffix == ".safetensors":
         state, _ = map_safetensors(path)
         container, mapped = "safetensors", True

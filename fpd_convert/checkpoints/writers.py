@@ -96,9 +96,19 @@ def write_safetensors(path, planned: Sequence[Planned], metadata: Optional[Dict[
         f.write(text)
         for p in order:
             t = _made(p)
-            f.write(_raw_bytes(t))
-            _release(p, t)
+            if p.release and t.numel() and file_mapping_of(t) is not None:
+                flat = t.reshape(-1).view(torch.uint8)  # a mapped source's tensor: its pages dropped as written
+                for start in range(0, flat.numel(), WRITE_CHUNK):
+                    part = flat[start:start + WRITE_CHUNK]
+                    f.write(part.numpy())
+                    release_pages(part)
+            else:
+                f.write(_raw_bytes(t))
             del t
+
+
+#: a mapped tensor is written this many bytes at a time, each part's pages dropped once written
+WRITE_CHUNK = 64 << 20
 
 
 def _release(p: Planned, t: torch.Tensor) -> None:

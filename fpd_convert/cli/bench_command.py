@@ -47,8 +47,9 @@ from .options import SuffixRows, _int_list, advanced, device_option, json_option
 @click.option("--svd", is_flag=True, help="Instead of lookups: TT-SVD of a rows x dim table written to disk, "
               "in memory (TensorLy) and streamed, each in its own process (seconds, peak RSS, error).")
 @click.option("--memory", is_flag=True, help="Instead of lookups: a facebookresearch/dlrm checkpoint of the Criteo "
-              "Terabyte tables capped at --rows rows x --dim, written to disk; compress --ratio 50 and decompress, "
-              "each in its own process: peak RSS against the printed plan and the largest table.")
+              "Terabyte tables capped at --rows rows x --dim, written to disk; compress --ratio 50, decompress, and "
+              "compress of it saved as a DCP folder, each in its own process: peak RSS against the printed plan "
+              "and the largest table.")
 @click.option("--compress-cost", is_flag=True, help="Instead of lookups: the CPU time of compress with importance "
               "(the candidate search) against plain TT-SVD, on the demo's trained model (--ratio 20) and on a --rows x "
               "--dim table (--ratio 50), each in its own process.")
