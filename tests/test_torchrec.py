@@ -490,6 +490,8 @@ def test_a_dcp_checkpoint_of_a_dmp_sharded_model_compresses_as_its_state_dict(tm
     (bad / "__1_0.distcp").unlink()
     with pytest.raises(CheckpointError, match="its tensors could not be read"):
         read_source(bad)
+    info = fpd_convert.inspect(bad)  # shapes from the index: no tensor is read (nor copied to disk)
+    assert info["container"] == "dcp" and info["total_bytes"] == sum(v.numel() * v.element_size() for v in want.values())
     with pytest.raises(CheckpointError, match="nor a torch.distributed.checkpoint folder: it has no .metadata"):
         read_source(tmp_path)
     r = CliRunner().invoke(main, ["compress", str(tmp_path / "ckpt.rank0.pt"), "--rank", "4"])

@@ -81,11 +81,13 @@ def read_metadata(path, allow_unsafe: bool = False):
                                   f"in {METADATA}: {e})") from None
 
 
-def read_dcp_tensors(path, allow_unsafe: bool = False) -> Tuple[Dict[str, torch.Tensor], List[str], dict]:
+def read_dcp_tensors(path, allow_unsafe: bool = False, data: bool = True
+                     ) -> Tuple[Dict[str, torch.Tensor], List[str], dict]:
     """``(state, others, paths)``: every tensor of the folder, whole and on the CPU, under its DCP key (a
     state_dict saved inside an app state, ``{"model": model.state_dict(), ...}``, has keys ``model.<name>``),
     the keys of the entries that are not tensors (not read), and each key's place in the nested dict that
-    was saved (``("optim", "state", "<param>", "<name>")``; DCP keeps it in ``planner_data``)."""
+    was saved (``("optim", "state", "<param>", "<name>")``; DCP keeps it in ``planner_data``).  Without ``data``
+    the tensors are on the meta device: their names, shapes and dtypes from the index, nothing read."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
@@ -104,6 +106,11 @@ def read_dcp_tensors(path, allow_unsafe: bool = False) -> Tuple[Dict[str, torch.
     others = sorted(k for k in entries if k not in tensors)
     if not tensors:
         raise CheckpointError(f"{path}: the checkpoint holds no tensors")
+    planned = getattr(metadata, "planner_data", None) or {}
+    paths = {k: tuple(planned[k]) if isinstance(planned.get(k), (tuple, list)) else tuple(k.split(".")) for k in tensors}
+    if not data:
+        return ({k: torch.empty(tuple(m.size), dtype=m.properties.dtype, device="meta") for k, m in tensors.items()},
+                others, paths)
     big = [k for k, m in tensors.items() if _nbytes(m) >= SPILL_AT_LEAST]
     spill = spill_dir([tempfile.gettempdir(), Path(path).resolve().parent], sum(_nbytes(tensors[k]) for k in big))
     big = big if spill is not None else []
@@ -128,10 +135,7 @@ def read_dcp_tensors(path, allow_unsafe: bool = False) -> Tuple[Dict[str, torch.
         text = str(cause).strip().splitlines()
         raise CheckpointError(f"{path}: its tensors could not be read ({type(cause).__name__}: "
                               f"{text[0][:300] if text else ''}); is a .distcp file missing or truncated?") from None
-    planned = getattr(metadata, "planner_data", None) or {}
-    state = {k: state[k] for k in tensors}  # the index's order
-    paths = {k: tuple(planned[k]) if isinstance(planned.get(k), (tuple, list)) else tuple(k.split(".")) for k in state}
-    return state, others, paths
+    return {k: state[k] for k in tensors}, others, paths  # the index's order
 
 
 def _copy_chunks(folder: Path, metadata, key: str, m, dest: torch.Tensor, files: Dict[str, "mmap.mmap"]) -> bool:

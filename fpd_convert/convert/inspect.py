@@ -39,7 +39,7 @@ def inspect(path: Union[str, Path], allow_unsafe_pickle: bool = False) -> dict:
                 "source_sha256": meta.source_sha256, "architecture": _arch_summary(arch),
                 "tables": sorted(tables, key=lambda t: -t["bytes"]),
                 "total_bytes": sum(v.numel() * v.element_size() for v in tensors.values())}
-    src = read_source(path, allow_unsafe=allow_unsafe_pickle)
+    src = read_source(path, allow_unsafe=allow_unsafe_pickle, data=False)
     tables = [{"key": t["key"], "name": t["name"], "rows": t["rows"], "dim": t["dim"], "kind": t.get("kind", "dense"),
                "bytes": sum(v.numel() * v.element_size() for k, v in src.state.items()
                             if k == t["key"] or k.startswith(t["key"] + ".")),

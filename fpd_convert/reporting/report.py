@@ -84,7 +84,7 @@ def report(original, compressed, finetuned=None, data=None, batch_size: int = 81
         models["finetuned"] = load(finetuned)
     if control is not None:
         check_control(original, control)
-    src = read_source(original)
+    src = read_source(original, data=False)  # sizes
     if check_source:
         check_pairing(original, compressed, finetuned)
     meta = read_compressed_meta(compressed)

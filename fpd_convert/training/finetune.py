@@ -184,7 +184,7 @@ def _write_control(output: Path, state: dict, original: Path, record: dict) -> N
     from safetensors.torch import save_file
     from ..checkpoints import read_source, sha256_of
     from ..outputs import atomic_path
-    prefix = read_source(original).prefix
+    prefix = read_source(original, data=False).prefix
     tensors = {prefix + k: v.contiguous() for k, v in state.items()}
     meta = {"fpd_convert_control_of": original.name, "source_sha256": sha256_of(original),
             "finetune": json.dumps(record, default=float)}
