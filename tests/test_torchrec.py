@@ -171,6 +171,10 @@ def test_compress_module_of_a_model_with_both_collections_and_tt_collections_of_
     assert isinstance(only.profile, ftr.TTEmbeddingBagCollection)
     with pytest.raises(ValueError, match="no table named 'nope' in the collections of TwoTower; their tables: item"):
         ftr.compress_module(model, rank=4, tables=["users", "nope"])
+    big, _ = ftr.compress_module(model, rank=4, min_rows=3000, importance="none")  # only the EC has such a table
+    assert isinstance(big.history, ftr.TTEmbeddingCollection) and type(big.profile) is EmbeddingBagCollection
+    with pytest.raises(ValueError, match="no table matches the selection"):
+        ftr.compress_module(model, rank=4, min_rows=10_000)
     ref = TwoTower()  # TorchRec's own collections holding the TT reconstructions
     state = dict(model.state_dict())
     state["history.embeddings.item.weight"] = tt_model.history.tt_tables()["item"].to_dense()

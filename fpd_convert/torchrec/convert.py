@@ -104,10 +104,10 @@ def compress_module(module: nn.Module, tables: Optional[Sequence[str]] = None, m
 
     The options are ``fpd_convert.compress``'s (one of ``rank``, ``ratio``, ``budget``, ``tol``; the
     importance options; ``options`` passes the others: ``order``, ``dim_factors``, ``suffix_rows``, ...),
-    applied to each collection's tables (``num_largest``, ``min_rows`` select in each; ``tables`` names tables of
-    any, a collection holding none of them stays as it is).  Row importance from data: ``counts`` (table name -> lookup count per
-    row), or ``data`` (a Criteo file in any format the readers take, its 26 categorical features feeding the
-    tables in config order).  Returns ``(model, summary)`` (a list of summaries, one per collection, where
+    applied to each collection's tables (``num_largest``, ``min_rows`` select in each; ``tables`` names tables
+    of any, a collection holding none of them stays as it is).  Row importance from data: ``counts`` (table
+    name -> lookup count per row), or ``data`` (a Criteo file in any format the readers take, its 26
+    categorical features feeding the tables in config order).  Returns ``(model, summary)`` (a list of summaries, one per collection, where
     the model has several); the model is a copy unless ``inplace``."""
     model = module if inplace else copy.deepcopy(module)
     found = _collections(model)
@@ -115,7 +115,12 @@ def compress_module(module: nn.Module, tables: Optional[Sequence[str]] = None, m
         raise ValueError(f"{type(module).__name__} holds no torchrec EmbeddingBagCollection or EmbeddingCollection "
                          "to compress (plain nn.Embedding / nn.EmbeddingBag modules: fpd_convert.compress_module)")
     fidelity = FidelityOptions(importance, hot_rows, exact_rows, core_dtype, exact_dtype)
-    summaries, named = [], set()
+    every = [c.name for m in found.values() for c in _tables_of(m)[1]]
+    unknown = [str(t) for t in tables or () if str(t) not in every] if len(found) > 1 else []
+    if unknown:
+        raise ValueError(f"no table named {unknown[0]!r} in the collections of {type(module).__name__}; their "
+                         f"tables: {', '.join(every[:12])}")
+    summaries = []
     for path, collection in found.items():
         modules, configs = _tables_of(collection)
         specs = [{"name": c.name, "key": c.name, "rows": c.num_embeddings, "dim": c.embedding_dim, "kind": "dense"}
@@ -123,7 +128,6 @@ def compress_module(module: nn.Module, tables: Optional[Sequence[str]] = None, m
         mine = tables
         if len(found) > 1:  # several collections: each compresses the named tables it holds, or what it selects
             mine = None if tables is None else [str(t) for t in tables if str(t) in {c.name for c in configs}]
-            named.update(mine or ())
             if mine == [] or not select_tables(specs, mine, min_rows, num_largest):
                 continue
         state = {c.name: modules[c.name].weight.detach() for c in configs}
@@ -146,12 +150,9 @@ def compress_module(module: nn.Module, tables: Optional[Sequence[str]] = None, m
             new.tt_tables()[t["name"]]._fpd_entry = res.entry_for_file
         model = _put(model, path, new)
         summaries.append(CompressionSummary("", "", "torchrec", done.summaries, done.skipped))
-    if len(found) > 1:
-        every = [c.name for m in found.values() for c in _tables_of(m)[1]]
-        unknown = [str(t) for t in tables or () if str(t) not in named]
-        if unknown or not summaries:
-            raise ValueError(f"{f'no table named {unknown[0]!r}' if unknown else 'no table matches the selection'} "
-                             f"in the collections of {type(module).__name__}; their tables: {', '.join(every[:12])}")
+    if not summaries:
+        raise ValueError(f"no table matches the selection in the collections of {type(module).__name__}; their "
+                         f"tables: {', '.join(every[:12])}")
     return model, summaries[0] if len(summaries) == 1 else summaries
 
 
