@@ -465,6 +465,7 @@ def test_a_dcp_checkpoint_of_a_dmp_sharded_model_compresses_as_its_state_dict(tm
     assert all(torch.equal(spilled.state[k], v) for k, v in want.items())
     r = CliRunner().invoke(main, ["compress", str(ckpt), *args, "-o", str(tmp_path / "spilled.tt.safetensors")])
     assert r.exit_code == 0, r.output
+    assert not on_disk or f"read {len(want)}/{len(want)} " in r.output  # a line per tensor read, as it goes
     c = load_file(tmp_path / "spilled.tt.safetensors")
     assert c.keys() == b.keys() and all(torch.equal(c[k], b[k]) for k in c)
     if on_disk and dcp_folder._filesystem(Path("/dev/shm")) == "tmpfs":  # RAM-backed: not a disk

@@ -25,6 +25,7 @@ import pickle
 import struct
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -81,13 +82,14 @@ def read_metadata(path, allow_unsafe: bool = False):
                                   f"in {METADATA}: {e})") from None
 
 
-def read_dcp_tensors(path, allow_unsafe: bool = False, data: bool = True
+def read_dcp_tensors(path, allow_unsafe: bool = False, data: bool = True, log=None
                      ) -> Tuple[Dict[str, torch.Tensor], List[str], dict]:
     """``(state, others, paths)``: every tensor of the folder, whole and on the CPU, under its DCP key (a
     state_dict saved inside an app state, ``{"model": model.state_dict(), ...}``, has keys ``model.<name>``),
     the keys of the entries that are not tensors (not read), and each key's place in the nested dict that
     was saved (``("optim", "state", "<param>", "<name>")``; DCP keeps it in ``planner_data``).  Without ``data``
-    the tensors are on the meta device: their names, shapes and dtypes from the index, nothing read."""
+    the tensors are on the meta device: their names, shapes and dtypes from the index, nothing read.  ``log``
+    gets a line per big tensor read."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
@@ -121,13 +123,15 @@ def read_dcp_tensors(path, allow_unsafe: bool = False, data: bool = True
             if state:
                 dcp.load(state, storage_reader=Reader(str(path)), no_dist=True)
             files: Dict[str, mmap.mmap] = {}
-            for k in big:  # one at a time, each into its own file mapping
-                m = tensors[k]
+            for i, k in enumerate(big):  # one at a time, each into its own file mapping
+                m, started = tensors[k], time.perf_counter()
                 one = {k: file_backed(tuple(m.size), m.properties.dtype, spill)}
                 if not _copy_chunks(Path(path), metadata, k, m, one[k], files):  # DCP's own reader, whole chunks
                     dcp.load(one, storage_reader=Reader(str(path)), no_dist=True)
                 release_pages(one[k])
                 state[k] = one[k]
+                if log is not None:
+                    log(f"read {i + 1}/{len(big)} {k} ({_nbytes(m) / 1e9:.2f} GB) in {time.perf_counter() - started:.1f} s")
     except (Exception, CheckpointException) as e:  # DCP's own error (a BaseException) wraps the reader's
         failures = getattr(e, "failures", None) or {}
         cause = next(iter(failures.values()), e)

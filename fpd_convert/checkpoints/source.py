@@ -114,13 +114,15 @@ def _json_or_none(value):
         return None
 
 
-def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None, data: bool = True) -> Source:
+def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None, data: bool = True,
+                log=None) -> Source:
     """Read a ``.pt`` checkpoint, a ``.safetensors`` file or a torch.distributed.checkpoint folder and detect
     its layout.
 
     ``layout`` forces ``dlrm``, ``torchrec`` or ``generic`` instead of detecting it.  ``data=False``: for what
     the shapes tell (inspect, sizes); a DCP folder's tensors are then on the meta device, none read (a file's
-    are mapped either way), and no optimizer state is paired.
+    are mapped either way), and no optimizer state is paired.  ``log`` gets a line per big tensor a DCP folder
+    has read (a long read of a big folder, said as it goes).
     """
     path = Path(path)
     if layout is not None and layout not in LAYOUTS:
@@ -130,7 +132,7 @@ def read_source(path, allow_unsafe: bool = False, layout: Optional[str] = None, 
         if not is_dcp_folder(path):
             raise CheckpointError(f"{path}: a directory, not a file (nor a torch.distributed.checkpoint folder: "
                                   f"it has no {METADATA}); give a .pt or .safetensors file, or a DCP folder")
-        state, others, places = read_dcp_tensors(path, allow_unsafe, data)
+        state, others, places = read_dcp_tensors(path, allow_unsafe, data, log)
         state, left_out, dcp_optimizer = _model_of_app_state(state, places)
         dropped += left_out + [f"{k} (not a tensor)" for k in others]
         container, mapped = "dcp", True  # its big tensors: file mappings of their own (.dcp_folder)

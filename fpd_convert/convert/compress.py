@@ -184,7 +184,8 @@ def compress(model: Union[str, Path], output: Union[str, Path, None] = None, tab
     int (e.g. 512) that fixes the product of the trailing row factors and gives the first factor
     the rest (:func:`fpd_convert.tt.factor_rows`).  A long first core keeps CPU lookups in cache
     at the same AUC (docs/benchmarks.md).
-    ``log`` receives the plan (expected memory) before the work starts.
+    ``log`` receives the plan (expected memory) before the work starts, and a line per big tensor read
+    from a DCP folder.
 
     ``fidelity`` (importance-aware compression, see :mod:`.allocation`; default
     ``FidelityOptions()``: importance from ``data`` if given, else from the optimizer's state where
@@ -208,7 +209,7 @@ def compress(model: Union[str, Path], output: Union[str, Path, None] = None, tab
     if model.suffix == ".safetensors" and model.is_file() and is_compressed(model):
         raise CheckpointError(f"{model}: already compressed (written by fpd-convert); compress takes the original "
                               "model (decompress gives it back)")
-    src = read_source(model, allow_unsafe=allow_unsafe_pickle, layout=layout)
+    src = read_source(model, allow_unsafe=allow_unsafe_pickle, layout=layout, log=log)
     if optimizer_state is not None:  # saved apart from the model (TorchRec's KeyedOptimizer, a torch.optim state)
         from ..checkpoints.source import read_optimizer_state
         src.optimizer_accumulators = read_optimizer_state(optimizer_state, src, allow_unsafe_pickle)
