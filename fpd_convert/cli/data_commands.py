@@ -109,12 +109,13 @@ def finetune(compressed, train_data, val_data, output, optimizer, lr, tt_lr, epo
              eval_every, patience, resume, torchrec, control, control_output, seed, device, force, as_json, workers,
              checkpoint_every, strict, dense_transform, quiet):
     """Fine-tune a compressed model (TT cores and MLPs) to recover AUC. Multi-GPU: torchrun."""
-    from ..training.finetune import finetune as run
+    from ..training.finetune import finetune as run, leave_distributed
     r = run(compressed, train_data, output, val_data, device=device, optimizer=optimizer, lr=lr, tt_lr=tt_lr,
             epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_every=eval_every, patience=patience,
             resume=resume, force=force, workers=workers, progress=not quiet, strict=strict, seed=seed,
             dense_transform=dense_transform, checkpoint_every=checkpoint_every, torchrec=torchrec, control=control,
             control_output=control_output)
+    leave_distributed()  # under torchrun: every rank is done; the group is left before the process exits
     if os.environ.get("RANK", "0") != "0":  # under torchrun, one report: rank 0's
         return
     if as_json:

@@ -19,14 +19,27 @@ from .loop import CHECKPOINT_EVERY_S, fit
 from .optim import make_optimizer
 
 
+_joined = {"group": False}  # whether this module joined the process group (and so leaves it)
+
+
 def _init_distributed(device: torch.device) -> torch.device:
     """Join the process group that ``torchrun`` describes (WORLD_SIZE > 1), once."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _joined["group"] = True
     if dist.is_initialized() and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank())))
         torch.cuda.set_device(device)
     return device
+
+
+def leave_distributed() -> None:
+    """Destroy the process group :func:`finetune` joined, once the process's work is done (the command does,
+    under torchrun; every rank calls it): torch asks for it, and a gloo group left to the interpreter's exit
+    can abort the exit after the work (torch 2.13, seen under load).  A group the caller made is the caller's."""
+    if _joined["group"] and dist.is_initialized():
+        dist.destroy_process_group()
+    _joined["group"] = False
 
 
 def table_rows_of_model(model) -> list:
